@@ -242,7 +242,7 @@ def privatize(grads: dict, *, max_grad_norm: float, noise_multiplier: float,
     `max_grad_norm=inf, noise_multiplier=0` is the non-private step (plain sum, same divisor).
     """
     first = next(iter(grads.values()))
-    flat_norms = torch.stack([g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    flat_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
     clip = (max_grad_norm / (flat_norms + 1e-6)).clamp(max=1.0) if math.isfinite(max_grad_norm) \
         else torch.ones_like(flat_norms)
     out = {}
@@ -963,6 +963,16 @@ class PPOArgs:
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
     chunk_size: int | None = arg(None, "vectorise this many trajectories at a time in per-sample gradients")
 
+    def validate(self, epsilon: float):
+        if math.isfinite(epsilon) and self.epochs != 1:
+            raise UserError(f"--ppo-epochs {self.epochs} needs --epsilon inf: with privacy each "
+                            "trajectory must land in exactly one noisy update (T_PPO = 1)")
+        if self.whiten not in ("none", "trajectory"):
+            raise UserError(f"--ppo-whiten '{self.whiten}' is not allowed; use 'none' or 'trajectory'")
+        if not 1 <= self.response_min <= self.response_max:
+            raise UserError(f"--ppo-response-min {self.response_min} / --ppo-response-max {self.response_max} "
+                            "are not allowed; need 1 <= min <= max")
+
 
 @torch.no_grad()
 def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id):
@@ -993,11 +1003,7 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
     (Eq. 2), GAE, then one epoch of DP-SGD over k minibatches. Returns the ledger entry."""
     from tqdm.auto import tqdm
     private = math.isfinite(epsilon)
-    if private and args.epochs != 1:
-        raise UserError(f"--ppo-epochs {args.epochs} needs --epsilon inf: with privacy each "
-                        "trajectory must land in exactly one noisy update (T_PPO = 1)")
-    if args.whiten not in ("none", "trajectory"):
-        raise UserError(f"whiten '{args.whiten}' is not allowed; use 'none' or 'trajectory'")
+    args.validate(epsilon)
     p_ids, p_mask, _ = encode(tokenizer, prompts, max_prompt=args.max_prompt)
     n, k = len(prompts), args.minibatches
     q = min(1.0, args.batch_size / n)
@@ -1134,6 +1140,7 @@ class RunLog:
 
     def __init__(self, out_dir: str, every: int = 10):
         self.path, self.every, self.t0 = os.path.join(out_dir, "metrics.jsonl"), every, time.time()
+        os.makedirs(out_dir, exist_ok=True)
         self.file = open(self.path + ".partial", "w")
 
     def __call__(self, row: dict):
@@ -1192,6 +1199,7 @@ class RunArgs:
     num_test: int = arg(256, "held-out evaluation prompts")
     num_samples: int = arg(4, "generations shown side by side at the end")
     composition: str = arg("parallel", "'parallel' (disjoint D1/D2/D3, the paper) or 'sequential' (a user may be in several stages)")
+    base: BaseModelArgs = field(default_factory=BaseModelArgs)
 
 
 @dataclass
@@ -1216,7 +1224,6 @@ def _setup(args: RunArgs, task: str):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} is not available here; use --device cpu")
     out = args.out or os.path.join("runs", f"{task}-eps{args.epsilon:g}-seed{args.seed}")
-    os.makedirs(out, exist_ok=True)
     torch.manual_seed(args.seed)
     return device, out, torch.Generator().manual_seed(args.seed)
 
@@ -1249,7 +1256,7 @@ def run_sentiment(args: SentimentArgs) -> dict:
     device, out, gen = _setup(args, "sentiment")
     d1, d3, test = sentiment_data(args)
     delta = args.delta if args.delta is not None else 1 / (len(d1) + len(d3))
-    base_lm, tok = load_lm(args.model, device)
+    base_lm, tok = load_lm(args.model, device, args.base)
     reward_fn = (hub_sentiment_reward(args.reward_model, args.reward_label, device)
                  if args.reward_model else builtin_sentiment_reward)
     ppo_prompts = prefix_prompts(tok, d3, args.prompt_min, args.prompt_max, args.seed + 1)
@@ -1309,6 +1316,103 @@ def print_report(summary, prompts, generations: dict, n: int, out: str):
         for name, (texts, scores) in generations.items():
             print(f"    {name:10s}: {texts[i]!r} [{scores[i].item():+.2f}]")
     print(f"wrote {out}/summary.json, metrics.jsonl, policy/ ({summary['seconds']:.0f}s)")
+
+
+# =============================================================================================
+# BENCHMARK: what DP-SGD costs over a non-private step
+# =============================================================================================
+
+
+def _bench_child(variant: str, ns) -> dict:
+    """One variant in a fresh process: median step time and peak memory above the loaded model."""
+    import resource
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    device = ns.device
+    cfg = dict(small=(12, 768, 12), medium=(24, 1024, 16), large=(36, 1280, 20), tiny=(2, 64, 2))[ns.model]
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=cfg[0], n_embd=cfg[1], n_head=cfg[2], attn_implementation="eager"))
+    model = CausalLM(add_lora(lm.to(device).eval(), rank=4))
+    params = trainable(model)
+    opt = torch.optim.AdamW(params.values(), lr=1e-4, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, lm.config.vocab_size, (ns.batch, ns.seq_len), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, : ns.seq_len // 4] = 0  # one left-padded row, as in real batches
+    loss_mask = mask[:, 1:].float()
+    loss_fn = sft_loss(model)
+
+    def nonprivate():
+        logits = model(ids, mask)
+        lp = token_logprobs(logits, ids)
+        (-(lp * loss_mask).sum(1) / loss_mask.sum(1)).sum().div(ns.batch).backward()
+        opt.step(), opt.zero_grad(set_to_none=True)
+
+    def dp():
+        dp_step(loss_fn, params, (ids, mask, loss_mask), opt, max_grad_norm=1.0, noise_multiplier=1.0,
+                expected_batch_size=ns.batch, generator=gen)
+
+    def loop():  # the textbook way: one backward per example
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
+        for i in range(ns.batch):
+            loss = loss_fn(params, ids[i], mask[i], loss_mask[i])
+            g = torch.autograd.grad(loss, list(params.values()))
+            norm = torch.sqrt(sum(x.pow(2).sum() for x in g))
+            for (k, t), x in zip(total.items(), g):
+                t += x * (1.0 / (norm + 1e-6)).clamp(max=1.0)
+        for k, p in params.items():
+            p.grad = (total[k] + torch.randn(p.shape, generator=gen).to(device)) / ns.batch
+        opt.step(), opt.zero_grad(set_to_none=True)
+
+    step = dict(nonprivate=nonprivate, dp=dp, loop=loop)[variant]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    base_mem = torch.cuda.memory_allocated() if device.startswith("cuda") else rss()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for r in range(ns.warmup + ns.repeats):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        if r >= ns.warmup:
+            times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"variant": variant, "seconds": float(np.median(times)), "peak_bytes": peak - base_mem}
+
+
+def cmd_bench(ns):
+    """Run each variant in its own process (clean peak memory), then print one table of ratios."""
+    import subprocess
+    if ns.variant:
+        print(json.dumps(_bench_child(ns.variant, ns)))
+        return
+    rows = {}
+    for variant in ("nonprivate", "dp", "loop"):
+        cmd = [sys.executable, os.path.abspath(__file__), "bench", "--variant", variant, "--model", ns.model,
+               "--batch", str(ns.batch), "--seq-len", str(ns.seq_len), "--device", ns.device,
+               "--repeats", str(ns.repeats), "--warmup", str(ns.warmup)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UserError(f"bench variant {variant} failed: {r.stderr.strip().splitlines()[-1:]}")
+        rows[variant] = json.loads(r.stdout.strip().splitlines()[-1])
+    acc = MomentsAccountant()
+    acc.step(noise_multiplier=1.0, sample_rate=0.001, num_steps=100_000)
+    t = time.perf_counter()
+    eps = acc.get_epsilon(1e-5)
+    eps_ms = (time.perf_counter() - t) * 1000
+    base = rows["nonprivate"]
+    print(f"GPT-2 {ns.model} (random init) + LoRA r=4 on q,v; batch {ns.batch} x {ns.seq_len} tokens; "
+          f"{ns.device}; median of {ns.repeats} steps")
+    print(f"| step | time (s) | x non-private | peak memory (MiB) | x non-private |")
+    print(f"|---|---|---|---|---|")
+    for name, label in (("nonprivate", "non-private (batched backward)"), ("dp", "DP (vmap per-sample + privatize)"),
+                        ("loop", "DP, per-example loop")):
+        r = rows[name]
+        print(f"| {label} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f} | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / max(base['peak_bytes'], 1):.2f} |")
+    print(f"epsilon after 1e5 steps (q=0.001, sigma=1.0, delta=1e-5): {eps:.3f} in {eps_ms:.1f} ms")
 
 
 # =============================================================================================
@@ -1397,6 +1501,8 @@ def _pipeline_args(cls, ns):
             continue
         for f in ("steps", "batch_size", "lr", "max_grad_norm"):
             _positive(f"{name}-{f.replace('_', '-')}", getattr(stage, f, None), allow_zero=(f == "steps"))
+    if getattr(args, "ppo", None) is not None:
+        args.ppo.validate(args.epsilon)
     return args
 
 
@@ -1410,15 +1516,28 @@ def main(argv=None):
     p.add_argument("--sample-rate", type=_parse_float, required=True, help="Poisson sampling rate q in (0, 1]")
     p.add_argument("--steps", type=int, required=True, help="number of noisy steps")
     p.add_argument("--delta", type=_parse_float, default=1e-5, help="target delta in (0, 1) (default 1e-5)")
+    p = sub.add_parser("bench", help="time and memory of a DP step against a non-private one")
+    p.add_argument("--model", choices=["tiny", "small", "medium", "large"], default="small", help="GPT-2 size (default small, 124M)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps (default 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--variant", choices=["nonprivate", "dp", "loop"], help=argparse.SUPPRESS)
     for name, cls in (("sentiment", SentimentArgs),):
         p = sub.add_parser(name, help=cls.__doc__.splitlines()[0])
         _add_dataclass_args(p, cls)
         p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage defaults)")
         p.add_argument("--preset", choices=["paper"], help="App. B hyper-parameters for GPT-2 runs on a GPU")
     ns = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         if ns.command == "privacy":
             return cmd_privacy(ns)
+        if ns.command == "bench":
+            return cmd_bench(ns)
         if ns.command == "sentiment":
             return run_sentiment(_pipeline_args(SentimentArgs, ns))
     except (UserError, ValueError) as e:

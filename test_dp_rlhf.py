@@ -1,0 +1,517 @@
+"""Tests for dp_rlhf.py. Each privacy property is checked against something independent of the
+code under test: published values, brute force, a per-example loop, hand computation."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dp_rlhf as d
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+O = d.DEFAULT_ORDERS
+TINY_BASE = ["--base-n-layer", "2", "--base-n-embd", "64", "--base-n-head", "2", "--base-vocab-size", "400",
+             "--base-corpus-size", "600", "--base-steps", "150", "--base-batch-size", "16", "--base-seq-len", "64"]
+TINY_BASE_ARGS = d.BaseModelArgs(n_layer=2, n_embd=64, n_head=2, vocab_size=400, corpus_size=600, steps=150,
+                                 batch_size=16, seq_len=64)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cache"))
+    os.environ["DP_RLHF_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny GPT-2 + tokenizer: the built-in base model at test size."""
+    path = d.builtin_base_model(TINY_BASE_ARGS)
+    return d.load_lm(path, "cpu")
+
+
+def eps_of(q, sigma, steps, delta):
+    return d.get_privacy_spent(orders=O, rdp=d.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=O),
+                               delta=delta)
+
+
+# ------------------------------------------------------------------------------------ accountant
+
+
+@pytest.mark.parametrize("q,sigma,steps,delta,eps,order", [
+    (0.04, 1.5, 2250, 1e-5, 7.329, None),             # Opacus README / tests
+    (150 / 60000, 1.3, 15 * 400, 1e-5, 0.724, 19),     # TF-Privacy MNIST tutorial
+    (100 / 100000, 1.0, 30 * 1000, 1e-7, 1.415, 13),   # TF-Privacy compute_dp_sgd_privacy
+])
+def test_accountant_golden_values(q, sigma, steps, delta, eps, order):
+    got, got_order = eps_of(q, sigma, steps, delta)
+    assert got == pytest.approx(eps, abs=0.005)
+    if order is not None:
+        assert got_order == order
+
+
+def _brute_force_rdp(q, sigma, alpha):
+    """Plain-Python binomial sum of A_alpha (Mironov et al. 2019, Eq. for integer alpha)."""
+    a = sum(math.comb(alpha, k) * (1 - q) ** (alpha - k) * q ** k * math.exp((k * k - k) / (2 * sigma ** 2))
+            for k in range(alpha + 1))
+    return math.log(a) / (alpha - 1)
+
+
+@pytest.mark.parametrize("q,sigma", [(0.01, 1.0), (0.1, 0.8), (0.5, 2.0), (0.003, 0.6)])
+def test_integer_orders_match_brute_force(q, sigma):
+    for alpha in (2, 3, 5, 8, 12, 20):
+        ours = d.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[alpha])[0]
+        assert ours == pytest.approx(_brute_force_rdp(q, sigma, alpha), rel=1e-9)
+
+
+def _quadrature_rdp(q, sigma, alpha):
+    """A_alpha = E_{z~N(0,s^2)}[((1-q) + q exp((2z-1)/(2 s^2)))^alpha], by a fine Riemann sum."""
+    z = np.linspace(-40 * sigma - 20, 40 * sigma + 20, 2_000_001)
+    log_mu0 = -z ** 2 / (2 * sigma ** 2) - 0.5 * np.log(2 * np.pi * sigma ** 2)
+    log_ratio = np.logaddexp(np.log1p(-q), np.log(q) + (2 * z - 1) / (2 * sigma ** 2))
+    terms = log_mu0 + alpha * log_ratio
+    m = terms.max()
+    return (m + np.log(np.exp(terms - m).sum() * (z[1] - z[0]))) / (alpha - 1)
+
+
+@pytest.mark.parametrize("q,sigma,alpha", [(0.01, 1.0, 1.5), (0.1, 0.7, 2.5), (0.2, 0.5, 1.3), (0.05, 2.0, 7.5)])
+def test_fractional_orders_bound_the_exact_integral(q, sigma, alpha):
+    """The conservative series must never be below the true RDP, and should stay close to it
+    (summing |terms| costs a few percent at small orders)."""
+    ours = d.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[alpha])[0]
+    exact = _quadrature_rdp(q, sigma, alpha)
+    assert ours >= exact * (1 - 1e-6)
+    assert ours <= exact * 1.1
+
+
+def test_rdp_edge_cases():
+    orders = np.array([1.5, 2.0, 10.0])
+    assert np.all(d.compute_rdp(q=0.0, noise_multiplier=1.0, steps=10, orders=orders) == 0)
+    assert np.all(d.compute_rdp(q=0.3, noise_multiplier=1.0, steps=0, orders=orders) == 0)
+    assert np.all(np.isinf(d.compute_rdp(q=0.3, noise_multiplier=0.0, steps=1, orders=orders)))
+    assert np.allclose(d.compute_rdp(q=1.0, noise_multiplier=2.0, steps=3, orders=orders), 3 * orders / 8)
+    for bad in (dict(q=1.5, noise_multiplier=1.0, steps=1), dict(q=0.1, noise_multiplier=-1.0, steps=1),
+                dict(q=0.1, noise_multiplier=1.0, steps=-1)):
+        with pytest.raises(ValueError):
+            d.compute_rdp(orders=orders, **bad)
+
+
+def test_epsilon_monotone():
+    base = eps_of(0.01, 1.0, 1000, 1e-5)[0]
+    assert eps_of(0.01, 1.0, 2000, 1e-5)[0] > base
+    assert eps_of(0.02, 1.0, 1000, 1e-5)[0] > base
+    assert eps_of(0.01, 1.2, 1000, 1e-5)[0] < base
+
+
+def test_noise_multiplier_never_overshoots():
+    rng = random.Random(0)
+    for _ in range(25):
+        target = rng.choice([0.5, 1, 2, 4, 8, 16])
+        q, steps, delta = rng.choice([1e-3, 0.01, 0.05, 0.3, 1.0]), rng.choice([1, 10, 300, 3000]), rng.choice([1e-5, 1e-6])
+        sigma = d.get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps)
+        eps = eps_of(q, sigma, steps, delta)[0]
+        assert eps <= target, (target, q, steps, sigma, eps)
+        assert eps >= target - 0.011 or sigma < 1e-5, (target, q, steps, sigma, eps)  # and it is tight
+    assert d.get_noise_multiplier(target_epsilon=math.inf, target_delta=1e-5, sample_rate=0.1, steps=10) == 0.0
+
+
+def test_moments_accountant_matches_compute_rdp_and_round_trips():
+    acc = d.MomentsAccountant()
+    for _ in range(100):
+        acc.step(noise_multiplier=1.1, sample_rate=0.01)
+    acc.step(noise_multiplier=0.8, sample_rate=0.02, num_steps=50)
+    for _ in range(10):
+        acc.step(noise_multiplier=1.1, sample_rate=0.01)
+    assert acc.history == [[1.1, 0.01, 100], [0.8, 0.02, 50], [1.1, 0.01, 10]]  # run-length encoded
+    rdp = (d.compute_rdp(q=0.01, noise_multiplier=1.1, steps=110, orders=O)
+           + d.compute_rdp(q=0.02, noise_multiplier=0.8, steps=50, orders=O))
+    assert acc.get_epsilon(1e-5) == pytest.approx(d.get_privacy_spent(orders=O, rdp=rdp, delta=1e-5)[0], rel=1e-12)
+    other = d.MomentsAccountant()
+    other.load_state_dict(json.loads(json.dumps(acc.state_dict())))
+    assert other.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
+    big = d.MomentsAccountant()
+    big.step(noise_multiplier=1.0, sample_rate=0.001, num_steps=100_000)
+    assert big.get_epsilon(1e-5) == pytest.approx(eps_of(0.001, 1.0, 100_000, 1e-5)[0])
+
+
+# ------------------------------------------------------------------------------------ DP-SGD
+
+
+def _batch(tok, texts, max_prompt=0):
+    return d.encode(tok, [""] * len(texts), texts, max_prompt=max_prompt, max_completion=40)
+
+
+def test_per_sample_grads_match_per_example_loop_with_left_padding(tiny):
+    lm, tok = tiny
+    model = d.CausalLM(d.add_lora(__import__("copy").deepcopy(lm)))
+    for p in d.lora_parameters(model).values():  # make B non-zero so every LoRA weight has a gradient
+        torch.nn.init.normal_(p, std=0.05)
+    ids, mask, loss_mask = _batch(tok, ["the film was great .", "i hated the plot and the long ending of it .",
+                                        "ok ."])
+    assert (mask == 0).any(1).sum() >= 2  # really left-padded
+    params = {k: v.detach() for k, v in d.trainable(model).items()}
+    loss_fn = d.sft_loss(model)
+    batched = d.per_sample_grads(loss_fn, params, ids, mask, loss_mask)
+    chunked = d.per_sample_grads(loss_fn, params, ids, mask, loss_mask, chunk_size=2)
+    for i in range(3):  # the reference: one unpadded example at a time, plain autograd
+        n = int(mask[i].sum())
+        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        logits = torch.func.functional_call(model, p, (ids[i:i + 1, -n:], mask[i:i + 1, -n:]))
+        lp = d.token_logprobs(logits, ids[i:i + 1, -n:])[0]
+        lm_ = loss_mask[i, -(n - 1):]
+        (-(lp * lm_).sum() / lm_.sum()).backward()
+        for k in params:
+            torch.testing.assert_close(batched[k][i], p[k].grad, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(chunked[k][i], p[k].grad, atol=1e-6, rtol=1e-4)
+    # ... and they sum to the gradient of the summed batch loss
+    p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    logits = torch.func.functional_call(model, p, (ids, mask))
+    lp = d.token_logprobs(logits, ids)
+    ((-(lp * loss_mask).sum(1) / loss_mask.sum(1)).sum()).backward()
+    for k in params:
+        torch.testing.assert_close(batched[k].sum(0), p[k].grad, atol=1e-6, rtol=1e-4)
+
+
+def test_per_sample_grad_unchanged_when_another_sample_changes(tiny):
+    """No padding leak, no batch statistic: sample 0's gradient ignores the rest of the batch."""
+    lm, tok = tiny
+    model = d.CausalLM(d.add_lora(__import__("copy").deepcopy(lm)))
+    for p in d.lora_parameters(model).values():
+        torch.nn.init.normal_(p, std=0.05)
+    params = {k: v.detach() for k, v in d.trainable(model).items()}
+    a = _batch(tok, ["the film was great .", "the plot ."])
+    b = _batch(tok, ["the film was great .", "i would not recommend it to anyone , the ending was awful ."])
+    ga = d.per_sample_grads(d.sft_loss(model), params, *a)
+    gb = d.per_sample_grads(d.sft_loss(model), params, *b)
+    assert a[0].shape != b[0].shape  # different padding
+    for k in params:
+        torch.testing.assert_close(ga[k][0], gb[k][0], atol=1e-6, rtol=1e-5)
+
+
+def test_privatize_without_noise_is_the_clipped_sum():
+    g = {"a": torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]]), "b": torch.tensor([[[0.0]], [[0.0]], [[1.0]]])}
+    out = d.privatize(g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=10.0)
+    # norms 5, 0.5, 1 -> factors 1/5, 1, 1/(1+1e-6)
+    f3 = 1 / (1 + 1e-6)
+    torch.testing.assert_close(out["a"], torch.tensor([3 / 5 + 0.3, 4 / 5 + 0.4]) / 10)
+    torch.testing.assert_close(out["b"], torch.tensor([[f3]]) / 10)
+
+
+def test_clipped_norms_at_most_c_and_divisor_is_expected_batch():
+    torch.manual_seed(0)
+    g = {"w": torch.randn(16, 5) * 10, "v": torch.randn(16, 3)}
+    for i in range(16):  # each sample alone: its clipped contribution has norm <= C
+        one = d.privatize({k: v[i:i + 1] for k, v in g.items()}, max_grad_norm=0.7, noise_multiplier=0.0,
+                          expected_batch_size=1.0)
+        assert math.sqrt(sum(v.pow(2).sum() for v in one.values())) <= 0.7 + 1e-6
+    a = d.privatize(g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4.0)
+    b = d.privatize(g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=8.0)
+    torch.testing.assert_close(a["w"], 2 * b["w"])  # scales with 1 / expected size, whatever B is
+
+
+def test_noise_std_is_sigma_c_over_expected_batch():
+    gen = torch.Generator().manual_seed(0)
+    g = {"w": torch.zeros(3, 200_000)}
+    out = d.privatize(g, max_grad_norm=2.0, noise_multiplier=1.5, expected_batch_size=10.0, generator=gen)["w"]
+    assert out.mean().item() == pytest.approx(0.0, abs=0.002)
+    assert out.std().item() == pytest.approx(1.5 * 2.0 / 10.0, rel=0.01)
+
+
+def test_empty_batch_gives_noise_only():
+    gen = torch.Generator().manual_seed(0)
+    out = d.privatize({"w": torch.zeros(0, 50_000)}, max_grad_norm=1.0, noise_multiplier=1.0,
+                      expected_batch_size=5.0, generator=gen)["w"]
+    assert out.shape == (50_000,)
+    assert out.std().item() == pytest.approx(0.2, rel=0.02)
+
+
+def test_poisson_sampling_rate():
+    gen = torch.Generator().manual_seed(0)
+    sizes = [len(d.poisson_sample(1000, 0.05, gen)) for _ in range(400)]
+    assert np.mean(sizes) == pytest.approx(50, rel=0.03)
+    assert np.var(sizes) == pytest.approx(1000 * 0.05 * 0.95, rel=0.2)  # binomial, not a fixed size
+    assert len(d.poisson_sample(1000, 0.0, gen)) == 0
+
+
+# ------------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_init_identity_trainable_merge_and_off(tiny):
+    import copy
+    lm, tok = tiny
+    ids, mask, _ = _batch(tok, ["the film was great .", "i hated it ."])
+    base_logits = d.CausalLM(lm)(ids, mask)
+    model = d.add_lora(copy.deepcopy(lm))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(d.lora_parameters(model))
+    assert len(d.lora_parameters(model)) == 4 * lm.config.n_layer
+    torch.testing.assert_close(d.CausalLM(model)(ids, mask), base_logits)
+    for p in d.lora_parameters(model).values():
+        torch.nn.init.normal_(p, std=0.1)
+    lora_logits = d.CausalLM(model)(ids, mask)
+    assert (lora_logits - base_logits).abs().max() > 1e-3
+    with d.lora_disabled(model):
+        torch.testing.assert_close(d.CausalLM(model)(ids, mask), base_logits)
+    k_before = lm.transformer.h[0].attn.c_attn.weight[:, lm.config.n_embd:2 * lm.config.n_embd].clone()
+    d.merge_lora(model)
+    assert not d.lora_parameters(model)
+    torch.testing.assert_close(d.CausalLM(model)(ids, mask), lora_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight[:, lm.config.n_embd:2 * lm.config.n_embd],
+                               k_before)  # the key third is untouched
+
+
+# ------------------------------------------------------------------------------------ DP SFT
+
+
+def test_dp_sft_loss_falls_and_ledger(tiny):
+    import copy
+    lm, tok = tiny
+    texts = [r["text"] for r in d.make_reviews(600, seed=5)]
+    heldout = _batch(tok, texts[:64])
+
+    def nll(model):
+        with torch.no_grad():
+            logits = d.CausalLM(model)(heldout[0], heldout[1])
+            lp = d.token_logprobs(logits, heldout[0])
+            return (-(lp * heldout[2]).sum() / heldout[2].sum()).item()
+    model = d.add_lora(copy.deepcopy(lm))
+    before = nll(model)
+    args = d.SFTArgs(steps=60, batch_size=64, lr=1e-2)
+    entry = d.dp_sft(model, tok, [""] * 536, texts[64:], epsilon=8.0, delta=1e-3, args=args, device="cpu",
+                     generator=torch.Generator().manual_seed(0))
+    assert nll(model) < before - 0.05
+    assert entry["steps"] == 60 and entry["num_private_examples"] == 536
+    assert 7.0 < entry["epsilon"] <= 8.0
+    assert entry["sample_rate"] == pytest.approx(64 / 536)
+    assert entry["epsilon"] == pytest.approx(eps_of(entry["sample_rate"], entry["noise_multiplier"], 60, 1e-3)[0])
+
+
+# ------------------------------------------------------------------------------------ PPO
+
+
+def _gae_loop(rewards, values, gamma, lam):
+    """Textbook GAE on one trajectory (lists), the reference."""
+    adv, last = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        next_v = values[t + 1] if t + 1 < len(rewards) else 0.0
+        last = rewards[t] + gamma * next_v - values[t] + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def test_gae_matches_plain_loop():
+    torch.manual_seed(0)
+    r, v = torch.randn(3, 9), torch.randn(3, 9)
+    m = torch.zeros(3, 9)
+    m[0, 2:9], m[1, 3:6], m[2, 0:4] = 1, 1, 1  # different starts and lengths, padding after
+    adv, ret = d.gae(r, v * m, m, gamma=0.9, lam=0.8)
+    for i in range(3):
+        cols = m[i].nonzero().flatten().tolist()
+        ref = _gae_loop(r[i, cols].tolist(), v[i, cols].tolist(), 0.9, 0.8)
+        torch.testing.assert_close(adv[i, cols], torch.tensor(ref))
+        torch.testing.assert_close(ret[i, cols], torch.tensor(ref) + v[i, cols])
+        assert (adv[i][m[i] == 0] == 0).all()
+
+
+def test_ppo_loss_on_hand_computed_values():
+    class Fixed(torch.nn.Module):  # logits/values as parameters, so the loss is a plain function of them
+        def __init__(self):
+            super().__init__()
+            self.logp = torch.nn.Parameter(torch.log(torch.tensor([[0.5, 0.5], [0.8, 0.2], [0.4, 0.6]])))
+            self.v = torch.nn.Parameter(torch.tensor([0.0, 1.0, 2.0]))
+
+        def forward(self, ids, mask):
+            return self.logp[None].expand(ids.shape[0], -1, -1), self.v[None].expand(ids.shape[0], -1)
+    policy = Fixed()
+    ids = torch.tensor([0, 0, 1])  # targets: token 0 from logits row 0 (p=0.5), token 1 from row 1 (p=0.2)
+    act = torch.tensor([1.0, 1.0])
+    old_lp = torch.log(torch.tensor([0.25, 0.2]))  # new: log 0.5, log 0.2 -> ratios 2.0 and 1.0
+    old_v, adv, ret = torch.tensor([0.5, 0.5]), torch.tensor([1.0, -1.0]), torch.tensor([2.0, 0.0])
+    loss_fn = d.ppo_loss(policy, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    loss, aux = loss_fn(dict(policy.named_parameters()), ids, torch.ones(3), act, old_lp, old_v, adv, ret)
+    # policy: t0 max(-1*2, -1*1.2) = -1.2; t1 max(1*1, 1*1) = 1 -> mean -0.1
+    # value: v = [0, 1]; clipped [0.3, 0.7]; t0 0.5*max(4, 2.89) = 2; t1 0.5*max(1, 0.49) = 0.5 -> 1.25
+    assert aux[0].item() == pytest.approx(-0.1)
+    assert aux[1].item() == pytest.approx(1.25)
+    assert aux[2].item() == pytest.approx(0.5)  # one of two ratios outside [0.8, 1.2]
+    assert loss.item() == pytest.approx(-0.1 + 0.1 * 1.25)
+
+
+def test_kl_rewards_eq2():
+    lp, ref = torch.tensor([[0.0, -1.0, -2.0, 0.0]]), torch.tensor([[0.0, -1.5, -1.0, 0.0]])
+    act = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    rewards, kl = d.kl_rewards(torch.tensor([3.0]), lp, ref, act, kl_coef=0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.25, 0.5 + 3.0, 0.0]]))
+    torch.testing.assert_close(kl, torch.tensor([-0.5]))
+
+
+def test_reference_equals_sft_model_at_ppo_init(tiny):
+    import copy
+    lm, tok = tiny
+    sft = d.add_lora(copy.deepcopy(lm))
+    for p in d.lora_parameters(sft).values():
+        torch.nn.init.normal_(p, std=0.1)
+    d.merge_lora(sft)
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(sft)))
+    ids, mask, _ = d.encode(tok, ["the film", "it is a very"], max_prompt=8)
+    gen = torch.Generator().manual_seed(0)
+    ids, mask, act, lp, ref_lp, values = d.rollout(policy, ids, mask, lengths=torch.tensor([4, 6]), generator=gen,
+                                                   eos_id=None)
+    sft_lp = d.token_logprobs(d.CausalLM(sft)(ids, mask), ids)
+    torch.testing.assert_close(ref_lp, sft_lp)
+    torch.testing.assert_close(lp, sft_lp)  # fresh LoRA: the policy starts exactly at LM_sft
+    assert act.sum(1).tolist() == [4.0, 6.0]
+
+
+def _ppo_batch(policy, tok, prompts, lengths, seed):
+    ids, mask, _ = d.encode(tok, prompts, max_prompt=8)
+    ids, mask, act, lp, ref_lp, v = d.rollout(policy, ids, mask, lengths=torch.tensor(lengths),
+                                              generator=torch.Generator().manual_seed(seed), eos_id=None)
+    rewards, _ = d.kl_rewards(torch.arange(len(prompts)).float(), lp, ref_lp, act, 0.1)
+    adv, ret = d.gae(rewards, v * act, act, gamma=1.0, lam=0.95)
+    return ids, mask, act, lp, v, adv, ret
+
+
+def test_ppo_per_trajectory_gradient_ignores_the_rest_of_the_batch(tiny):
+    """Trajectory 0's clipped gradient is the same whatever trajectory 1 is, including one of a
+    different prompt length and response length (different padding on both sides)."""
+    import copy
+    lm, tok = tiny
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+    for p in d.lora_parameters(policy).values():
+        torch.nn.init.normal_(p, std=0.05)
+    torch.nn.init.normal_(policy.value_head.weight, std=0.1)
+    a = _ppo_batch(policy, tok, ["the film was", "ok"], [5, 5], seed=0)
+    b = _ppo_batch(policy, tok, ["the film was", "i would not recommend this long"], [5, 12], seed=0)
+    assert a[0].shape != b[0].shape
+    loss_fn = d.ppo_loss(policy, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    params = {k: v.detach() for k, v in d.trainable(policy).items()}
+    assert "value_head.weight" in params  # value head is clipped jointly with LoRA
+    ga = d.per_sample_grads(loss_fn, params, *a, has_aux=True)[0]
+    gb = d.per_sample_grads(loss_fn, params, *b, has_aux=True)[0]
+    ca = d.privatize({k: v[:1] for k, v in ga.items()}, max_grad_norm=0.01, noise_multiplier=0, expected_batch_size=1)
+    cb = d.privatize({k: v[:1] for k, v in gb.items()}, max_grad_norm=0.01, noise_multiplier=0, expected_batch_size=1)
+    for k in params:
+        torch.testing.assert_close(ga[k][0], gb[k][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ca[k], cb[k], atol=1e-8, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ pipelines / CLI
+
+
+def run_cli(*args, env=None, timeout=600):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(HERE, "dp_rlhf.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_cli_privacy_prints_golden_epsilon():
+    r = run_cli("privacy", "--noise-multiplier", "1.5", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5")
+    assert r.returncode == 0 and "epsilon=7.329" in r.stdout
+    r = run_cli("privacy", "--epsilon", "7.3293", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5")
+    assert r.returncode == 0 and "noise_multiplier=1.5" in r.stdout
+
+
+@pytest.mark.parametrize("bad,word", [
+    (["--epsilon", "0"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"), (["--delta", "1.5"], "--delta"),
+    (["--delta", "0"], "--delta"), (["--sample-rate", "0"], "--sample-rate"), (["--sample-rate", "1.2"], "--sample-rate"),
+    (["--steps", "-3"], "--steps"), (["--noise-multiplier", "-0.5"], "--noise-multiplier"),
+])
+def test_cli_privacy_bad_values(bad, word):
+    args = {"--sample-rate": "0.01", "--steps": "100", "--delta": "1e-5", "--noise-multiplier": "1.0"}
+    args.update(dict(zip(bad[::2], bad[1::2])))
+    if "--epsilon" in args:
+        args.pop("--noise-multiplier")
+    r = run_cli("privacy", *[x for kv in args.items() for x in kv])
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0] and "allowed" in lines[0], r.stderr
+
+
+TINY_SENTIMENT = ["--num-sft", "200", "--num-ppo", "200", "--num-test", "16", "--sft-steps", "3", "--sft-batch-size", "20",
+                  "--ppo-steps", "2", "--ppo-batch-size", "16", "--ppo-minibatches", "2", *TINY_BASE]
+
+
+def test_sentiment_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("sentiment", "--out", str(out), "--epsilon", "4", *TINY_SENTIMENT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s) == {"task", "model", "epsilon", "delta", "seed", "stages", "total_epsilon", "composition", "eval",
+                      "seconds"}
+    assert s["task"] == "sentiment" and s["composition"] == "parallel"
+    for stage in ("sft", "ppo"):
+        e = s["stages"][stage]
+        assert set(e) == {"epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "num_private_examples"}
+        assert 0 < e["epsilon"] <= 4 and e["delta"] <= 1 / e["num_private_examples"]
+    assert s["stages"]["ppo"]["steps"] == 2 and s["stages"]["sft"]["steps"] == 3
+    assert s["total_epsilon"] == max(e["epsilon"] for e in s["stages"].values())
+    assert set(s["eval"]) == {"pretrained", "sft", "aligned"}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"ppo/reward_mean", "ppo/kl", "ppo/loss_policy", "ppo/loss_value", "ppo/clip_frac",
+            "privacy/epsilon"} <= set(rows[-1])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(out / "policy")
+    AutoTokenizer.from_pretrained(out / "policy")
+    assert (out / "policy" / "model.safetensors").exists()
+
+
+def test_sentiment_non_private_writes_infinity(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("sentiment", "--out", str(out), "--epsilon", "inf", *TINY_SENTIMENT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stages"]["ppo"]["epsilon"] == math.inf and s["stages"]["ppo"]["noise_multiplier"] == 0
+    assert "Infinity" in (out / "summary.json").read_text()
+
+
+def test_sentiment_real_loading_path(tmp_path, tiny):
+    """What a user downloads, made tiny: a GPT-2 dir, a sequence classifier dir, an IMDb jsonl."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    lm, tok = tiny
+    model_dir, clf_dir, data = tmp_path / "gpt2", tmp_path / "clf", tmp_path / "imdb.jsonl"
+    lm.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    clf = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, num_labels=2,
+                                                   id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                                                   label2id={"NEGATIVE": 0, "POSITIVE": 1},
+                                                   pad_token_id=tok.eos_token_id))
+    clf.save_pretrained(clf_dir)
+    tok.save_pretrained(clf_dir)
+    with open(data, "w") as f:
+        for r in d.make_reviews(120, seed=3):
+            f.write(json.dumps({"text": r["text"], "label": int(r["label"] == "positive")}) + "\n")
+    out = tmp_path / "run"
+    r = run_cli("sentiment", "--model", str(model_dir), "--dataset", str(data), "--reward-model", str(clf_dir),
+                "--out", str(out), "--sft-steps", "2", "--ppo-steps", "2", "--batch-size", "8", "--num-test", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == str(model_dir)
+    assert s["stages"]["sft"]["num_private_examples"] + s["stages"]["ppo"]["num_private_examples"] == 120 - 8
+
+
+@pytest.mark.parametrize("bad,word", [
+    (["--epsilon", "-2"], "--epsilon"), (["--delta", "2"], "--delta"), (["--model", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--dataset", "/tmp/nope.jsonl"], "nope.jsonl"), (["--ppo-whiten", "batch"], "whiten"),
+    (["--ppo-epochs", "4"], "--ppo-epochs"), (["--sft-lr", "-1"], "--sft-lr"),
+])
+def test_sentiment_bad_values_one_line_nothing_written(tmp_path, bad, word):
+    out = tmp_path / "run"
+    r = run_cli("sentiment", "--out", str(out), *TINY_SENTIMENT, *bad)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0], r.stderr[-2000:]
+    assert not (out / "summary.json").exists() and not (out / "policy").exists()
+
+
+def test_hub_unreachable_is_one_line():
+    r = run_cli("sentiment", "--model", "gpt2", *TINY_SENTIMENT, "--out", "/tmp/dp_rlhf_hub_test", timeout=120,
+                env={"HF_HUB_OFFLINE": "1", "HF_HOME": "/tmp/dp_rlhf_empty_hf_home"})
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gpt2" in lines[0] and "--model builtin" in lines[0], r.stderr[-2000:]
