@@ -710,7 +710,7 @@ def _is_local(spec: str) -> bool:
     return os.path.exists(spec) or spec.startswith((".", "/", "~"))
 
 
-def _hub_guard(spec: str, what: str, offline_hint: str):
+def _hub_guard(spec: str):
     """Fail in one line, at once, when `spec` needs the Hugging Face Hub and it is unreachable
     (transformers would otherwise retry for half a minute and print a wall of tracebacks)."""
     import socket
@@ -735,7 +735,7 @@ def load_lm(spec: str, device: str, base: BaseModelArgs = BaseModelArgs()):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = builtin_base_model(base, device) if spec == "builtin" else os.path.expanduser(spec)
     hint = "--model builtin or a local directory saved with save_pretrained"
-    _hub_guard(path, "model", hint)
+    _hub_guard(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
@@ -755,7 +755,7 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train") -> l
     ext = os.path.splitext(spec)[1].lower()
     if _is_local(spec) and not os.path.exists(os.path.expanduser(spec)):
         raise UserError(f"dataset file '{spec}' does not exist")
-    _hub_guard(spec, "dataset", hint)
+    _hub_guard(spec)
     try:
         if _is_local(spec):
             kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(ext)
@@ -1080,7 +1080,7 @@ def hub_sentiment_reward(spec: str, label: str | None, device: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     hint = "the built-in reward (leave --reward-model unset) or a local directory"
     path = os.path.expanduser(spec)
-    _hub_guard(path, "reward model", hint)
+    _hub_guard(path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
         clf = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
