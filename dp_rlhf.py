@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -366,29 +367,38 @@ def lora_parameters(model: nn.Module) -> dict:
     return {n: p for n, p in model.named_parameters() if "lora_" in n}
 
 
+def additive_mask(attention_mask: torch.Tensor, query_len: int, dtype) -> torch.Tensor:
+    """[B, 1, query_len, T] additive attention mask for the last `query_len` columns as queries:
+    a query sees earlier-or-same keys that are real tokens (causal AND key not padding), and
+    always itself, so that no row is all -inf (a padding query's output never reaches a loss)."""
+    t = attention_mask.shape[-1]
+    k_pos = torch.arange(t, device=attention_mask.device)
+    q_pos = k_pos[t - query_len:, None]
+    allowed = ((k_pos <= q_pos) & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states of a GPT-2 LM, exact under any padding and safe under vmap.
 
     transformers builds its attention mask from a 2-D padding mask with data-dependent control
-    flow, which vmap cannot trace; we pass the finished 4-D additive mask instead (causal AND key
-    not padding) and positions that start at 0 on each row's first real token. A padding query
-    attends only to itself so that no row is all -inf; its output never reaches a loss.
+    flow, which vmap cannot trace; we pass the finished 4-D additive mask instead (transformers
+    uses a 4-D mask as it is) and explicit positions.
     """
-    mask = attention_mask.bool()
-    t = input_ids.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
-    allowed = (causal & mask[:, None, None, :]) | torch.eye(t, dtype=torch.bool, device=input_ids.device)
-    dtype = lm.lm_head.weight.dtype
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = lm.transformer(input_ids=input_ids, attention_mask=additive, position_ids=positions)
+    out = lm.transformer(input_ids=input_ids, position_ids=positions_of(attention_mask),
+                         attention_mask=additive_mask(attention_mask, input_ids.shape[-1], lm.lm_head.weight.dtype))
     return out.last_hidden_state
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(token_t | tokens_<t) for t = 1..T-1; shape [B, T-1]."""
-    return logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    logits = logits[:, :-1].float()
+    return logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 class CausalLM(nn.Module):
@@ -878,31 +888,136 @@ def ledger_entry(accountant, epsilon, delta, sigma, q, steps, n) -> dict:
 
 
 # =============================================================================================
+# STAGE 2: DP REWARD MODEL (Eq. 1): Bradley-Terry on D2's comparisons, with DP-SGD
+# =============================================================================================
+
+
+@dataclass
+class RMArgs:
+    """Stage 2 (DP reward model) hyper-parameters."""
+    epochs: float = arg(2.0, "passes over D2 in expectation; steps = epochs / q")
+    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)")
+    batch_size: int = arg(64, "expected batch size q * |D2| in comparisons (the paper: 4096)")
+    lr: float = arg(3e-3, "AdamW learning rate (the paper: 2e-4 at batch 4096, 50 epochs)")
+    max_grad_norm: float = arg(1.0, "per-comparison clipping norm C (LoRA and head together)")
+    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
+    max_completion: int = arg(48, "summary tokens kept")
+    chunk_size: int | None = arg(None, "vectorise this many comparisons at a time in per-sample gradients")
+
+
+def encode_comparisons(tokenizer, prompts, chosen, rejected, *, max_prompt, max_completion):
+    """(ids, mask) of shape [N, 2, T]: chosen and rejected of one comparison side by side,
+    padded to one length so that the pair is one sample."""
+    ids, mask, _ = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected),
+                          max_prompt=max_prompt, max_completion=max_completion)
+    n = len(prompts)
+    return torch.stack([ids[:n], ids[n:]], 1), torch.stack([mask[:n], mask[n:]], 1)
+
+
+def reward_loss(rm: nn.Module):
+    """loss_fn for one comparison, Eq. 1: -log sigma(r(x, y_chosen) - r(x, y_rejected)). Both
+    forward passes are inside one sample, so one comparison is one per-sample gradient."""
+    def loss_fn(params, ids, mask):
+        r = functional_call(rm, params, (ids, mask))
+        return -nn.functional.logsigmoid(r[0] - r[1]), (r[0] > r[1]).float().detach()
+    return loss_fn
+
+
+def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, *, epsilon, delta,
+                    args: RMArgs, device, generator, log=None) -> dict:
+    """Stage 2. Train LoRA + the scalar head on comparisons with DP-SGD. Returns the ledger entry."""
+    from tqdm.auto import tqdm
+    ids, mask = encode_comparisons(tokenizer, prompts, chosen, rejected, max_prompt=args.max_prompt,
+                                   max_completion=args.max_completion)
+    n = len(prompts)
+    q = min(1.0, args.batch_size / n)
+    steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
+    private = math.isfinite(epsilon)
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                 steps=steps) if private else 0.0
+    params = trainable(rm)
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
+    accountant, loss_fn = MomentsAccountant(), reward_loss(rm)
+    bar = tqdm(range(steps), desc=f"DP reward model (eps={epsilon:g}, sigma={sigma:.3f})", disable=None, leave=False)
+    for step in bar:
+        idx = poisson_sample(n, q, generator)
+        b_ids, b_mask = ids[idx], mask[idx]
+        if len(idx):  # drop columns that are padding in every sequence of the batch
+            first = int(b_mask.flatten(0, 1).any(0).float().argmax())
+            b_ids, b_mask = b_ids[..., first:], b_mask[..., first:]
+        acc = dp_step(loss_fn, params, (b_ids.to(device), b_mask.to(device)), opt,
+                      max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
+                      expected_batch_size=q * n, chunk_size=args.chunk_size, generator=generator, has_aux=True)
+        if private:
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+        if log is not None and (step % 20 == 0 or step == steps - 1):
+            log({"rm/step": step, "rm/batch_size": len(idx),
+                 "rm/accuracy": acc.mean().item() if acc is not None else float("nan"),
+                 "privacy/epsilon": accountant.get_epsilon(delta) if private else math.inf})
+    return ledger_entry(accountant, epsilon, delta, sigma, q, steps, n)
+
+
+@torch.no_grad()
+def reward_model_scores(rm: RewardModel, tokenizer, prompts, completions, *, max_prompt, max_completion,
+                        device, batch: int = 128) -> torch.Tensor:
+    """r(x, y) for each pair, encoded exactly as in training."""
+    out = []
+    for s in range(0, len(prompts), batch):
+        ids, mask, _ = encode(tokenizer, prompts[s:s + batch], completions[s:s + batch],
+                              max_prompt=max_prompt, max_completion=max_completion)
+        out.append(rm(ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def save_reward_model(rm: RewardModel, tokenizer, path: str):
+    """Save as GPT2ForSequenceClassification (one label): the same transformer and bias-free head,
+    reading the last non-padding token; loads with AutoModelForSequenceClassification."""
+    import copy
+    from transformers import GPT2ForSequenceClassification
+    lm = merge_lora(copy.deepcopy(rm.lm))
+    config = copy.deepcopy(lm.config)
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    clf = GPT2ForSequenceClassification(config)
+    clf.transformer.load_state_dict(lm.transformer.state_dict())
+    clf.score.weight.data.copy_(rm.score.weight.data)
+    save_model(clf, tokenizer, path)
+
+
+# =============================================================================================
 # STAGE 3: DPPPO (Algorithm 3, Eq. 2)
 # =============================================================================================
-# (Stage 2, the reward model, comes after: it reuses the rollout-free half of this machinery.)
 
 
 @torch.no_grad()
 def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None):
-    """Pure ancestral sampling (no top-k/top-p/min-length, so KL estimates are valid) from a
-    module returning logits (or (logits, values)). `max_new_tokens` is an int or a per-row
-    LongTensor. Returns (ids, mask, response_mask) with responses right-padded after the prompt."""
-    b = ids.shape[0]
+    """Pure ancestral sampling (no top-k/top-p/min-length, so KL estimates are valid) from
+    `model.lm` with a key/value cache. `max_new_tokens` is an int or a per-row LongTensor; a row
+    also stops after `eos_id`. Returns (ids, mask, response_mask, sampled_logprobs) with the
+    responses right-padded after the (left-padded) prompts."""
+    import inspect
+    lm, b = model.lm, ids.shape[0]
     limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(b)
+    steps = int(limit.max()) if b else 0
     alive = torch.ones(b, dtype=torch.bool, device=ids.device)
-    resp = torch.zeros_like(ids)
-    for t in range(int(limit.max()) if b else 0):
-        out = model(ids, mask)
-        logits = (out[0] if isinstance(out, tuple) else out)[:, -1].float()
-        nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).squeeze(1).to(ids.device)
+    resp, logprobs = torch.zeros_like(ids), torch.zeros(b, steps, device=ids.device)
+    # transformers 5.x renamed the cache argument `past_key_values` -> `cache`
+    cache_arg = "cache" if "cache" in inspect.signature(lm.transformer.forward).parameters else "past_key_values"
+    new, cache = ids, None
+    for t in range(steps):
+        out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
+                             attention_mask=additive_mask(mask, new.shape[1], lm.lm_head.weight.dtype),
+                             **{cache_arg: cache})
+        cache = out.get("cache", None) if out.get("cache", None) is not None else out.past_key_values
+        logp = lm.lm_head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
+        nxt = torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(ids.device)
         alive = alive & (t < limit)
-        ids = torch.cat([ids, torch.where(alive, nxt, torch.zeros_like(nxt))[:, None]], 1)
-        mask = torch.cat([mask, alive.long()[:, None]], 1)
-        resp = torch.cat([resp, alive.long()[:, None]], 1)
+        logprobs[:, t] = logp.gather(1, nxt[:, None]).squeeze(1) * alive
+        new = torch.where(alive, nxt, torch.zeros_like(nxt))[:, None]
+        ids, mask, resp = torch.cat([ids, new], 1), torch.cat([mask, alive.long()[:, None]], 1), \
+            torch.cat([resp, alive.long()[:, None]], 1)
         if eos_id is not None:
             alive = alive & (nxt != eos_id)
-    return ids, mask, resp
+    return ids, mask, resp, logprobs
 
 
 def gae(rewards, values, action_mask, *, gamma: float, lam: float):
@@ -957,6 +1072,7 @@ class PPOArgs:
     cliprange_value: float = arg(0.2, "value clip")
     vf_coef: float = arg(0.1, "value loss weight")
     max_grad_norm: float = arg(1.0, "per-trajectory clipping norm C (LoRA and value head together)")
+    prompt_baseline: bool = arg(True, "subtract r(x, empty response) from r(x, y): a baseline from the trajectory's own prompt (less variance, no bias, no mixing)")
     whiten: str = arg("none", "advantage whitening: 'none' or 'trajectory' (within one trajectory; never across the batch)")
     response_min: int = arg(4, "fewest new tokens (a per-trajectory length is drawn uniformly in [min, max])")
     response_max: int = arg(16, "most new tokens")
@@ -978,7 +1094,7 @@ class PPOArgs:
 def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id):
     """Sample responses, then score them token by token with the policy and the reference."""
     policy.eval()
-    ids, mask, resp = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
+    ids, mask, resp, _ = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
                              generator=generator, eos_id=eos_id)
     logits, values = policy(ids, mask)
     logprobs = token_logprobs(logits, ids)
@@ -1022,8 +1138,13 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
         ids, mask, act, old_lp, ref_lp, old_v = rollout(policy, ids, mask, lengths=lengths.to(device),
                                                          generator=generator, eos_id=eos_id)
         responses = decode_responses(tokenizer, ids, act, eos_id)
-        scores = reward_fn([prompts[i] for i in idx.tolist()], responses).to(device).float()
-        rewards, kl = kl_rewards(scores, old_lp, ref_lp, act, args.kl_coef)
+        batch_prompts = [prompts[i] for i in idx.tolist()]
+        scores = reward_fn(batch_prompts, responses).to(device).float()
+        # A baseline b(x) that depends on nothing but this trajectory's prompt leaves the policy
+        # gradient unbiased and removes the prompt's share of the reward's variance.
+        baseline = (reward_fn(batch_prompts, [""] * len(batch_prompts)).to(device).float()
+                    if args.prompt_baseline else torch.zeros_like(scores))
+        rewards, kl = kl_rewards(scores - baseline, old_lp, ref_lp, act, args.kl_coef)
         adv, ret = gae(rewards, old_v * act, act, gamma=args.gamma, lam=args.lam)
         if args.whiten == "trajectory":
             mu = masked_mean(adv, act)[:, None]
@@ -1120,7 +1241,7 @@ def evaluate(model: nn.Module, tokenizer, prompts: list[str], reward_fn, *, leng
     responses, scores = [], []
     for s in range(0, len(prompts), batch):
         ids, mask, _ = encode(tokenizer, prompts[s:s + batch], max_prompt=max_prompt)
-        out, _, resp = sample(model, ids.to(device), mask.to(device), generator=gen, eos_id=eos_id,
+        out, _, resp, _ = sample(model, ids.to(device), mask.to(device), generator=gen, eos_id=eos_id,
                               max_new_tokens=lengths[s:s + batch].to(device))
         r = decode_responses(tokenizer, out, resp[:, 1:], eos_id)
         responses += r
@@ -1299,6 +1420,133 @@ def run_sentiment(args: SentimentArgs) -> dict:
     return summary
 
 
+def rouge(prediction: str, reference: str) -> dict:
+    """ROUGE-1/2/L F-measures as the rouge-score package computes them (lower-cased alphanumeric
+    tokens, no stemming): n-gram overlap with counts, and the longest common subsequence."""
+    from collections import Counter
+    p = re.sub(r"[^a-z0-9]+", " ", prediction.lower()).split()
+    r = re.sub(r"[^a-z0-9]+", " ", reference.lower()).split()
+
+    def f1(overlap, n_p, n_r):
+        prec, rec = (overlap / n_p if n_p else 0.0), (overlap / n_r if n_r else 0.0)
+        return 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    out = {}
+    for n in (1, 2):
+        cp = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
+        cr = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        out[f"rouge{n}"] = f1(sum((cp & cr).values()), sum(cp.values()), sum(cr.values()))
+    lcs = [[0] * (len(r) + 1) for _ in range(len(p) + 1)]
+    for i, a in enumerate(p):
+        for j, b in enumerate(r):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if a == b else max(lcs[i][j + 1], lcs[i + 1][j])
+    out["rougeL"] = f1(lcs[-1][-1], len(p), len(r))
+    return out
+
+
+@dataclass
+class RLHFArgs(RunArgs):
+    """`rlhf`: the paper's RLHF scenario (Reddit TL;DR): DP SFT -> DP reward model -> DPPPO."""
+    num_sft: int = arg(6000, "examples in D1 (built-in data; a cap for real data)")
+    num_ppo: int = arg(6000, "prompts in D3 (built-in data; a cap for real data)")
+    num_comparisons: int = arg(6000, "comparisons in D2 (built-in data; a cap for real data)")
+    comparisons: str | None = arg(None, "D2 when --dataset is not builtin: Hub id or local file with prompt/chosen/rejected")
+    reward_base: str | None = arg(None, "base of the reward model: 'builtin', Hub id or dir (default: the SFT model)")
+    eval_reward_model: str | None = arg(None, "a non-private sequence classifier to score summaries in evaluation")
+    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
+    rm: RMArgs = field(default_factory=RMArgs)
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(response_min=32, response_max=32))
+
+
+def rlhf_data(args: RLHFArgs) -> dict:
+    """Disjoint D1 (prompt, completion), D2 comparisons (+ held out), D3 prompts, and test."""
+    n_cmp_test = min(256, max(1, args.num_comparisons // 10))
+    if args.dataset == "builtin":
+        t = make_tldr(args.num_sft, args.num_comparisons + n_cmp_test, args.num_ppo, args.num_test, 20_000 + args.seed)
+        return {"sft": t["sft"], "comparisons": t["comparisons"][:args.num_comparisons],
+                "comparisons_test": t["comparisons"][args.num_comparisons:], "ppo": t["ppo"], "test": t["test"]}
+    if args.comparisons is None:
+        raise UserError("--comparisons is required with a real --dataset (a Hub id or a local file with "
+                        "prompt/chosen/rejected columns)")
+    rows = [{"prompt": str(r["prompt"]), "completion": " " + str(r["label"]).strip()}
+            for r in load_records(args.dataset, ("prompt", "label"))]
+    cmps = [{"prompt": str(r["prompt"]), "chosen": " " + str(r["chosen"]).strip(),
+             "rejected": " " + str(r["rejected"]).strip()} for r in load_records(args.comparisons, ("prompt", "chosen", "rejected"))]
+    n_test = min(args.num_test, max(1, len(rows) // 10))
+    n_sft = min(args.num_sft, (len(rows) - n_test) // 2)
+    n_ppo = min(args.num_ppo, len(rows) - n_test - n_sft)
+    n_cmp_test = min(n_cmp_test, max(1, len(cmps) // 10))
+    n_cmp = min(args.num_comparisons, len(cmps) - n_cmp_test)
+    if min(n_sft, n_ppo, n_cmp) < 2:
+        raise UserError(f"too few rows: {len(rows)} in '{args.dataset}', {len(cmps)} in '{args.comparisons}'")
+    d1, d3, test = _split(rows, [n_sft, n_ppo, n_test], args.seed)
+    d2, d2_test = _split(cmps, [n_cmp, n_cmp_test], args.seed + 1)
+    return {"sft": d1, "comparisons": d2, "comparisons_test": d2_test, "ppo": d3, "test": test}
+
+
+def run_rlhf(args: RLHFArgs) -> dict:
+    """Split -> DP SFT on D1 -> DP reward model on D2 -> DPPPO on D3 -> evaluate."""
+    import copy
+    t0 = time.time()
+    device, out, gen = _setup(args, "rlhf")
+    data = rlhf_data(args)
+    n_private = len(data["sft"]) + len(data["comparisons"]) + len(data["ppo"])
+    delta = args.delta if args.delta is not None else 1 / n_private
+    base_lm, tok = load_lm(args.model, device, args.base)
+    rm_base = load_lm(args.reward_base, device, args.base) if args.reward_base else None
+    eval_rm = hub_sentiment_reward(args.eval_reward_model, "0", device) if args.eval_reward_model else None
+    log = RunLog(out)
+    print(f"rlhf: |D1|={len(data['sft'])} |D2|={len(data['comparisons'])} |D3|={len(data['ppo'])} "
+          f"|test|={len(data['test'])}  epsilon={args.epsilon:g} delta={delta:.2e}  device={device}", file=sys.stderr)
+    test_prompts = [r["prompt"] for r in data["test"]]
+    lengths = torch.full((len(test_prompts),), args.ppo.response_max)
+    # STAGE 1: DP SFT on D1 (loss on the summary only), then merge: LM_sft.
+    sft_lm = add_lora(copy.deepcopy(base_lm))
+    ledger = {"sft": dp_sft(sft_lm, tok, [r["prompt"] for r in data["sft"]], [r["completion"] for r in data["sft"]],
+                            epsilon=args.epsilon, delta=delta, args=args.sft, device=device, generator=gen, log=log)}
+    merge_lora(sft_lm)
+    # STAGE 2: DP reward model on D2, from LM_sft (or --reward-base) with a fresh LoRA and head.
+    rm_lm, rm_tok = rm_base if rm_base else (copy.deepcopy(sft_lm), tok)
+    rm = RewardModel(add_lora(rm_lm)).to(device).eval()
+    cmp = data["comparisons"]
+    ledger["rm"] = dp_reward_model(rm, rm_tok, [c["prompt"] for c in cmp], [c["chosen"] for c in cmp],
+                                   [c["rejected"] for c in cmp], epsilon=args.epsilon, delta=delta, args=args.rm,
+                                   device=device, generator=gen, log=log)
+
+    def rm_reward(prompts, responses):  # the DP reward model: using it is post-processing
+        return reward_model_scores(rm, rm_tok, prompts, responses, max_prompt=args.rm.max_prompt,
+                                   max_completion=args.rm.max_completion, device=device)
+    held = data["comparisons_test"]
+    prompts_h = [c["prompt"] for c in held]
+    rm_accuracy = (rm_reward(prompts_h, [c["chosen"] for c in held]) >
+                   rm_reward(prompts_h, [c["rejected"] for c in held])).float().mean().item()
+    # STAGE 3: DPPPO on D3 from LM_sft, rewarded by the DP reward model.
+    policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(device)
+    ledger["ppo"] = dpppo(policy, tok, [r["prompt"] for r in data["ppo"]], rm_reward, epsilon=args.epsilon,
+                          delta=delta, args=args.ppo, device=device, generator=gen, eos_id=tok.eos_token_id, log=log)
+    log.close()
+    evals, generations = {}, {}
+    for name, model in (("pretrained", CausalLM(base_lm)), ("sft", CausalLM(sft_lm)), ("aligned", policy)):
+        scores, texts = evaluate(model, tok, test_prompts, rm_reward, lengths=lengths, eos_id=tok.eos_token_id,
+                                 max_prompt=args.ppo.max_prompt, seed=args.seed + 4, device=device)
+        scores_r = [rouge(y, r["completion"]) for y, r in zip(texts, data["test"])]
+        e = {"reward": scores.mean().item(), **{k: float(np.mean([s[k] for s in scores_r])) for k in ("rouge1", "rouge2", "rougeL")}}
+        if args.dataset == "builtin":
+            e["true_preference"] = float(np.mean([true_preference(r["meta"], y) for y, r in zip(texts, data["test"])]))
+        if eval_rm is not None:
+            e["eval_reward"] = eval_rm(test_prompts, texts).mean().item()
+        evals[name], generations[name] = e, (texts, scores)
+    save_model(merge_lora(policy.lm), tok, os.path.join(out, "policy"))
+    save_reward_model(rm, rm_tok, os.path.join(out, "reward_model"))
+    summary = {"task": "rlhf", "model": args.model, "epsilon": args.epsilon, "delta": delta, "seed": args.seed,
+               "stages": ledger, "total_epsilon": compose_ledger(ledger, delta, args.composition),
+               "composition": args.composition, "eval": {**evals, "rm_accuracy": rm_accuracy},
+               "seconds": time.time() - t0}
+    write_json(os.path.join(out, "summary.json"), summary)
+    print_report(summary, test_prompts, generations, args.num_samples, out)
+    print(f"reward model held-out accuracy: {rm_accuracy:.3f}")
+    return summary
+
+
 def print_report(summary, prompts, generations: dict, n: int, out: str):
     """The ledger, the evaluation, and a few generations side by side (like the paper's Table 2)."""
     print("\nprivacy ledger (each stage on its own private data):")
@@ -1349,7 +1597,7 @@ def _bench_child(variant: str, ns) -> dict:
 
     def dp():
         dp_step(loss_fn, params, (ids, mask, loss_mask), opt, max_grad_norm=1.0, noise_multiplier=1.0,
-                expected_batch_size=ns.batch, generator=gen)
+                expected_batch_size=ns.batch, generator=gen, chunk_size=ns.chunk_size)
 
     def loop():  # the textbook way: one backward per example
         total = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -1393,6 +1641,7 @@ def cmd_bench(ns):
         cmd = [sys.executable, os.path.abspath(__file__), "bench", "--variant", variant, "--model", ns.model,
                "--batch", str(ns.batch), "--seq-len", str(ns.seq_len), "--device", ns.device,
                "--repeats", str(ns.repeats), "--warmup", str(ns.warmup)]
+        cmd += ["--chunk-size", str(ns.chunk_size)] if ns.chunk_size else []
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise UserError(f"bench variant {variant} failed: {r.stderr.strip().splitlines()[-1:]}")
@@ -1427,27 +1676,42 @@ def _parse_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
 
 
-def _add_dataclass_args(parser, cls, prefix: str = ""):
-    """One --flag per dataclass field (nested configs get a prefix: --sft-lr, --ppo-steps)."""
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            _add_dataclass_args(parser, f.default_factory, prefix + f.name + "-")
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not true/false")
+    return text.lower() in ("true", "1", "yes")
+
+
+def _nested(f: dataclasses.Field):
+    """The default instance of a nested config field (e.g. `sft: SFTArgs`), else None."""
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    value = f.default_factory()
+    return value if dataclasses.is_dataclass(value) else None
+
+
+def _add_dataclass_args(parser, config, prefix: str = ""):
+    """One --flag per config field (nested configs get a prefix: --sft-lr, --ppo-steps)."""
+    for f in dataclasses.fields(config):
+        if _nested(f) is not None:
+            _add_dataclass_args(parser, _nested(f), prefix + f.name + "_")
             continue
-        name = "--" + (prefix + f.name).replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
-        conv = _parse_float if "float" in kind else int if "int" in kind else str
-        parser.add_argument(name, dest=(prefix + f.name).replace("-", "_"), type=conv, default=None,
-                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+        conv = (_parse_bool if "bool" in kind else _parse_float if "float" in kind else int if "int" in kind
+                else str)
+        parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, type=conv,
+                            default=None, help=f"{f.metadata.get('help', '')} (default: {getattr(config, f.name)})")
 
 
-def _build_dataclass(cls, ns, prefix: str = ""):
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            kwargs[f.name] = _build_dataclass(f.default_factory, ns, prefix + f.name + "_")
+def _build_dataclass(config, ns, prefix: str = ""):
+    """`config` (a default instance) with the fields the command line set."""
+    changes = {}
+    for f in dataclasses.fields(config):
+        if _nested(f) is not None:
+            changes[f.name] = _build_dataclass(getattr(config, f.name), ns, prefix + f.name + "_")
         elif getattr(ns, prefix + f.name, None) is not None:
-            kwargs[f.name] = getattr(ns, prefix + f.name)
-    return cls(**kwargs)
+            changes[f.name] = getattr(ns, prefix + f.name)
+    return dataclasses.replace(config, **changes)
 
 
 PAPER_PRESET = {  # App. B, GPT-2 small on a GPU
@@ -1494,7 +1758,7 @@ def _pipeline_args(cls, ns):
         for k in ("sft_batch_size", "rm_batch_size", "ppo_batch_size"):
             if hasattr(ns, k) and getattr(ns, k) is None:
                 setattr(ns, k, ns.batch_size)
-    args = _build_dataclass(cls, ns)
+    args = _build_dataclass(cls(), ns)
     for name in ("sft", "rm", "ppo"):
         stage = getattr(args, name, None)
         if stage is None:
@@ -1523,10 +1787,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=7, help="timed steps (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--chunk-size", type=int, help="per-sample gradients of this many samples at a time (default: all)")
     p.add_argument("--variant", choices=["nonprivate", "dp", "loop"], help=argparse.SUPPRESS)
-    for name, cls in (("sentiment", SentimentArgs),):
+    for name, cls in (("sentiment", SentimentArgs), ("rlhf", RLHFArgs)):
         p = sub.add_parser(name, help=cls.__doc__.splitlines()[0])
-        _add_dataclass_args(p, cls)
+        _add_dataclass_args(p, cls())
         p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage defaults)")
         p.add_argument("--preset", choices=["paper"], help="App. B hyper-parameters for GPT-2 runs on a GPU")
     ns = parser.parse_args(argv)
@@ -1540,6 +1805,8 @@ def main(argv=None):
             return cmd_bench(ns)
         if ns.command == "sentiment":
             return run_sentiment(_pipeline_args(SentimentArgs, ns))
+        if ns.command == "rlhf":
+            return run_rlhf(_pipeline_args(RLHFArgs, ns))
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -515,3 +515,166 @@ def test_hub_unreachable_is_one_line():
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "gpt2" in lines[0] and "--model builtin" in lines[0], r.stderr[-2000:]
+
+
+def test_cached_sampling_matches_full_forward(tiny):
+    """The key/value-cached sampler's log-probs equal a full forward over the sampled sequences
+    (left-padded prompts, per-row lengths, EOS stopping)."""
+    lm, tok = tiny
+    model = d.CausalLM(lm)
+    ids, mask, _ = d.encode(tok, ["the film", "it is a very long", "i"], max_prompt=8)
+    gen = torch.Generator().manual_seed(0)
+    out, omask, resp, lp = d.sample(model, ids, mask, max_new_tokens=torch.tensor([5, 9, 3]), generator=gen,
+                                    eos_id=tok.eos_token_id)
+    full = d.token_logprobs(model(out, omask), out)[:, ids.shape[1] - 1:]
+    act = resp[:, ids.shape[1]:].float()
+    assert act.sum(1).tolist()[0] <= 5 and act.sum(1).tolist()[2] <= 3
+    torch.testing.assert_close(lp * act, full * act, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ RLHF
+
+
+def test_rouge_worked_example():
+    # By hand: unigram overlap 6 (the x2, quick, brown, dog, jumps) of 8 predicted / 9 reference;
+    # bigram overlap 2 (the quick, quick brown) of 7 / 8; LCS "the quick brown jumps the" = 5.
+    s = d.rouge("The quick brown dog jumps on the log.", "The quick brown fox jumps over the lazy dog")
+    f = lambda p, r: 2 * p * r / (p + r)
+    assert s["rouge1"] == pytest.approx(f(6 / 8, 6 / 9))
+    assert s["rouge2"] == pytest.approx(f(2 / 7, 2 / 8))
+    assert s["rougeL"] == pytest.approx(f(5 / 8, 5 / 9))
+    assert d.rouge("", "a b")["rouge1"] == 0.0 and d.rouge("a b", "a b")["rougeL"] == 1.0
+
+
+def test_reward_loss_by_hand():
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.r = torch.nn.Parameter(torch.tensor([1.5, -0.5]))
+
+        def forward(self, ids, mask):
+            return self.r
+    rm = Fixed()
+    loss, correct = d.reward_loss(rm)(dict(rm.named_parameters()), torch.zeros(2, 3), torch.ones(2, 3))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)))  # -log sigma(1.5 - (-0.5))
+    assert correct.item() == 1.0
+
+
+def test_one_comparison_is_one_per_sample_gradient(tiny):
+    import copy
+    lm, tok = tiny
+    rm = d.RewardModel(d.add_lora(copy.deepcopy(lm)))
+    for p in d.lora_parameters(rm).values():
+        torch.nn.init.normal_(p, std=0.05)
+    params = {k: v.detach() for k, v in d.trainable(rm).items()}
+    assert "score.weight" in params
+    enc = lambda cmps: d.encode_comparisons(tok, [c[0] for c in cmps], [c[1] for c in cmps], [c[2] for c in cmps],
+                                            max_prompt=32, max_completion=16)
+    a = enc([("post : my dog ran away tl;dr :", " my dog ran away", " cats"), ("post : hi tl;dr :", " hi", " no")])
+    b = enc([("post : my dog ran away tl;dr :", " my dog ran away", " cats"),
+             ("post : a much longer post about my sister and her car tl;dr :", " my sister took the car and i am sad .", " ok")])
+    assert a[0].shape != b[0].shape
+    ga = d.per_sample_grads(d.reward_loss(rm), params, *a, has_aux=True)[0]
+    gb = d.per_sample_grads(d.reward_loss(rm), params, *b, has_aux=True)[0]
+    for k in params:
+        assert ga[k].shape[0] == 2  # one gradient per comparison, not per sequence
+        torch.testing.assert_close(ga[k][0], gb[k][0], atol=1e-6, rtol=1e-5)
+
+
+def test_builtin_rlhf_splits_are_disjoint():
+    data = d.rlhf_data(d.RLHFArgs(num_sft=300, num_comparisons=300, num_ppo=300, num_test=50))
+    posts = {k: {r["prompt"] for r in v} for k, v in data.items()}
+    names = list(posts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not posts[a] & posts[b], (a, b)
+    assert len(data["sft"]) == 300 and len(data["comparisons"]) == 300 and len(data["ppo"]) == 300
+
+
+def test_ledger_parallel_and_sequential_against_hand_composition():
+    stages = {"sft": dict(sample_rate=0.01, noise_multiplier=1.0, steps=300),
+              "rm": dict(sample_rate=0.02, noise_multiplier=0.9, steps=100),
+              "ppo": dict(sample_rate=0.05, noise_multiplier=1.2, steps=40)}
+    for s in stages.values():
+        s["epsilon"] = eps_of(s["sample_rate"], s["noise_multiplier"], s["steps"], 1e-5)[0]
+    assert d.compose_ledger(stages, 1e-5, "parallel") == max(s["epsilon"] for s in stages.values())
+    # Sequential, by hand: add the three RDP curves order by order, then convert once.
+    rdp = np.zeros(len(O))
+    for s in stages.values():
+        for i, a in enumerate(O):
+            rdp[i] += s["steps"] * d.compute_rdp(q=s["sample_rate"], noise_multiplier=s["noise_multiplier"], steps=1,
+                                                 orders=[a])[0]
+    eps = min(r + math.log1p(-1 / a) - (math.log(1e-5) + math.log(a)) / (a - 1) for a, r in zip(O, rdp))
+    seq = d.compose_ledger(stages, 1e-5, "sequential")
+    assert seq == pytest.approx(eps, rel=1e-9)
+    assert max(s["epsilon"] for s in stages.values()) < seq < sum(s["epsilon"] for s in stages.values())
+
+
+TINY_RLHF = ["--num-sft", "120", "--num-comparisons", "120", "--num-ppo", "120", "--num-test", "8",
+             "--sft-steps", "2", "--rm-steps", "2", "--ppo-steps", "2", "--batch-size", "16",
+             "--ppo-minibatches", "2", "--ppo-response-min", "8", "--ppo-response-max", "8", *TINY_BASE]
+
+
+def test_rlhf_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("rlhf", "--out", str(out), "--epsilon", "2", "--composition", "sequential", *TINY_RLHF)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["task"] == "rlhf" and s["composition"] == "sequential" and set(s["stages"]) == {"sft", "rm", "ppo"}
+    for e in s["stages"].values():
+        assert 0 < e["epsilon"] <= 2 and e["delta"] <= 1 / e["num_private_examples"]
+    assert s["total_epsilon"] == pytest.approx(d.compose_ledger(s["stages"], s["delta"], "sequential"))
+    for name in ("pretrained", "sft", "aligned"):
+        assert set(s["eval"][name]) == {"reward", "rouge1", "rouge2", "rougeL", "true_preference"}
+    assert 0 <= s["eval"]["rm_accuracy"] <= 1
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("rm/accuracy" in r for r in rows) and any("ppo/kl" in r for r in rows)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(out / "policy")
+    clf = AutoModelForSequenceClassification.from_pretrained(out / "reward_model")
+    tok = AutoTokenizer.from_pretrained(out / "reward_model")
+    assert clf.config.num_labels == 1 and tok is not None
+
+
+def test_saved_reward_model_scores_like_ours(tmp_path, tiny):
+    import copy
+    from transformers import AutoModelForSequenceClassification
+    lm, tok = tiny
+    rm = d.RewardModel(d.add_lora(copy.deepcopy(lm))).eval()
+    for p in d.lora_parameters(rm).values():
+        torch.nn.init.normal_(p, std=0.05)
+    d.save_reward_model(rm, tok, str(tmp_path / "rm"))
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    prompts, summaries = ["post : my dog ran away tl;dr :", "post : hi tl;dr :"], [" my dog ran", " hi there"]
+    ours = d.reward_model_scores(rm, tok, prompts, summaries, max_prompt=32, max_completion=16, device="cpu")
+    for i in range(2):  # unpadded, one at a time: the HF class reads the last token
+        ids, mask, _ = d.encode(tok, prompts[i:i + 1], summaries[i:i + 1], max_prompt=32, max_completion=16)
+        with torch.no_grad():
+            theirs = clf(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits[0, 0]
+            mine = rm(ids[:, :-1], mask[:, :-1])[0]
+        torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-4)
+    assert ours.shape == (2,)
+
+
+def test_rlhf_real_loading_path(tmp_path, tiny):
+    lm, tok = tiny
+    model_dir = tmp_path / "gpt2"
+    lm.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    t = d.make_tldr(60, 40, 0, 0, seed=9)
+    with open(tmp_path / "tldr.jsonl", "w") as f:
+        for r in t["sft"]:
+            f.write(json.dumps({"prompt": r["prompt"], "label": r["completion"].strip()}) + "\n")
+    with open(tmp_path / "cmp.jsonl", "w") as f:
+        for r in t["comparisons"]:
+            f.write(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"].strip(), "rejected": r["rejected"].strip()}) + "\n")
+    out = tmp_path / "run"
+    r = run_cli("rlhf", "--model", str(model_dir), "--dataset", str(tmp_path / "tldr.jsonl"), "--comparisons",
+                str(tmp_path / "cmp.jsonl"), "--out", str(out), "--sft-steps", "2", "--rm-steps", "2", "--ppo-steps",
+                "2", "--batch-size", "8", "--num-test", "6", "--ppo-response-min", "6", "--ppo-response-max", "6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert "true_preference" not in s["eval"]["aligned"]
+    assert s["stages"]["rm"]["num_private_examples"] == 36  # 40 minus 4 held out for accuracy
+    r = run_cli("rlhf", "--model", str(model_dir), "--dataset", str(tmp_path / "tldr.jsonl"), "--out", str(out / "x"))
+    assert r.returncode != 0 and "--comparisons" in r.stderr.strip().splitlines()[-1]
