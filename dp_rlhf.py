@@ -1007,7 +1007,7 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
         out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
                              attention_mask=additive_mask(mask, new.shape[1], lm.lm_head.weight.dtype),
                              **{cache_arg: cache})
-        cache = out.get("cache", None) if out.get("cache", None) is not None else out.past_key_values
+        cache = out.get("cache", out.get("past_key_values"))
         logp = lm.lm_head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
         nxt = torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(ids.device)
         alive = alive & (t < limit)
@@ -1330,8 +1330,9 @@ class SentimentArgs(RunArgs):
     reward_label: str | None = arg(None, "its label to score (name or index; default: one named like 'positive', else 1)")
     prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)")
     prompt_max: int = arg(8, "most prompt tokens")
-    sft: SFTArgs = field(default_factory=SFTArgs)
-    ppo: PPOArgs = field(default_factory=PPOArgs)
+    num_test: int = arg(1000, "held-out evaluation prompts")
+    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=75, batch_size=512))
 
 
 def _setup(args: RunArgs, task: str):
@@ -1446,15 +1447,15 @@ def rouge(prediction: str, reference: str) -> dict:
 @dataclass
 class RLHFArgs(RunArgs):
     """`rlhf`: the paper's RLHF scenario (Reddit TL;DR): DP SFT -> DP reward model -> DPPPO."""
-    num_sft: int = arg(6000, "examples in D1 (built-in data; a cap for real data)")
-    num_ppo: int = arg(6000, "prompts in D3 (built-in data; a cap for real data)")
-    num_comparisons: int = arg(6000, "comparisons in D2 (built-in data; a cap for real data)")
+    num_sft: int = arg(4000, "examples in D1 (built-in data; a cap for real data)")
+    num_ppo: int = arg(4000, "prompts in D3 (built-in data; a cap for real data)")
+    num_comparisons: int = arg(4000, "comparisons in D2 (built-in data; a cap for real data)")
     comparisons: str | None = arg(None, "D2 when --dataset is not builtin: Hub id or local file with prompt/chosen/rejected")
     reward_base: str | None = arg(None, "base of the reward model: 'builtin', Hub id or dir (default: the SFT model)")
     eval_reward_model: str | None = arg(None, "a non-private sequence classifier to score summaries in evaluation")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
     rm: RMArgs = field(default_factory=RMArgs)
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(response_min=32, response_max=32))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, response_min=32, response_max=32))
 
 
 def rlhf_data(args: RLHFArgs) -> dict:
@@ -1547,6 +1548,41 @@ def run_rlhf(args: RLHFArgs) -> dict:
     return summary
 
 
+def sweep_table(results: dict, task: str) -> str:
+    """Markdown tables in the shape of the paper's Tables 1 and 3: one column per epsilon."""
+    eps = list(results)
+    head = "| model | " + " | ".join(f"eps={e:g}" for e in eps) + " |\n|---|" + "---|" * len(eps) + "\n"
+    metrics = ["reward"] + (["true_preference", "rouge1", "rouge2", "rougeL"] if task == "rlhf" else [])
+    out = []
+    for metric in metrics:
+        if metric not in results[eps[0]]["eval"]["aligned"]:
+            continue
+        rows = [f"| {m} | " + " | ".join(f"{results[e]['eval'][m][metric]:+.3f}" for e in eps) + " |"
+                for m in ("pretrained", "sft", "aligned")]
+        if math.inf in results:  # the share of the non-private gain (aligned - pre-trained) each eps keeps
+            pre, full = (results[math.inf]["eval"][m][metric] for m in ("pretrained", "aligned"))
+            rows.append("| recovered | " + " | ".join(
+                f"{(results[e]['eval']['aligned'][metric] - pre) / (full - pre):.0%}" if full != pre else "n/a"
+                for e in eps) + " |")
+        out.append(f"{metric}\n\n" + head + "\n".join(rows))
+    if task == "rlhf":
+        out.append("reward-model held-out accuracy\n\n" + head + "| accuracy | " +
+                   " | ".join(f"{results[e]['eval']['rm_accuracy']:.3f}" for e in eps) + " |")
+    return "\n\n".join(out) + "\n"
+
+
+def run_sweep(args: RunArgs, run, task: str, epsilons: list[float]) -> str:
+    """The pipeline once per epsilon, same seed; writes and prints the table."""
+    base = args.out or os.path.join("runs", f"{task}-sweep-seed{args.seed}")
+    results = {e: run(dataclasses.replace(args, epsilon=e, out=os.path.join(base, f"eps{e:g}"))) for e in epsilons}
+    table = sweep_table(results, task)
+    with open(os.path.join(base, "table.md.partial"), "w") as f:
+        f.write(table)
+    os.replace(os.path.join(base, "table.md.partial"), os.path.join(base, "table.md"))
+    print(f"\n{task}: {args.model}, seed {args.seed} ({base}/table.md)\n\n{table}")
+    return table
+
+
 def print_report(summary, prompts, generations: dict, n: int, out: str):
     """The ledger, the evaluation, and a few generations side by side (like the paper's Table 2)."""
     print("\nprivacy ledger (each stage on its own private data):")
@@ -1636,16 +1672,21 @@ def cmd_bench(ns):
     if ns.variant:
         print(json.dumps(_bench_child(ns.variant, ns)))
         return
+    chunk = ns.chunk_size or max(1, ns.batch // 2)
+    runs = {"nonprivate": ("nonprivate", None, "non-private (batched backward)"),
+            "dp": ("dp", None, "DP: vmap per-sample grads + privatize"),
+            "dp_chunked": ("dp", chunk, f"DP, vmap chunk_size={chunk}"),
+            "loop": ("loop", None, "DP, per-example loop")}
     rows = {}
-    for variant in ("nonprivate", "dp", "loop"):
+    for key, (variant, chunk_size, _) in runs.items():
         cmd = [sys.executable, os.path.abspath(__file__), "bench", "--variant", variant, "--model", ns.model,
                "--batch", str(ns.batch), "--seq-len", str(ns.seq_len), "--device", ns.device,
                "--repeats", str(ns.repeats), "--warmup", str(ns.warmup)]
-        cmd += ["--chunk-size", str(ns.chunk_size)] if ns.chunk_size else []
+        cmd += ["--chunk-size", str(chunk_size)] if chunk_size else []
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            raise UserError(f"bench variant {variant} failed: {r.stderr.strip().splitlines()[-1:]}")
-        rows[variant] = json.loads(r.stdout.strip().splitlines()[-1])
+            raise UserError(f"bench variant {key} failed: {r.stderr.strip().splitlines()[-1:]}")
+        rows[key] = json.loads(r.stdout.strip().splitlines()[-1])
     acc = MomentsAccountant()
     acc.step(noise_multiplier=1.0, sample_rate=0.001, num_steps=100_000)
     t = time.perf_counter()
@@ -1656,9 +1697,8 @@ def cmd_bench(ns):
           f"{ns.device}; median of {ns.repeats} steps")
     print(f"| step | time (s) | x non-private | peak memory (MiB) | x non-private |")
     print(f"|---|---|---|---|---|")
-    for name, label in (("nonprivate", "non-private (batched backward)"), ("dp", "DP (vmap per-sample + privatize)"),
-                        ("loop", "DP, per-example loop")):
-        r = rows[name]
+    for key, (_, _, label) in runs.items():
+        r = rows[key]
         print(f"| {label} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f} | "
               f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / max(base['peak_bytes'], 1):.2f} |")
     print(f"epsilon after 1e5 steps (q=0.001, sigma=1.0, delta=1e-5): {eps:.3f} in {eps_ms:.1f} ms")
@@ -1787,13 +1827,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=7, help="timed steps (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--chunk-size", type=int, help="per-sample gradients of this many samples at a time (default: all)")
+    p.add_argument("--chunk-size", type=int, help="chunk size of the chunked DP row (default: half the batch)")
     p.add_argument("--variant", choices=["nonprivate", "dp", "loop"], help=argparse.SUPPRESS)
     for name, cls in (("sentiment", SentimentArgs), ("rlhf", RLHFArgs)):
         p = sub.add_parser(name, help=cls.__doc__.splitlines()[0])
         _add_dataclass_args(p, cls())
         p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage defaults)")
         p.add_argument("--preset", choices=["paper"], help="App. B hyper-parameters for GPT-2 runs on a GPU")
+        p.add_argument("--sweep", help="comma-separated epsilons (e.g. 1,2,4,8,inf): run once per epsilon with the "
+                       "same seed and print a table like the paper's; --out is the sweep's directory")
     ns = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -1803,10 +1845,18 @@ def main(argv=None):
             return cmd_privacy(ns)
         if ns.command == "bench":
             return cmd_bench(ns)
-        if ns.command == "sentiment":
-            return run_sentiment(_pipeline_args(SentimentArgs, ns))
-        if ns.command == "rlhf":
-            return run_rlhf(_pipeline_args(RLHFArgs, ns))
+        if ns.command in ("sentiment", "rlhf"):
+            cls, run = {"sentiment": (SentimentArgs, run_sentiment), "rlhf": (RLHFArgs, run_rlhf)}[ns.command]
+            args = _pipeline_args(cls, ns)
+            if ns.sweep is None:
+                return run(args)
+            try:
+                epsilons = [float(e) for e in ns.sweep.split(",")]
+            except ValueError:
+                raise UserError(f"--sweep '{ns.sweep}' is not allowed; give epsilons like 1,2,4,8,inf") from None
+            for e in epsilons:
+                _positive("sweep epsilon", e)
+            return run_sweep(args, run, ns.command, epsilons)
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -678,3 +678,16 @@ def test_rlhf_real_loading_path(tmp_path, tiny):
     assert s["stages"]["rm"]["num_private_examples"] == 36  # 40 minus 4 held out for accuracy
     r = run_cli("rlhf", "--model", str(model_dir), "--dataset", str(tmp_path / "tldr.jsonl"), "--out", str(out / "x"))
     assert r.returncode != 0 and "--comparisons" in r.stderr.strip().splitlines()[-1]
+
+
+def test_sweep_prints_the_table(tmp_path):
+    out = tmp_path / "sweep"
+    r = run_cli("sentiment", "--out", str(out), "--sweep", "2,inf", *TINY_SENTIMENT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (out / "table.md").read_text()
+    assert "eps=2" in table and "eps=inf" in table and "recovered" in table and table in r.stdout
+    s2 = json.loads((out / "eps2" / "summary.json").read_text())
+    assert s2["epsilon"] == 2 and s2["stages"]["ppo"]["epsilon"] <= 2
+    assert f"{s2['eval']['aligned']['reward']:+.3f}" in table
+    r = run_cli("sentiment", "--out", str(out), "--sweep", "2,abc", *TINY_SENTIMENT)
+    assert r.returncode != 0 and "--sweep" in r.stderr.strip().splitlines()[-1]
