@@ -635,11 +635,16 @@ class BaseModelArgs:
 
 
 def public_corpus(args: BaseModelArgs) -> list[str]:
-    """Public text: reviews and posts from their own seed (the stand-in for web pre-training).
-    No summaries: writing a TL;DR is what SFT must learn from private data."""
+    """Public text from its own seed (the stand-in for web pre-training): reviews, and posts of
+    which half carry a "tl;dr" of web quality (terse or chatty, sometimes wrong), as GPT-2 saw
+    "TL;DR:" on the web. SFT then learns the private reference style; RLHF, what people prefer."""
     rng = np.random.default_rng(args.seed)
     reviews = [r["text"] for r in make_reviews(args.corpus_size, seed=args.seed + 1)]
-    posts = [_post(rng)["post"] for _ in range(args.corpus_size)]
+    posts = []
+    for _ in range(args.corpus_size):
+        p = _post(rng)
+        with_tldr = rng.random() < 0.5
+        posts.append(TLDR_PROMPT.format(post=p["post"]) + " " + _summary(rng, p, "candidate") if with_tldr else p["post"])
     return reviews + posts
 
 
@@ -674,7 +679,7 @@ def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     key = "-".join(f"{v}" for v in dataclasses.astuple(args))
-    path = os.path.join(cache_dir(), f"builtin-v1-{key}")
+    path = os.path.join(cache_dir(), f"builtin-v2-{key}")
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return path
     t0 = time.time()
@@ -1001,7 +1006,8 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
     alive = torch.ones(b, dtype=torch.bool, device=ids.device)
     resp, logprobs = torch.zeros_like(ids), torch.zeros(b, steps, device=ids.device)
     # transformers 5.x renamed the cache argument `past_key_values` -> `cache`
-    cache_arg = "cache" if "cache" in inspect.signature(lm.transformer.forward).parameters else "past_key_values"
+    cache_arg = ("cache" if "cache" in inspect.signature(inspect.unwrap(type(lm.transformer).forward)).parameters
+                 else "past_key_values")
     new, cache = ids, None
     for t in range(steps):
         out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
