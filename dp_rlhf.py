@@ -815,11 +815,12 @@ def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, 
 
 
 def trim_left(*tensors, mask):
-    """Drop the columns that are padding in every row of this batch (exact: padding is masked)."""
+    """Drop the columns that are padding in every sequence of this batch (exact: padding is
+    masked). Works for [N, T] and [N, 2, T] (comparison pairs) alike."""
     if mask.shape[0] == 0:
         return tensors
-    first = int(mask.any(0).float().argmax())
-    return tuple(t[:, first:] for t in tensors)  # loss_mask[:, j] targets ids[:, j + 1]: same shift
+    first = int(mask.flatten(0, -2).any(0).float().argmax())
+    return tuple(t[..., first:] for t in tensors)  # loss_mask[..., j] targets ids[..., j + 1]: same shift
 
 
 # =============================================================================================
@@ -853,36 +854,50 @@ def trainable(module: nn.Module) -> dict:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def dp_sft(lm, tokenizer, prompts, completions, *, epsilon, delta, args: SFTArgs, device,
-           generator, log=None) -> dict:
-    """Stage 1. Fine-tune LoRA on (prompt, completion) pairs with DP-SGD (Algorithm 2);
-    epsilon=inf runs the same loop without clipping or noise. Returns the ledger entry."""
+def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, device, generator,
+             log=None, stage: str, aux_name: str | None = None) -> dict:
+    """Algorithm 2 as a training loop, shared by stages 1 and 2. `data` holds tensors whose first
+    dimension is the private example and data[1] is the attention mask. sigma is calibrated for
+    (epsilon, delta) over the planned steps; each step Poisson-samples, clips, noises and takes an
+    AdamW step, and advances the accountant. epsilon=inf: the same loop, no clipping, no noise."""
     from tqdm.auto import tqdm
-    model = CausalLM(lm)
-    data = encode(tokenizer, prompts, completions, max_prompt=args.max_prompt,
-                  max_completion=args.max_completion)
-    n = len(prompts)
+    n = data[0].shape[0]
     q = min(1.0, args.batch_size / n)
     steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
     private = math.isfinite(epsilon)
     sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
                                  steps=steps) if private else 0.0
-    params = trainable(model)
+    params = trainable(module)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
-    accountant, loss_fn = MomentsAccountant(), sft_loss(model)
-    bar = tqdm(range(steps), desc=f"DP SFT (eps={epsilon:g}, sigma={sigma:.3f})", disable=None, leave=False)
+    accountant = MomentsAccountant()
+    bar = tqdm(range(steps), desc=f"{stage} (eps={epsilon:g}, sigma={sigma:.3f})", disable=None, leave=False)
     for step in bar:
         idx = poisson_sample(n, q, generator)
         batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
-        dp_step(loss_fn, params, tuple(t.to(device) for t in batch), opt,
-                max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
-                expected_batch_size=q * n, chunk_size=args.chunk_size, generator=generator)
+        aux = dp_step(loss_fn, params, tuple(t.to(device) for t in batch), opt,
+                      max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
+                      expected_batch_size=q * n, chunk_size=args.chunk_size, generator=generator,
+                      has_aux=aux_name is not None)
         if private:
             accountant.step(noise_multiplier=sigma, sample_rate=q)
         if log is not None and (step % 20 == 0 or step == steps - 1):
-            log({"sft/step": step, "sft/batch_size": len(idx),
-                 "privacy/epsilon": accountant.get_epsilon(delta) if private else math.inf})
+            row = {f"{stage}/step": step, f"{stage}/batch_size": len(idx),
+                   "privacy/epsilon": accountant.get_epsilon(delta) if private else math.inf}
+            if aux_name is not None:
+                row[f"{stage}/{aux_name}"] = aux.mean().item() if aux is not None else float("nan")
+            log(row)
     return ledger_entry(accountant, epsilon, delta, sigma, q, steps, n)
+
+
+def dp_sft(lm, tokenizer, prompts, completions, *, epsilon, delta, args: SFTArgs, device,
+           generator, log=None) -> dict:
+    """Stage 1. Fine-tune LoRA on (prompt, completion) pairs with DP-SGD (Algorithm 2), the loss
+    on the completion only. Returns the ledger entry."""
+    model = CausalLM(lm)
+    data = encode(tokenizer, prompts, completions, max_prompt=args.max_prompt,
+                  max_completion=args.max_completion)
+    return dp_train(model, sft_loss(model), data, epsilon=epsilon, delta=delta, args=args, device=device,
+                    generator=generator, log=log, stage="sft")
 
 
 def ledger_entry(accountant, epsilon, delta, sigma, q, steps, n) -> dict:
@@ -931,35 +946,10 @@ def reward_loss(rm: nn.Module):
 def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, *, epsilon, delta,
                     args: RMArgs, device, generator, log=None) -> dict:
     """Stage 2. Train LoRA + the scalar head on comparisons with DP-SGD. Returns the ledger entry."""
-    from tqdm.auto import tqdm
-    ids, mask = encode_comparisons(tokenizer, prompts, chosen, rejected, max_prompt=args.max_prompt,
-                                   max_completion=args.max_completion)
-    n = len(prompts)
-    q = min(1.0, args.batch_size / n)
-    steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
-    private = math.isfinite(epsilon)
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                 steps=steps) if private else 0.0
-    params = trainable(rm)
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
-    accountant, loss_fn = MomentsAccountant(), reward_loss(rm)
-    bar = tqdm(range(steps), desc=f"DP reward model (eps={epsilon:g}, sigma={sigma:.3f})", disable=None, leave=False)
-    for step in bar:
-        idx = poisson_sample(n, q, generator)
-        b_ids, b_mask = ids[idx], mask[idx]
-        if len(idx):  # drop columns that are padding in every sequence of the batch
-            first = int(b_mask.flatten(0, 1).any(0).float().argmax())
-            b_ids, b_mask = b_ids[..., first:], b_mask[..., first:]
-        acc = dp_step(loss_fn, params, (b_ids.to(device), b_mask.to(device)), opt,
-                      max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
-                      expected_batch_size=q * n, chunk_size=args.chunk_size, generator=generator, has_aux=True)
-        if private:
-            accountant.step(noise_multiplier=sigma, sample_rate=q)
-        if log is not None and (step % 20 == 0 or step == steps - 1):
-            log({"rm/step": step, "rm/batch_size": len(idx),
-                 "rm/accuracy": acc.mean().item() if acc is not None else float("nan"),
-                 "privacy/epsilon": accountant.get_epsilon(delta) if private else math.inf})
-    return ledger_entry(accountant, epsilon, delta, sigma, q, steps, n)
+    data = encode_comparisons(tokenizer, prompts, chosen, rejected, max_prompt=args.max_prompt,
+                              max_completion=args.max_completion)
+    return dp_train(rm, reward_loss(rm), data, epsilon=epsilon, delta=delta, args=args, device=device,
+                    generator=generator, log=log, stage="rm", aux_name="accuracy")
 
 
 @torch.no_grad()
