@@ -1555,7 +1555,9 @@ def sweep_table(results: dict, task: str) -> str:
             continue
         rows = [f"| {m} | " + " | ".join(f"{results[e]['eval'][m][metric]:+.3f}" for e in eps) + " |"
                 for m in ("pretrained", "sft", "aligned")]
-        if math.inf in results:  # the share of the non-private gain (aligned - pre-trained) each eps keeps
+        # The share of the non-private gain (aligned - pre-trained) each eps keeps; not for rlhf's
+        # learned reward, which is a different (DP) reward model in every column.
+        if math.inf in results and not (task == "rlhf" and metric == "reward"):
             pre, full = (results[math.inf]["eval"][m][metric] for m in ("pretrained", "aligned"))
             rows.append("| recovered | " + " | ".join(
                 f"{(results[e]['eval']['aligned'][metric] - pre) / (full - pre):.0%}" if full != pre else "n/a"
