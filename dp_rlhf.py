@@ -1058,9 +1058,10 @@ class PPOArgs:
     """Stage 3 (DPPPO) hyper-parameters; defaults are TRL's where the paper says "TRL defaults"."""
     steps: int = arg(40, "PPO iterations; each Poisson-samples one rollout batch and is one accountant step")
     batch_size: int = arg(128, "expected rollout batch q * |D3| (the paper: 4096)")
-    minibatches: int = arg(4, "k: each trajectory goes to one of k minibatches, uniformly (the paper: 4096 / 256 = 16)")
+    minibatches: int = arg(1, "k: each trajectory goes to one of k minibatches, uniformly (the paper: 4096 / 256 = 16); "
+                           "under DP, k updates per iteration cost sqrt(k) in signal-to-noise (NOTES.md)")
     epochs: int = arg(1, "T_PPO; more than 1 only without privacy (a trajectory must be in one noisy update)")
-    lr: float = arg(3e-3, "AdamW learning rate (the paper: 3e-3 for GPT-2 small)")
+    lr: float = arg(1e-2, "AdamW learning rate (the paper: 3e-3 for GPT-2 small, with 16 minibatches)")
     kl_coef: float = arg(0.1, "beta of Eq. 2, fixed: TRL's adaptive controller would read private batch statistics")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
@@ -1326,9 +1327,10 @@ class SentimentArgs(RunArgs):
     reward_label: str | None = arg(None, "its label to score (name or index; default: one named like 'positive', else 1)")
     prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)")
     prompt_max: int = arg(8, "most prompt tokens")
-    num_test: int = arg(1000, "held-out evaluation prompts")
+    num_ppo: int = arg(40000, "prompts in D3 (built-in data; a cap for real data)")
+    num_test: int = arg(2000, "held-out evaluation prompts")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=75, batch_size=512))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=75, batch_size=1024))
 
 
 def _setup(args: RunArgs, task: str):
@@ -1451,7 +1453,8 @@ class RLHFArgs(RunArgs):
     eval_reward_model: str | None = arg(None, "a non-private sequence classifier to score summaries in evaluation")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
     rm: RMArgs = field(default_factory=RMArgs)
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, response_min=32, response_max=32))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, minibatches=4, lr=3e-3,
+                                                                 response_min=32, response_max=32))
 
 
 def rlhf_data(args: RLHFArgs) -> dict:
