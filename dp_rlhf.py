@@ -146,6 +146,11 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
         raise ValueError(f"target epsilon {target_epsilon} must be > 0")
     if math.isinf(target_epsilon) or steps == 0 or sample_rate == 0:
         return 0.0
+    floor = get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=target_delta)[0]
+    if target_epsilon <= floor:  # infinite noise still pays the conversion's delta term
+        raise UserError(f"epsilon {target_epsilon:g} is not allowed at delta {target_delta:g}: even infinite noise "
+                        f"spends {floor:.4f} in the RDP-to-(epsilon, delta) conversion (largest order "
+                        f"{max(orders):g}); ask for a larger epsilon or delta")
 
     def eps(sigma):
         rdp = compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders)
@@ -156,7 +161,8 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
     while eps_hi > target_epsilon:
         lo, hi = hi, 2 * hi
         if hi > 1e6:
-            raise ValueError(f"no noise multiplier reaches epsilon={target_epsilon}")
+            raise UserError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon:g} in {steps} steps "
+                            f"at q={sample_rate:g}; ask for a larger epsilon or fewer steps")
         eps_hi = eps(hi)
     while target_epsilon - eps_hi > epsilon_tolerance and hi - lo > 1e-6:
         mid = (lo + hi) / 2
@@ -231,7 +237,17 @@ def per_sample_grads(loss_fn, params: dict, *batch, chunk_size: int | None = Non
     `has_aux`, loss_fn returns (loss, aux) and we return (grads, per-sample aux).
     """
     return vmap(grad(loss_fn, has_aux=has_aux), in_dims=(None,) + (0,) * len(batch),
-                chunk_size=chunk_size)(params, *batch)
+                chunk_size=chunk_size or None)(params, *batch)
+
+
+def _flat(g: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, n]: one row per sample (also for scalar parameters and empty batches)."""
+    return g.flatten(1) if g.dim() > 1 else g[:, None]
+
+
+def finite_rows(grads: dict) -> torch.Tensor:
+    """[B] bool: the samples whose gradient is finite in every coordinate."""
+    return torch.stack([_flat(g).isfinite().all(1) for g in grads.values()]).all(0)
 
 
 def privatize(grads: dict, *, max_grad_norm: float, noise_multiplier: float,
@@ -240,10 +256,16 @@ def privatize(grads: dict, *, max_grad_norm: float, noise_multiplier: float,
 
     g_i is clipped on its flat norm over *all* parameters, by min(1, C / (||g_i|| + 1e-6)).
     Dividing by the realised batch size would leak it (Opacus #571): we divide by the expected one.
-    `max_grad_norm=inf, noise_multiplier=0` is the non-private step (plain sum, same divisor).
+    A sample whose gradient is not finite counts as zero (one overflow would otherwise make the
+    whole update NaN; zero is within the sensitivity C). `generator` must be secret
+    (`private_generator`). `max_grad_norm=inf, noise_multiplier=0` is the non-private step.
     """
+    if noise_multiplier > 0 and not math.isfinite(max_grad_norm):
+        raise ValueError("noise needs a finite max_grad_norm: the sensitivity is C")
     first = next(iter(grads.values()))
-    flat_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    ok = finite_rows(grads)
+    grads = {k: torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0.0) for k, g in grads.items()}
+    flat_norms = torch.stack([_flat(g).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
     clip = (max_grad_norm / (flat_norms + 1e-6)).clamp(max=1.0) if math.isfinite(max_grad_norm) \
         else torch.ones_like(flat_norms)
     out = {}
@@ -260,8 +282,8 @@ def privatize(grads: dict, *, max_grad_norm: float, noise_multiplier: float,
 def dp_step(loss_fn, params: dict, batch: tuple, optimizer, *, max_grad_norm: float,
             noise_multiplier: float, expected_batch_size: float, chunk_size=None, generator=None,
             has_aux: bool = False):
-    """One DP-SGD update: per-sample grads -> privatize -> .grad -> AdamW. Returns the
-    per-sample aux outputs of `loss_fn` (with has_aux), for logging."""
+    """One DP-SGD update: per-sample grads -> privatize -> .grad -> AdamW. Returns the per-sample
+    aux outputs of `loss_fn` (with has_aux; for logging) and the number of non-finite gradients."""
     aux = None
     if batch[0].shape[0] > 0:
         grads = per_sample_grads(loss_fn, {k: p.detach() for k, p in params.items()}, *batch,
@@ -276,7 +298,7 @@ def dp_step(loss_fn, params: dict, batch: tuple, optimizer, *, max_grad_norm: fl
         p.grad = noisy[name].to(p.dtype)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return aux
+    return aux, int((~finite_rows(grads)).sum())
 
 
 # =============================================================================================
@@ -333,10 +355,10 @@ def _attn_blocks(model: nn.Module):
 
 def add_lora(model: nn.Module, *, rank: int = 4, alpha: float = 32, dropout: float = 0.0) -> nn.Module:
     """Freeze `model` and add LoRA to every GPT-2 attention's query and value (the paper's choice).
-    Afterwards exactly the LoRA parameters require grad."""
+    Afterwards exactly the LoRA parameters require grad; rank 0 only freezes."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for block in _attn_blocks(model):
+    for block in _attn_blocks(model) if rank > 0 else []:
         lora = LoRAQueryValue(block.c_attn, rank, alpha, dropout)
         block.c_attn = lora.to(device=block.c_attn.weight.device)
     return model
@@ -428,28 +450,47 @@ class ActorCritic(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """r(x, y): the LM's transformer plus a bias-free scalar head on the last real token, i.e.
-    exactly GPT2ForSequenceClassification with one label (so it saves and loads as one)."""
+    """r(x, y), one scalar from the LM's transformer plus a small head. Two heads:
 
-    def __init__(self, lm: nn.Module):
+    `last` (the paper's): w . h at the last real token, i.e. GPT2ForSequenceClassification with one
+    label. `tokens` (our default): r = w . mean_t h_t + c * mean_t log p(y_t | x, y_<t) + b * |y| over
+    the tokens t of y, reading every token of the response and how well the LM predicted it (the
+    mean, not the sum: a sum would make an empty response the likeliest of all, NOTES.md). A small LM keeps what it copied
+    from the prompt in its log-probabilities, not linearly in its hidden states (NOTES.md, "The
+    reward model reads log-probabilities"), so a head on h alone cannot check y against x."""
+
+    def __init__(self, lm: nn.Module, head: str = "tokens"):
         super().__init__()
-        self.lm = lm
+        if head not in ("tokens", "last"):
+            raise UserError(f"--rm-head '{head}' is not allowed; use 'tokens' or 'last'")
+        self.lm, self.head = lm, head
         self.score = nn.Linear(lm.config.n_embd, 1, bias=False)
         nn.init.normal_(self.score.weight, std=1 / math.sqrt(lm.config.n_embd + 1))
+        if head == "tokens":
+            # A public prior: 1 nat per token less likely costs 3 reward units. A DP-SGD (Adam)
+            # step moves a scalar by about lr, so from 0 it would not get there (NOTES.md).
+            self.loglik_coef = nn.Parameter(torch.tensor(3.0))
+            self.length_coef = nn.Parameter(torch.zeros(()))
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, response_mask):
+        """`response_mask` [B, T-1] marks the targets of input_ids[:, 1:] that belong to y."""
         h = hidden_states(self.lm, input_ids, attention_mask)
-        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        last = (positions * attention_mask.long()).argmax(-1)  # vmap-safe "last real token"
-        return self.score(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1)
+        if self.head == "last":
+            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+            last = (positions * attention_mask.long()).argmax(-1)  # vmap-safe "last real token"
+            return self.score(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1)
+        n = response_mask.sum(-1)
+        loglik = (token_logprobs(self.lm.lm_head(h), input_ids) * response_mask).sum(-1) / n.clamp(min=1)
+        pooled = (h[:, 1:] * response_mask[..., None]).sum(1) / n.clamp(min=1)[:, None]
+        return self.score(pooled).squeeze(-1) + self.loglik_coef * loglik + self.length_coef * n
 
 
 # =============================================================================================
 # DATA: built-in synthetic tasks (offline), Hub/local loaders, disjoint D1/D2/D3 splits
 # =============================================================================================
 # The built-in tasks stand in for IMDb and Reddit TL;DR. Everything is generated from a seed, so
-# a run is reproducible; the public pre-training corpus uses its own seed and is filtered against
-# the private texts, so "public" really is disjoint from "private".
+# a run is reproducible; the public pre-training corpus uses its own seed, and the private data
+# generators skip every public text (`exclude`), so "public" really is disjoint from "private".
 
 NOUNS = ("film movie story plot acting cast director script soundtrack ending dialogue "
          "cinematography characters pacing visuals performances music humor effects").split()
@@ -507,11 +548,16 @@ def _review(rng: np.random.Generator, sentiment: str) -> str:
     return " ".join(sentence() for _ in range(rng.integers(3, 7)))
 
 
-def make_reviews(n: int, seed: int) -> list[dict]:
-    """Balanced synthetic reviews: 40 % positive, 40 % negative, 10 % mixed, 10 % neutral."""
+def make_reviews(n: int, seed: int, exclude: set = frozenset()) -> list[dict]:
+    """Synthetic reviews: 40 % positive, 40 % negative, 10 % mixed, 10 % neutral; none in `exclude`."""
     rng = np.random.default_rng(seed)
-    kinds = rng.choice(["positive", "negative", "mixed", "neutral"], size=n, p=[0.4, 0.4, 0.1, 0.1])
-    return [{"text": _review(rng, k), "label": str(k)} for k in kinds]
+    out = []
+    while len(out) < n:
+        kind = str(rng.choice(["positive", "negative", "mixed", "neutral"], p=[0.4, 0.4, 0.1, 0.1]))
+        text = _review(rng, kind)
+        if text not in exclude:
+            out.append({"text": text, "label": kind})
+    return out
 
 
 def sentiment_score(text: str) -> float:
@@ -597,10 +643,15 @@ def true_preference(post: dict, summary: str) -> float:
 TLDR_PROMPT = "post : {post} tl;dr :"
 
 
-def make_tldr(n_sft: int, n_comparisons: int, n_ppo: int, n_test: int, seed: int) -> dict:
-    """Disjoint D1 (post + reference summary), D2 (post, chosen, rejected), D3 (posts), test."""
+def make_tldr(n_sft: int, n_comparisons: int, n_ppo: int, n_test: int, seed: int, exclude: set = frozenset()) -> dict:
+    """Disjoint D1 (post + reference summary), D2 (post, chosen, rejected), D3 (posts), test;
+    no post in `exclude`."""
     rng = np.random.default_rng(seed)
-    posts = [_post(rng) for _ in range(n_sft + n_comparisons + n_ppo + n_test)]
+    posts = []
+    while len(posts) < n_sft + n_comparisons + n_ppo + n_test:
+        p = _post(rng)
+        if p["post"] not in exclude:
+            posts.append(p)
     d1, d2, d3, test = np.split(np.arange(len(posts)), np.cumsum([n_sft, n_comparisons, n_ppo]))
     out = {"sft": [], "comparisons": [], "ppo": [], "test": []}
     for i in d1:
@@ -621,31 +672,43 @@ def make_tldr(n_sft: int, n_comparisons: int, n_ppo: int, n_test: int, seed: int
 
 @dataclass
 class BaseModelArgs:
-    """The built-in "public pre-trained" GPT-2: trained here, non-privately, on public text."""
-    n_layer: int = arg(3, "transformer blocks")
-    n_embd: int = arg(96, "hidden size")
+    """The built-in "public pre-trained" GPT-2: trained here, non-privately, on public text.
+
+    The recipe is what made a model this small copy from its prompt (NOTES.md, "The built-in base
+    model"): no dropout, one document per row, and a copy curriculum of random repeated sequences."""
+    n_layer: int = arg(2, "transformer blocks")
+    n_embd: int = arg(128, "hidden size")
     n_head: int = arg(4, "attention heads")
     vocab_size: int = arg(1024, "byte-level BPE vocabulary trained on the public corpus")
     corpus_size: int = arg(12000, "public documents per domain (reviews, posts), generated from `seed`")
-    steps: int = arg(400, "pre-training steps")
-    batch_size: int = arg(32, "pre-training sequences per step")
-    seq_len: int = arg(128, "pre-training window")
-    lr: float = arg(3e-3, "AdamW learning rate (cosine decay)")
+    steps: int = arg(600, "pre-training steps")
+    batch_size: int = arg(32, "pre-training rows per step (one document per row)")
+    seq_len: int = arg(96, "tokens per row: [eos] + document + [eos], cut here")
+    lr: float = arg(3e-3, "AdamW learning rate (one-cycle schedule, 5 % warm-up)")
+    copy_steps: int = arg(50, "first steps train only on copy rows ([eos] s s, loss on the second s)")
+    copy_rows: int = arg(8, "copy rows in every batch after that")
+    copy_len: int = arg(24, "tokens in the random sequence s of a copy row")
     seed: int = arg(1234, "seed of the public corpus and of the initial weights; private data never uses it")
 
 
-def public_corpus(args: BaseModelArgs) -> list[str]:
-    """Public text from its own seed (the stand-in for web pre-training): reviews, and posts of
-    which half carry a "tl;dr" of web quality (terse or chatty, sometimes wrong), as GPT-2 saw
-    "TL;DR:" on the web. SFT then learns the private reference style; RLHF, what people prefer."""
-    rng = np.random.default_rng(args.seed)
-    reviews = [r["text"] for r in make_reviews(args.corpus_size, seed=args.seed + 1)]
-    posts = []
-    for _ in range(args.corpus_size):
-        p = _post(rng)
-        with_tldr = rng.random() < 0.5
-        posts.append(TLDR_PROMPT.format(post=p["post"]) + " " + _summary(rng, p, "candidate") if with_tldr else p["post"])
-    return reviews + posts
+def public_corpus(args: BaseModelArgs) -> tuple[list[str], list[str]]:
+    """(documents, texts): the public pre-training text, from its own seed (the stand-in for the
+    web): reviews, and posts each followed by a "tl;dr" of web quality (terse or chatty, sometimes
+    wrong), as GPT-2 saw "TL;DR:" on the web; and the reviews and posts alone, which the built-in
+    private data must not repeat. SFT then learns the private reference style; RLHF, what people
+    prefer. Generated once per process (7 s), then reused."""
+    key = (args.seed, args.corpus_size)
+    if key not in _PUBLIC_CORPUS:
+        rng = np.random.default_rng(args.seed)
+        reviews = [r["text"] for r in make_reviews(args.corpus_size, seed=args.seed + 1)]
+        posts = [_post(rng) for _ in range(args.corpus_size)]
+        tldrs = [TLDR_PROMPT.format(post=p["post"]) + " " + _summary(rng, p, "candidate") for p in posts]
+        _PUBLIC_CORPUS[key] = (reviews + tldrs, reviews + [p["post"] for p in posts])
+    documents, texts = _PUBLIC_CORPUS[key]
+    return list(documents), list(texts)
+
+
+_PUBLIC_CORPUS = {}
 
 
 def cache_dir() -> str:
@@ -672,32 +735,44 @@ def _atomic_dir(final: str):
     return ctx()
 
 
-def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu") -> str:
-    """Path of the built-in base model, pre-training it on the public corpus once (cached)."""
+def public_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2's kind) trained on the public corpus; eos doubles as bos and pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from tqdm.auto import tqdm
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    key = "-".join(f"{v}" for v in dataclasses.astuple(args))
-    path = os.path.join(cache_dir(), f"builtin-v2-{key}")
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return path
-    t0 = time.time()
-    corpus = public_corpus(args)
+    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=args.vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    eos = tokenizer.eos_token_id
-    stream = torch.tensor([t for ids in tokenizer(corpus)["input_ids"] for t in [eos] + ids])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu") -> str:
+    """Path of the built-in base model, pre-training it on the public corpus once (cached)."""
+    from tqdm.auto import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    key = "-".join(f"{v}" for v in dataclasses.astuple(args))
+    path = os.path.join(cache_dir(), f"builtin-v3-{key}")
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    t0 = time.time()
+    corpus = public_corpus(args)[0]
+    tokenizer = public_tokenizer(corpus, args.vocab_size)
+    eos, t = tokenizer.eos_token_id, args.seq_len
+    # One document per row, [eos] + doc + [eos], right-padded; padding is masked out of the loss.
+    docs = torch.full((len(corpus), t), eos)
+    labels = torch.full((len(corpus), t), -100)
+    for i, ids in enumerate(tokenizer(corpus)["input_ids"]):
+        row = torch.tensor([eos] + ids + [eos])[:t]
+        docs[i, :len(row)], labels[i, 1:len(row)] = row, row[1:]
     torch.manual_seed(args.seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=args.n_embd,
                         n_layer=args.n_layer, n_head=args.n_head, bos_token_id=eos,
-                        eos_token_id=eos, pad_token_id=eos, attn_implementation="eager")
+                        eos_token_id=eos, pad_token_id=eos, attn_implementation="eager",
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
@@ -705,37 +780,125 @@ def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu
     bar = tqdm(range(args.steps), desc="pre-training the built-in base model (public data, once)",
                disable=None, leave=False)
     for step in bar:
-        starts = torch.randint(0, len(stream) - args.seq_len - 1, (args.batch_size,), generator=gen)
-        x = torch.stack([stream[s:s + args.seq_len] for s in starts.tolist()]).to(device)
-        loss = model(input_ids=x, labels=x).loss
+        # The copy curriculum: rows [eos] s s of random tokens s, the loss on the second s. Only
+        # such rows at first, then a quarter of each batch; without the block at the start, a model
+        # this small never learns to copy (NOTES.md).
+        n_copy = args.batch_size if step < args.copy_steps else min(args.copy_rows, args.batch_size)
+        s = torch.randint(0, len(tokenizer) - 1, (n_copy, args.copy_len), generator=gen)
+        s = s + (s >= eos).long()  # any token but eos
+        copy_ids = torch.cat([torch.full((n_copy, 1), eos), s, s], 1)
+        copy_labels = torch.cat([torch.full((n_copy, 1 + args.copy_len), -100), s], 1)
+        rows = torch.randint(0, len(corpus), (args.batch_size - n_copy,), generator=gen)
+        w = max(copy_ids.shape[1], t)
+        pad = lambda x, v: torch.nn.functional.pad(x, (0, w - x.shape[1]), value=v)
+        x = torch.cat([pad(docs[rows], eos), pad(copy_ids, eos)])
+        y = torch.cat([pad(labels[rows], -100), pad(copy_labels, -100)])
+        width = int((y != -100).any(0).nonzero().max()) + 1  # drop columns that are padding in every row
+        x, y = x[:, :width].to(device), y[:, :width].to(device)
+        loss = model(input_ids=x, labels=y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    probe = copy_probe(model, tokenizer, public_probe_posts(args), device=device)
     print(f"built-in base model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"final loss {loss.item():.3f}, {time.time() - t0:.0f}s -> {path}", file=sys.stderr)
+          f"final loss {loss.item():.3f}, copy probe: person {probe['person']:.2f}, feeling "
+          f"{probe['feeling']:.2f} (chance {1 / len(PEOPLE):.2f} / {1 / len(FEELINGS):.2f}), "
+          f"{time.time() - t0:.0f}s -> {path}", file=sys.stderr)
     with _atomic_dir(path) as tmp:
-        model.eval().save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return path
 
 
+def public_probe_posts(args: BaseModelArgs, n: int = 500) -> list[dict]:
+    """Held-out *public* posts for the copy probe (their own seed: not in the corpus, not private)."""
+    rng = np.random.default_rng(args.seed + 2)
+    return [_post(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def copy_probe(lm: nn.Module, tokenizer, posts: list[dict], device: str = "cpu", batch: int = 250) -> dict:
+    """Does the model read its prompt? Top-1 accuracy of the post's person among all PEOPLE after
+    "post : ... tl;dr : my", and of its feeling among all FEELINGS after "... my <person> <event>
+    and i feel". A model that ignores the post scores about chance (1/16, 1/12); one that copies, 1.
+    A candidate's score is the log-probability of all its tokens."""
+    model = CausalLM(lm)
+
+    def top1(prompts, candidates, answers):
+        words = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates]
+        scores = []
+        for s in range(0, len(prompts), batch):
+            chunk = prompts[s:s + batch]
+            if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution
+                ids, mask, _ = encode(tokenizer, chunk, max_prompt=512)
+                logits = model(ids.to(device), mask.to(device))[:, -1].float()
+                scores.append(logits.log_softmax(-1)[:, [w[0] for w in words]].cpu())
+                continue
+            columns = []
+            for c in candidates:
+                ids, mask, targets = encode(tokenizer, chunk, [" " + c] * len(chunk), max_prompt=512, max_completion=16)
+                targets[:, -1] = 0  # the word only, not the closing eos
+                columns.append((token_logprobs(model(ids.to(device), mask.to(device)).cpu(), ids) * targets).sum(-1))
+            scores.append(torch.stack(columns, 1))
+        best = torch.cat(scores).argmax(-1).tolist()
+        return float(np.mean([candidates[i] == a for i, a in zip(best, answers)]))
+
+    prompts = [TLDR_PROMPT.format(post=p["post"]) + " my" for p in posts]
+    feel = [TLDR_PROMPT.format(post=p["post"]) + f" my {p['person']} {p['event']} and i feel" for p in posts]
+    return {"person": top1(prompts, PEOPLE, [p["person"] for p in posts]),
+            "feeling": top1(feel, FEELINGS, [p["feeling"] for p in posts])}
+
+
+DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+
+
 def _is_local(spec: str) -> bool:
-    return os.path.exists(spec) or spec.startswith((".", "/", "~"))
+    """A path, existing or not: starts like one or names a data file (a Hub id is "name" or "org/name")."""
+    return (os.path.exists(os.path.expanduser(spec)) or spec.startswith((".", "/", "~")) or spec.endswith("/")
+            or spec.count("/") > 1 or spec.lower().endswith(DATA_FILE_EXTENSIONS))
 
 
 def _hub_guard(spec: str):
-    """Fail in one line, at once, when `spec` needs the Hugging Face Hub and it is unreachable
-    (transformers would otherwise retry for half a minute and print a wall of tracebacks)."""
+    """If `spec` needs the Hugging Face Hub and it is unreachable, switch the Hub clients to offline
+    mode at once (they would retry for a minute), so the error comes in a second, in one line."""
     import socket
     if _is_local(spec) or os.environ.get("HF_HUB_OFFLINE") == "1":
         return
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError:
-        # Still allow what is already in the local Hugging Face cache.
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+    except OSError:  # what is already in the local Hugging Face cache still loads
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        # The clients read those variables when imported; tell the ones already imported.
+        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                             ("datasets.config", "HF_DATASETS_OFFLINE")):
+            if hasattr(sys.modules.get(module), name):
+                setattr(sys.modules[module], name, True)
+
+
+def check_model_spec(spec: str | None, what: str):
+    """Fail at once, before any data or base model is built, on a model that cannot load: a local
+    path that is not a directory, or a Hub id while the Hub is unreachable and nothing is cached."""
+    if spec is None or spec == "builtin":
+        return
+    path = os.path.expanduser(spec)
+    hint = "'builtin' or a local directory saved with save_pretrained"
+    if _is_local(path):
+        if not os.path.isdir(path):
+            raise UserError(f"{what} '{spec}' is not a directory; use {hint}")
+        return
+    _hub_guard(path)
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not even a well-formed Hub id
+            raise UserError(f"{what} '{spec}' is neither a local directory nor a Hub id; use {hint}") from None
+        if not isinstance(cached, str):
+            raise UserError(f"cannot load {what} '{spec}': the Hugging Face Hub is unreachable and it is not "
+                            f"in the local cache; use {hint}")
 
 
 def _hub_error(spec: str, what: str, offline_hint: str, err: Exception) -> UserError:
@@ -838,7 +1001,8 @@ class SFTArgs:
     max_grad_norm: float = arg(1.0, "per-sample clipping norm C")
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
     max_completion: int = arg(48, "completion tokens kept")
-    chunk_size: int | None = arg(None, "vectorise this many samples at a time in per-sample gradients (bounds memory)")
+    chunk_size: int = arg(16, "vectorise this many samples at a time in per-sample gradients (0: all; 16 is fastest on CPU)")
+    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
 
 
 def sft_loss(causal_lm: nn.Module):
@@ -871,17 +1035,19 @@ def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, d
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
     accountant = MomentsAccountant()
     bar = tqdm(range(steps), desc=f"{stage} (eps={epsilon:g}, sigma={sigma:.3f})", disable=None, leave=False)
+    nonfinite = 0
     for step in bar:
         idx = poisson_sample(n, q, generator)
         batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
-        aux = dp_step(loss_fn, params, tuple(t.to(device) for t in batch), opt,
-                      max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
-                      expected_batch_size=q * n, chunk_size=args.chunk_size, generator=generator,
-                      has_aux=aux_name is not None)
+        aux, bad = dp_step(loss_fn, params, tuple(t.to(device) for t in batch), opt,
+                           max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
+                           expected_batch_size=q * n, chunk_size=args.chunk_size, generator=generator,
+                           has_aux=aux_name is not None)
+        nonfinite += bad
         if private:
             accountant.step(noise_multiplier=sigma, sample_rate=q)
         if log is not None and (step % 20 == 0 or step == steps - 1):
-            row = {f"{stage}/step": step, f"{stage}/batch_size": len(idx),
+            row = {f"{stage}/step": step, f"{stage}/batch_size": len(idx), f"{stage}/nonfinite_grads": nonfinite,
                    "privacy/epsilon": accountant.get_epsilon(delta) if private else math.inf}
             if aux_name is not None:
                 row[f"{stage}/{aux_name}"] = aux.mean().item() if aux is not None else float("nan")
@@ -922,23 +1088,26 @@ class RMArgs:
     max_grad_norm: float = arg(1.0, "per-comparison clipping norm C (LoRA and head together)")
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
     max_completion: int = arg(48, "summary tokens kept")
-    chunk_size: int | None = arg(None, "vectorise this many comparisons at a time in per-sample gradients")
+    chunk_size: int = arg(16, "vectorise this many comparisons at a time in per-sample gradients (0: all)")
+    head: str = arg("tokens", "'tokens' (mean hidden state, log-likelihood and length of y) or 'last' (the paper's: last token)")
+    lora_rank: int = arg(0, "LoRA rank on q, v (the paper: 4); 0 trains the head alone, which is more accurate under DP here (NOTES.md)")
+    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
 
 
 def encode_comparisons(tokenizer, prompts, chosen, rejected, *, max_prompt, max_completion):
-    """(ids, mask) of shape [N, 2, T]: chosen and rejected of one comparison side by side,
-    padded to one length so that the pair is one sample."""
-    ids, mask, _ = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected),
-                          max_prompt=max_prompt, max_completion=max_completion)
+    """(ids, mask, response_mask) of shape [N, 2, T(-1)]: chosen and rejected of one comparison
+    side by side, padded to one length so that the pair is one sample."""
+    enc = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected), max_prompt=max_prompt,
+                 max_completion=max_completion)
     n = len(prompts)
-    return torch.stack([ids[:n], ids[n:]], 1), torch.stack([mask[:n], mask[n:]], 1)
+    return tuple(torch.stack([t[:n], t[n:]], 1) for t in enc)
 
 
 def reward_loss(rm: nn.Module):
     """loss_fn for one comparison, Eq. 1: -log sigma(r(x, y_chosen) - r(x, y_rejected)). Both
     forward passes are inside one sample, so one comparison is one per-sample gradient."""
-    def loss_fn(params, ids, mask):
-        r = functional_call(rm, params, (ids, mask))
+    def loss_fn(params, ids, mask, response_mask):
+        r = functional_call(rm, params, (ids, mask, response_mask))
         return -nn.functional.logsigmoid(r[0] - r[1]), (r[0] > r[1]).float().detach()
     return loss_fn
 
@@ -958,24 +1127,41 @@ def reward_model_scores(rm: RewardModel, tokenizer, prompts, completions, *, max
     """r(x, y) for each pair, encoded exactly as in training."""
     out = []
     for s in range(0, len(prompts), batch):
-        ids, mask, _ = encode(tokenizer, prompts[s:s + batch], completions[s:s + batch],
-                              max_prompt=max_prompt, max_completion=max_completion)
-        out.append(rm(ids.to(device), mask.to(device)).float().cpu())
+        enc = encode(tokenizer, prompts[s:s + batch], completions[s:s + batch], max_prompt=max_prompt,
+                     max_completion=max_completion)
+        out.append(rm(*(t.to(device) for t in enc)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
 def save_reward_model(rm: RewardModel, tokenizer, path: str):
-    """Save as GPT2ForSequenceClassification (one label): the same transformer and bias-free head,
-    reading the last non-padding token; loads with AutoModelForSequenceClassification."""
+    """`last` head: a one-label GPT2ForSequenceClassification (the same transformer and bias-free
+    head), which loads with AutoModelForSequenceClassification. `tokens` head: the LM with LoRA
+    merged (save_pretrained) plus `reward_head.safetensors`; `load_reward_model` reads both."""
     import copy
+    from safetensors.torch import save_file
     from transformers import GPT2ForSequenceClassification
     lm = merge_lora(copy.deepcopy(rm.lm))
-    config = copy.deepcopy(lm.config)
-    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
-    clf = GPT2ForSequenceClassification(config)
-    clf.transformer.load_state_dict(lm.transformer.state_dict())
-    clf.score.weight.data.copy_(rm.score.weight.data)
-    save_model(clf, tokenizer, path)
+    if rm.head == "last":
+        config = copy.deepcopy(lm.config)
+        config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+        clf = GPT2ForSequenceClassification(config)
+        clf.transformer.load_state_dict(lm.transformer.state_dict())
+        clf.score.weight.data.copy_(rm.score.weight.data)
+        return save_model(clf, tokenizer, path)
+    head = {k: v.detach().cpu().contiguous() for k, v in rm.named_parameters() if not k.startswith("lm.")}
+    with _atomic_dir(path) as tmp:
+        lm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_file(head, os.path.join(tmp, "reward_head.safetensors"))
+
+
+def load_reward_model(path: str, device: str = "cpu"):
+    """(RewardModel with the `tokens` head, tokenizer) from a directory written by save_reward_model."""
+    from safetensors.torch import load_file
+    lm, tokenizer = load_lm(path, device)
+    rm = RewardModel(add_lora(lm, rank=0), head="tokens")
+    rm.load_state_dict(load_file(os.path.join(path, "reward_head.safetensors")), strict=False)
+    return rm.to(device).eval(), tokenizer
 
 
 # =============================================================================================
@@ -984,17 +1170,19 @@ def save_reward_model(rm: RewardModel, tokenizer, path: str):
 
 
 @torch.no_grad()
-def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None):
+def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False):
     """Pure ancestral sampling (no top-k/top-p/min-length, so KL estimates are valid) from
-    `model.lm` with a key/value cache. `max_new_tokens` is an int or a per-row LongTensor; a row
-    also stops after `eos_id`. Returns (ids, mask, response_mask, sampled_logprobs) with the
-    responses right-padded after the (left-padded) prompts."""
+    `model.lm` with a key/value cache (`greedy`: the argmax instead, for baselines). `max_new_tokens` is an int or a per-row LongTensor; a row
+    also stops after `eos_id`. Returns (ids, mask, action_mask, logprobs, hidden): ids and mask
+    [B, T] with the responses right-padded after the left-padded prompts; the rest over the
+    targets ids[:, 1:]: action_mask [B, T-1] marks the sampled tokens, logprobs their
+    log-probabilities and hidden [B, T-1, d] the last hidden state each was sampled from."""
     import inspect
-    lm, b = model.lm, ids.shape[0]
+    lm, b, p = model.lm, ids.shape[0], ids.shape[1]
     limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(b)
     steps = int(limit.max()) if b else 0
     alive = torch.ones(b, dtype=torch.bool, device=ids.device)
-    resp, logprobs = torch.zeros_like(ids), torch.zeros(b, steps, device=ids.device)
+    logprobs, hidden = [], []
     # transformers 5.x renamed the cache argument `past_key_values` -> `cache`
     cache_arg = ("cache" if "cache" in inspect.signature(inspect.unwrap(type(lm.transformer).forward)).parameters
                  else "past_key_values")
@@ -1004,16 +1192,24 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
                              attention_mask=additive_mask(mask, new.shape[1], lm.lm_head.weight.dtype),
                              **{cache_arg: cache})
         cache = out.get("cache", out.get("past_key_values"))
-        logp = lm.lm_head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
-        nxt = torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(ids.device)
+        h = out.last_hidden_state[:, -1]
+        logp = lm.lm_head(h).float().log_softmax(-1)
+        nxt = (logp.argmax(-1) if greedy else
+               torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(ids.device))
         alive = alive & (t < limit)
-        logprobs[:, t] = logp.gather(1, nxt[:, None]).squeeze(1) * alive
+        logprobs.append(logp.gather(1, nxt[:, None]).squeeze(1) * alive)
+        hidden.append(h * alive[:, None])
         new = torch.where(alive, nxt, torch.zeros_like(nxt))[:, None]
-        ids, mask, resp = torch.cat([ids, new], 1), torch.cat([mask, alive.long()[:, None]], 1), \
-            torch.cat([resp, alive.long()[:, None]], 1)
+        ids, mask = torch.cat([ids, new], 1), torch.cat([mask, alive.long()[:, None]], 1)
         if eos_id is not None:
             alive = alive & (nxt != eos_id)
-    return ids, mask, resp, logprobs
+        if not alive.any():  # every row has stopped: no all-padding columns after this one
+            break
+
+    def by_target(columns, *shape):  # the first response token is predicted at the last prompt position
+        return torch.cat([torch.zeros(b, p - 1, *shape, device=ids.device)] + [c[:, None] for c in columns], 1)
+    return (ids, mask, by_target([m.float() for m in mask[:, p:].T]), by_target(logprobs),
+            by_target(hidden, lm.config.n_embd))
 
 
 def gae(rewards, values, action_mask, *, gamma: float, lam: float):
@@ -1069,17 +1265,21 @@ class PPOArgs:
     cliprange_value: float = arg(0.2, "value clip")
     vf_coef: float = arg(0.1, "value loss weight")
     max_grad_norm: float = arg(1.0, "per-trajectory clipping norm C (LoRA and value head together)")
-    prompt_baseline: bool = arg(True, "subtract r(x, empty response) from r(x, y): a baseline from the trajectory's own prompt (less variance, no bias, no mixing)")
+    baseline: str = arg("empty", "b(x) subtracted from r(x, y), from the trajectory's own prompt only (no bias, no "
+                        "mixing): 'empty' r(x, ''), 'greedy' r(x, the reference model's greedy response), or 'none'")
     whiten: str = arg("none", "advantage whitening: 'none' or 'trajectory' (within one trajectory; never across the batch)")
     response_min: int = arg(4, "fewest new tokens (a per-trajectory length is drawn uniformly in [min, max])")
     response_max: int = arg(16, "most new tokens")
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
-    chunk_size: int | None = arg(None, "vectorise this many trajectories at a time in per-sample gradients")
+    chunk_size: int = arg(16, "vectorise this many trajectories at a time in per-sample gradients (0: all)")
+    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
 
     def validate(self, epsilon: float):
         if math.isfinite(epsilon) and self.epochs != 1:
             raise UserError(f"--ppo-epochs {self.epochs} needs --epsilon inf: with privacy each "
                             "trajectory must land in exactly one noisy update (T_PPO = 1)")
+        if self.baseline not in ("empty", "greedy", "none"):
+            raise UserError(f"--ppo-baseline '{self.baseline}' is not allowed; use empty, greedy or none")
         if self.whiten not in ("none", "trajectory"):
             raise UserError(f"--ppo-whiten '{self.whiten}' is not allowed; use 'none' or 'trajectory'")
         if not 1 <= self.response_min <= self.response_max:
@@ -1087,17 +1287,48 @@ class PPOArgs:
                             "are not allowed; need 1 <= min <= max")
 
 
+@dataclass
+class Rollout:
+    """A batch of trajectories. ids/mask are [B, T]: prompt (left-padded) + response (right-padded).
+    The rest are [B, T-1], indexed by *target*: column t is about token ids[:, t + 1], predicted
+    from the hidden state at position t. That one-token shift is why a response token's log-prob
+    and the value of the state it was sampled in sit in the same column."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    action_mask: torch.Tensor   # 1 where ids[:, t + 1] is a response token (an action of the policy)
+    logprobs: torch.Tensor      # log pi_old(a_t | s_t), from the sampler
+    ref_logprobs: torch.Tensor  # log LM_sft(a_t | s_t): the same network with LoRA off
+    values: torch.Tensor        # V_old(s_t), the value head on the sampler's hidden state
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+
 @torch.no_grad()
-def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id):
-    """Sample responses, then score them token by token with the policy and the reference."""
+def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id) -> Rollout:
+    """Sample responses; the sampler's log-probs and hidden states give pi_old and V_old, so only
+    the reference model needs another forward pass."""
     policy.eval()
-    ids, mask, resp, _ = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
-                             generator=generator, eos_id=eos_id)
-    logits, values = policy(ids, mask)
-    logprobs = token_logprobs(logits, ids)
+    ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
+                                              generator=generator, eos_id=eos_id)
     with lora_disabled(policy):  # the frozen SFT model: same network, LoRA off
-        ref_logprobs = token_logprobs(policy(ids, mask)[0], ids)
-    return ids, mask, resp[:, 1:].float(), logprobs, ref_logprobs, values[:, :-1]
+        ref_logprobs = token_logprobs(CausalLM(policy.lm)(ids, mask), ids) * act if len(ids) else logprobs
+    return Rollout(ids, mask, act, logprobs, ref_logprobs, policy.value_head(hidden).squeeze(-1) * act)
+
+
+@torch.no_grad()
+def prompt_baseline(policy, tokenizer, reward_fn, prompts, prompt_ids, prompt_mask, args, eos_id) -> torch.Tensor:
+    """b(x) for each prompt. 'empty': r(x, ""), cheap, and right when the reward mostly reflects the
+    prompt (sentiment). 'greedy': r(x, y*), y* the frozen reference model's greedy response, an
+    in-distribution guess of what x earns (a learned reward model may score "" far off)."""
+    if args.baseline == "none" or not prompts:
+        return torch.zeros(len(prompts))
+    if args.baseline == "empty":
+        return reward_fn(prompts, [""] * len(prompts))
+    with lora_disabled(policy):
+        ids, _, act, _, _ = sample(policy, prompt_ids, prompt_mask, max_new_tokens=args.response_max, generator=None,
+                                   eos_id=eos_id, greedy=True)
+    return reward_fn(prompts, decode_responses(tokenizer, ids, act, eos_id))
 
 
 def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
@@ -1128,35 +1359,45 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
                        vf_coef=args.vf_coef)
     accountant = MomentsAccountant()
     bar = tqdm(range(args.steps), desc=f"DPPPO (eps={epsilon:g}, sigma={sigma:.3f})", disable=None, leave=False)
+    nonfinite, baselines = 0, {}
     for it in bar:
+        # 1. Poisson-sample prompts x from D3 (an empty batch still takes its noisy steps).
         idx = poisson_sample(n, q, generator)
-        ids, mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
+        prompt_ids, prompt_mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
         lengths = torch.randint(args.response_min, args.response_max + 1, (len(idx),), generator=generator)
-        ids, mask, act, old_lp, ref_lp, old_v = rollout(policy, ids, mask, lengths=lengths.to(device),
-                                                         generator=generator, eos_id=eos_id)
-        responses = decode_responses(tokenizer, ids, act, eos_id)
+        # 2. Roll out y ~ pi(. | x), keeping log pi_old, log LM_sft and V_old per response token.
+        ro = rollout(policy, prompt_ids, prompt_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id)
+        # 3. Score r(x, y), spread Eq. 2 over the tokens, and estimate advantages (GAE).
         batch_prompts = [prompts[i] for i in idx.tolist()]
-        scores = reward_fn(batch_prompts, responses).to(device).float()
-        # A baseline b(x) that depends on nothing but this trajectory's prompt leaves the policy
-        # gradient unbiased and removes the prompt's share of the reward's variance.
-        baseline = (reward_fn(batch_prompts, [""] * len(batch_prompts)).to(device).float()
-                    if args.prompt_baseline else torch.zeros_like(scores))
-        rewards, kl = kl_rewards(scores - baseline, old_lp, ref_lp, act, args.kl_coef)
-        adv, ret = gae(rewards, old_v * act, act, gamma=args.gamma, lam=args.lam)
-        if args.whiten == "trajectory":
-            mu = masked_mean(adv, act)[:, None]
-            sd = masked_mean((adv - mu) ** 2, act)[:, None].sqrt()
-            adv = (adv - mu) / (sd + 1e-8) * act
-        assign = torch.randint(k, (len(idx),), generator=generator)  # independent of the data
+        scores = reward_fn(batch_prompts, decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)).to(device).float()
+        # b(x) depends on nothing but this trajectory's own prompt: the policy gradient stays
+        # unbiased and no statistic crosses trajectories (unlike TRL's batch whitening).
+        new = [j for j, i in enumerate(idx.tolist()) if i not in baselines]  # b(x) is fixed: once per prompt
+        if new:
+            rows = torch.tensor(new, dtype=torch.long, device=device)
+            b = prompt_baseline(policy, tokenizer, reward_fn, [batch_prompts[j] for j in new],
+                                *trim_left(prompt_ids[rows], prompt_mask[rows], mask=prompt_mask[rows]), args, eos_id)
+            baselines.update(zip(idx[new].tolist(), b.tolist()))
+        baseline = torch.tensor([baselines[i] for i in idx.tolist()], device=device)
+        rewards, kl = kl_rewards(scores - baseline, ro.logprobs, ro.ref_logprobs, ro.action_mask, args.kl_coef)
+        advantages, returns = gae(rewards, ro.values, ro.action_mask, gamma=args.gamma, lam=args.lam)
+        if args.whiten == "trajectory":  # within one trajectory: never across the batch
+            mu = masked_mean(advantages, ro.action_mask)[:, None]
+            sd = masked_mean((advantages - mu) ** 2, ro.action_mask)[:, None].sqrt()
+            advantages = (advantages - mu) / (sd + 1e-8) * ro.action_mask
+        # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss: each trajectory goes to one of k
+        #    minibatches, drawn independently of the data, so it is in exactly one noisy update.
+        minibatch_of = torch.randint(k, (len(idx),), generator=generator)
         stats = []
         for _ in range(args.epochs):
             for j in range(k):
-                sel = (assign == j).nonzero().flatten().to(device)
-                aux = dp_step(loss_fn, params, (ids[sel], mask[sel], act[sel], old_lp[sel], old_v[sel],
-                                                adv[sel], ret[sel]), opt,
-                              max_grad_norm=args.max_grad_norm if private else math.inf,
-                              noise_multiplier=sigma, expected_batch_size=q * n / k,
-                              chunk_size=args.chunk_size, generator=generator, has_aux=True)
+                sel = (minibatch_of == j).nonzero().flatten().to(device)
+                batch = (ro.ids, ro.mask, ro.action_mask, ro.logprobs, ro.values, advantages, returns)
+                aux, bad = dp_step(loss_fn, params, tuple(x[sel] for x in batch), opt,
+                                   max_grad_norm=args.max_grad_norm if private else math.inf,
+                                   noise_multiplier=sigma, expected_batch_size=q * n / k,
+                                   chunk_size=args.chunk_size, generator=generator, has_aux=True)
+                nonfinite += bad
                 if aux is not None:
                     stats.append(aux)
         if private:
@@ -1165,8 +1406,8 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
         aux = torch.cat(stats).mean(0).tolist() if stats else [float("nan")] * 3
         row = {"ppo/step": it, "ppo/batch_size": len(idx), "ppo/reward_mean": scores.mean().item(),
                "ppo/kl": kl.mean().item(), "ppo/loss_policy": aux[0], "ppo/loss_value": aux[1],
-               "ppo/clip_frac": aux[2], "ppo/response_len": act.sum(-1).mean().item(),
-               "privacy/epsilon": eps_now}
+               "ppo/clip_frac": aux[2], "ppo/response_len": ro.action_mask.sum(-1).mean().item(),
+               "ppo/nonfinite_grads": nonfinite, "privacy/epsilon": eps_now}
         bar.set_postfix(reward=f"{row['ppo/reward_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}")
         if log is not None:
             log(row)
@@ -1238,9 +1479,9 @@ def evaluate(model: nn.Module, tokenizer, prompts: list[str], reward_fn, *, leng
     responses, scores = [], []
     for s in range(0, len(prompts), batch):
         ids, mask, _ = encode(tokenizer, prompts[s:s + batch], max_prompt=max_prompt)
-        out, _, resp, _ = sample(model, ids.to(device), mask.to(device), generator=gen, eos_id=eos_id,
-                              max_new_tokens=lengths[s:s + batch].to(device))
-        r = decode_responses(tokenizer, out, resp[:, 1:], eos_id)
+        out, _, act, _, _ = sample(model, ids.to(device), mask.to(device), generator=gen, eos_id=eos_id,
+                                   max_new_tokens=lengths[s:s + batch].to(device))
+        r = decode_responses(tokenizer, out, act, eos_id)
         responses += r
         scores.append(reward_fn(prompts[s:s + batch], r).float())
     return torch.cat(scores), responses
@@ -1303,21 +1544,28 @@ def compose_ledger(stages: dict, delta: float, composition: str) -> float:
 
 
 @dataclass
-class RunArgs:
-    """What every pipeline shares."""
+class CommonArgs:
+    """What every command that trains shares."""
     model: str = arg("builtin", "policy base: 'builtin', a Hub id (gpt2, gpt2-medium, gpt2-large) or a local dir")
-    dataset: str = arg("builtin", "private data: 'builtin', a Hub id, or a local .jsonl/.csv/.parquet file")
     epsilon: float = arg(4.0, "target epsilon of every stage ('inf': the same loops without clipping or noise)")
     delta: float | None = arg(None, "target delta (default 1/|D|, D = all private examples of the run)")
-    seed: int = arg(0, "seed of the data split, sampling, noise and initial weights")
+    seed: int = arg(0, "public seed: data split, initial weights, evaluation (DP noise and sampling use secret entropy)")
+    reproducible_noise: bool = arg(False, "draw DP noise and sampling from --seed too (classrooms; the guarantee then assumes the seed is secret)")
     out: str | None = arg(None, "output directory (default runs/<task>-eps<epsilon>-seed<seed>)")
     device: str | None = arg(None, "'cpu' or 'cuda' (default: cuda when available)")
-    num_sft: int = arg(10000, "examples in D1 (built-in data; a cap for real data)")
-    num_ppo: int = arg(10000, "prompts in D3 (built-in data; a cap for real data)")
-    num_test: int = arg(256, "held-out evaluation prompts")
-    num_samples: int = arg(4, "generations shown side by side at the end")
-    composition: str = arg("parallel", "'parallel' (disjoint D1/D2/D3, the paper) or 'sequential' (a user may be in several stages)")
     base: BaseModelArgs = field(default_factory=BaseModelArgs)
+
+
+@dataclass
+class RunArgs(CommonArgs):
+    """What every pipeline shares."""
+    dataset: str = arg("builtin", "private data: 'builtin', a Hub id, or a local .jsonl/.csv/.parquet file")
+    num_sft: int = arg(10000, "examples in D1 (built-in data; real data is split by a keyed hash)")
+    num_ppo: int = arg(10000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
+    num_test: int = arg(256, "evaluation prompts (real data: from the public test split where the dataset has one)")
+    num_samples: int = arg(4, "generations shown side by side at the end")
+    user_column: str | None = arg(None, "real data: a column naming each record's user; records are split into stages by it (default: by the text)")
+    composition: str = arg("parallel", "'parallel' (disjoint D1/D2/D3, the paper) or 'sequential' (a user may be in several stages)")
 
 
 @dataclass
@@ -1327,54 +1575,116 @@ class SentimentArgs(RunArgs):
     reward_label: str | None = arg(None, "its label to score (name or index; default: one named like 'positive', else 1)")
     prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)")
     prompt_max: int = arg(8, "most prompt tokens")
-    num_ppo: int = arg(40000, "prompts in D3 (built-in data; a cap for real data)")
-    num_test: int = arg(2000, "held-out evaluation prompts")
+    num_ppo: int = arg(40000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
+    num_test: int = arg(2000, "evaluation prompts (real data: from the public test split where the dataset has one)")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
     ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=75, batch_size=1024))
 
 
-def _setup(args: RunArgs, task: str):
+def _setup(args: CommonArgs, task: str):
     if not args.epsilon > 0:
         raise UserError(f"--epsilon {args.epsilon} is not allowed; use a number > 0 or 'inf'")
     if args.delta is not None and not 0 < args.delta < 1:
         raise UserError(f"--delta {args.delta} is not allowed; it must be in (0, 1)")
-    if args.composition not in ("parallel", "sequential"):
+    if getattr(args, "composition", "parallel") not in ("parallel", "sequential"):
         raise UserError(f"--composition '{args.composition}' is not allowed; use parallel or sequential")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} is not available here; use --device cpu")
     out = args.out or os.path.join("runs", f"{task}-eps{args.epsilon:g}-seed{args.seed}")
-    torch.manual_seed(args.seed)
-    return device, out, torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # public: initial weights
+    return device, out, private_generator(args.seed if args.reproducible_noise else None)
 
 
-def _split(records: list, sizes: list[int], seed: int) -> list[list]:
-    """Shuffle once and cut into disjoint consecutive parts: no record lands in two parts."""
-    order = np.random.default_rng(seed).permutation(len(records))
-    bounds = np.cumsum([0] + sizes)
-    return [[records[i] for i in order[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+def private_generator(seed: int | None = None) -> torch.Generator:
+    """The generator of everything the DP guarantee rests on: Poisson samples, Gaussian noise, PPO
+    minibatches and rollouts. Seeded from the OS's entropy, never printed or saved: anyone who
+    knows it can replay training and subtract the noise. `seed` (--reproducible-noise) is for
+    classrooms only; the guarantee then holds only while that seed stays secret."""
+    if seed is not None:
+        print(f"warning: --reproducible-noise: DP noise and sampling come from --seed {seed}; the privacy "
+              "guarantee holds only if that seed is secret", file=sys.stderr)
+        return torch.Generator().manual_seed(seed)
+    import secrets
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
-def sentiment_data(args: SentimentArgs) -> tuple[list[str], list[str], list[str]]:
-    """Disjoint D1 (reviews for SFT), D3 (reviews whose first tokens are PPO prompts), test."""
-    if args.dataset == "builtin":
-        texts = [r["text"] for r in make_reviews(args.num_sft + args.num_ppo + args.num_test, seed=10_000 + args.seed)]
-    else:
-        texts = [str(r["text"]) for r in load_records(args.dataset, ("text",))]
-    n_test = min(args.num_test, max(1, len(texts) // 10))
-    n_sft = min(args.num_sft, (len(texts) - n_test) // 2)
-    n_ppo = min(args.num_ppo, len(texts) - n_test - n_sft)
-    if min(n_sft, n_ppo) < 2:
-        raise UserError(f"dataset '{args.dataset}' has {len(texts)} rows; at least 6 are needed")
-    return tuple(_split(texts, [n_sft, n_ppo, n_test], args.seed))
+def normalise(text) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def hash_split(records: list, key, fractions: list[float], seed: int) -> list[list]:
+    """Disjoint parts by a keyed hash of each record's key alone (its normalised post or review, or
+    its user id). A record's part never depends on the other records, so adding or removing one
+    record moves no other record between stages: what parallel composition needs (a permutation
+    of row numbers would move many)."""
+    import hashlib
+    bounds, parts = np.cumsum(fractions), [[] for _ in fractions]
+    for r in records:
+        digest = hashlib.blake2b(normalise(key(r)).encode(), key=f"dp-rlhf-split-{seed}".encode(), digest_size=8)
+        u = int.from_bytes(digest.digest(), "big") / 2.0**64
+        parts[min(int(np.searchsorted(bounds, u, side="right")), len(parts) - 1)].append(r)
+    return parts
+
+
+def public_test_split(spec: str, columns: tuple[str, ...]) -> list[dict] | None:
+    """The Hub dataset's own "test" split (public, so evaluating on it costs no privacy), if any."""
+    if _is_local(spec):
+        return None
+    try:
+        return load_records(spec, columns, split="test")
+    except UserError:
+        return None
+
+
+def records_per_user(parts: dict, key) -> dict:
+    """The most records one user (key) has in each part: above 1, that user's guarantee is the
+    group-privacy one for that many records."""
+    from collections import Counter
+    return {name: max(Counter(normalise(key(r)) for r in rows).values(), default=0) for name, rows in parts.items()}
+
+
+def report_split(report: dict):
+    """One line on stderr per thing a user of real data must know about its split."""
+    for name, n in report.items():
+        if name.startswith("dropped") and n:
+            print(f"data: {name.replace('_', ' ')}: {n} records", file=sys.stderr)
+    for part, n in report.get("max_records_per_user", {}).items():
+        if n > 1:
+            print(f"warning: a user has {n} records in {part}; their guarantee is that of {n} records "
+                  f"(group privacy), not one", file=sys.stderr)
+
+
+def sentiment_data(args: SentimentArgs) -> tuple[list[str], list[str], list[str], dict]:
+    """Disjoint D1 (reviews for SFT), D3 (reviews whose first tokens are PPO prompts), test, and a
+    report of the split. Real data is split by a keyed hash of the review (or --user-column)."""
+    if args.dataset == "builtin":  # generated; none is a document of the public corpus
+        texts = [r["text"] for r in make_reviews(args.num_sft + args.num_ppo + args.num_test, seed=10_000 + args.seed,
+                                                 exclude=set(public_corpus(args.base)[1]))]
+        d1, d3, test = np.split(np.array(texts, dtype=object), np.cumsum([args.num_sft, args.num_ppo]))
+        return list(d1), list(d3), list(test), {"split": "generated"}
+    user = (args.user_column,) if args.user_column else ()
+    rows = load_records(args.dataset, ("text",) + user)
+    key = (lambda r: r[args.user_column]) if args.user_column else (lambda r: r["text"])
+    public = public_test_split(args.dataset, ("text",))
+    d1, d3, *held = hash_split(rows, key, [0.5, 0.5] if public else [0.45, 0.45, 0.1], args.seed)
+    test = (public or held[0])[:args.num_test]
+    if min(len(d1), len(d3), len(test)) < 2:
+        raise UserError(f"dataset '{args.dataset}' has {len(rows)} rows: too few for D1, D3 and a test set")
+    report = {"split": f"keyed hash of {args.user_column or 'the text'}", "public_test": public is not None,
+              "max_records_per_user": records_per_user({"sft": d1, "ppo": d3}, key)}
+    return [r["text"] for r in d1], [r["text"] for r in d3], [r["text"] for r in test], report
 
 
 def run_sentiment(args: SentimentArgs) -> dict:
     """Split -> DP SFT on D1 -> DPPPO on D3 -> evaluate pre-trained / SFT / aligned."""
     import copy
     t0 = time.time()
-    device, out, gen = _setup(args, "sentiment")
-    d1, d3, test = sentiment_data(args)
+    device, out, private = _setup(args, "sentiment")
+    check_model_spec(args.model, "--model")
+    check_model_spec(args.reward_model, "--reward-model")
+    d1, d3, test, data_report = sentiment_data(args)
+    report_split(data_report)
     delta = args.delta if args.delta is not None else 1 / (len(d1) + len(d3))
     base_lm, tok = load_lm(args.model, device, args.base)
     reward_fn = (hub_sentiment_reward(args.reward_model, args.reward_label, device)
@@ -1394,19 +1704,19 @@ def run_sentiment(args: SentimentArgs) -> dict:
     pre_scores, pre_text = evaluate_model(CausalLM(base_lm))
     # STAGE 1: DP SFT on D1 (whole reviews), then merge its LoRA: LM_sft.
     sft_lm = add_lora(copy.deepcopy(base_lm))
-    ledger = {"sft": dp_sft(sft_lm, tok, [""] * len(d1), d1, epsilon=args.epsilon, delta=delta,
-                            args=args.sft, device=device, generator=gen, log=log)}
+    ledger = {"sft": dp_sft(sft_lm, tok, [""] * len(d1), d1, epsilon=stage_epsilon(args, "sft"), delta=delta,
+                            args=args.sft, device=device, generator=private, log=log)}
     merge_lora(sft_lm)
     sft_scores, sft_text = evaluate_model(CausalLM(sft_lm))
     # STAGE 3: DPPPO on D3 from LM_sft, with a fresh LoRA and value head.
     policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(device)
-    ledger["ppo"] = dpppo(policy, tok, ppo_prompts, reward_fn, epsilon=args.epsilon, delta=delta,
-                          args=args.ppo, device=device, generator=gen, log=log)
+    ledger["ppo"] = dpppo(policy, tok, ppo_prompts, reward_fn, epsilon=stage_epsilon(args, "ppo"), delta=delta,
+                          args=args.ppo, device=device, generator=private, log=log)
     al_scores, al_text = evaluate_model(policy)
     log.close()
     save_model(merge_lora(policy.lm), tok, os.path.join(out, "policy"))
-    summary = {"task": "sentiment", "model": args.model, "epsilon": args.epsilon, "delta": delta,
-               "seed": args.seed, "stages": ledger,
+    summary = {"config": config_of(args), "task": "sentiment", "model": args.model, "epsilon": args.epsilon, "delta": delta,
+               "seed": args.seed, "secret_noise": not args.reproducible_noise, "data": data_report, "stages": ledger,
                "total_epsilon": compose_ledger(ledger, delta, args.composition),
                "composition": args.composition,
                "eval": {"pretrained": {"reward": pre_scores.mean().item()},
@@ -1445,50 +1755,68 @@ def rouge(prediction: str, reference: str) -> dict:
 @dataclass
 class RLHFArgs(RunArgs):
     """`rlhf`: the paper's RLHF scenario (Reddit TL;DR): DP SFT -> DP reward model -> DPPPO."""
-    num_sft: int = arg(4000, "examples in D1 (built-in data; a cap for real data)")
-    num_ppo: int = arg(4000, "prompts in D3 (built-in data; a cap for real data)")
-    num_comparisons: int = arg(4000, "comparisons in D2 (built-in data; a cap for real data)")
+    num_sft: int = arg(4000, "examples in D1 (built-in data; real data is split by a keyed hash)")
+    num_ppo: int = arg(4000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
+    num_comparisons: int = arg(8000, "comparisons in D2 (built-in data; real data: all of --comparisons but the held-out tenth)")
+    num_comparisons_test: int = arg(1000, "held-out comparisons for the reward model's accuracy (at most 10 % of real data)")
     comparisons: str | None = arg(None, "D2 when --dataset is not builtin: Hub id or local file with prompt/chosen/rejected")
     reward_base: str | None = arg(None, "base of the reward model: 'builtin', Hub id or dir (default: the SFT model)")
     eval_reward_model: str | None = arg(None, "a non-private sequence classifier to score summaries in evaluation")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
-    rm: RMArgs = field(default_factory=RMArgs)
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, minibatches=4, lr=3e-3,
-                                                                 response_min=32, response_max=32))
+    rm: RMArgs = field(default_factory=lambda: RMArgs(epochs=1.0, lr=1e-2))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, minibatches=4, lr=3e-3, baseline="greedy",
+                                                         response_min=32, response_max=32))
 
 
-def rlhf_data(args: RLHFArgs) -> dict:
-    """Disjoint D1 (prompt, completion), D2 comparisons (+ held out), D3 prompts, and test."""
-    n_cmp_test = min(256, max(1, args.num_comparisons // 10))
+def rlhf_data(args: RLHFArgs) -> tuple[dict, dict]:
+    """Disjoint D1 (prompt, completion), D2 comparisons (+ held out), D3 prompts and test, and a
+    report of the split. Real data: one user, one stage. The SFT file gives D1, D3 and test, the
+    comparisons file D2, each by a keyed hash of the post (or --user-column); a post that is also
+    in the comparisons is dropped from D1 and D3, and one of D1 from D3."""
     if args.dataset == "builtin":
-        t = make_tldr(args.num_sft, args.num_comparisons + n_cmp_test, args.num_ppo, args.num_test, 20_000 + args.seed)
-        return {"sft": t["sft"], "comparisons": t["comparisons"][:args.num_comparisons],
+        exclude = set(public_corpus(args.base)[1])
+        t = make_tldr(args.num_sft, args.num_comparisons + args.num_comparisons_test, args.num_ppo, args.num_test,
+                      20_000 + args.seed, exclude=exclude)
+        data = {"sft": t["sft"], "comparisons": t["comparisons"][:args.num_comparisons],
                 "comparisons_test": t["comparisons"][args.num_comparisons:], "ppo": t["ppo"], "test": t["test"]}
+        return data, {"split": "generated"}
     if args.comparisons is None:
         raise UserError("--comparisons is required with a real --dataset (a Hub id or a local file with "
                         "prompt/chosen/rejected columns)")
-    rows = [{"prompt": str(r["prompt"]), "completion": " " + str(r["label"]).strip()}
-            for r in load_records(args.dataset, ("prompt", "label"))]
-    cmps = [{"prompt": str(r["prompt"]), "chosen": " " + str(r["chosen"]).strip(),
-             "rejected": " " + str(r["rejected"]).strip()} for r in load_records(args.comparisons, ("prompt", "chosen", "rejected"))]
-    n_test = min(args.num_test, max(1, len(rows) // 10))
-    n_sft = min(args.num_sft, (len(rows) - n_test) // 2)
-    n_ppo = min(args.num_ppo, len(rows) - n_test - n_sft)
-    n_cmp_test = min(n_cmp_test, max(1, len(cmps) // 10))
-    n_cmp = min(args.num_comparisons, len(cmps) - n_cmp_test)
-    if min(n_sft, n_ppo, n_cmp) < 2:
+    user = (args.user_column,) if args.user_column else ()
+    key = (lambda r: r[args.user_column]) if args.user_column else (lambda r: r["prompt"])
+    rows = [{**r, "completion": " " + str(r["label"]).strip()} for r in load_records(args.dataset, ("prompt", "label") + user)]
+    cmps = [{**r, "chosen": " " + str(r["chosen"]).strip(), "rejected": " " + str(r["rejected"]).strip()}
+            for r in load_records(args.comparisons, ("prompt", "chosen", "rejected") + user)]
+    public = public_test_split(args.dataset, ("prompt", "label"))
+    d2, d2_test = hash_split(cmps, key, [0.9, 0.1], args.seed)
+    in_d2 = {normalise(c["prompt"]) for c in cmps} | {normalise(key(c)) for c in cmps}
+    kept = [r for r in rows if normalise(r["prompt"]) not in in_d2 and normalise(key(r)) not in in_d2]
+    d1, d3, *held = hash_split(kept, key, [0.5, 0.5] if public else [0.45, 0.45, 0.1], args.seed)
+    in_d1 = {normalise(r["prompt"]) for r in d1}
+    d3_kept = [r for r in d3 if normalise(r["prompt"]) not in in_d1]
+    test = [{**r, "completion": " " + str(r["label"]).strip()} for r in public] if public else held[0]
+    data = {"sft": d1, "comparisons": d2, "comparisons_test": d2_test[:args.num_comparisons_test], "ppo": d3_kept,
+            "test": test[:args.num_test]}
+    if min(len(d1), len(d2), len(d3_kept), len(data["test"]), len(data["comparisons_test"])) < 2:
         raise UserError(f"too few rows: {len(rows)} in '{args.dataset}', {len(cmps)} in '{args.comparisons}'")
-    d1, d3, test = _split(rows, [n_sft, n_ppo, n_test], args.seed)
-    d2, d2_test = _split(cmps, [n_cmp, n_cmp_test], args.seed + 1)
-    return {"sft": d1, "comparisons": d2, "comparisons_test": d2_test, "ppo": d3, "test": test}
+    report = {"split": f"keyed hash of {args.user_column or 'the post'}", "public_test": public is not None,
+              "dropped_from_sft_and_ppo_in_comparisons": len(rows) - len(kept),
+              "dropped_from_ppo_in_sft": len(d3) - len(d3_kept),
+              "max_records_per_user": records_per_user({"sft": d1, "comparisons": d2, "ppo": d3_kept}, key)}
+    return data, report
 
 
 def run_rlhf(args: RLHFArgs) -> dict:
     """Split -> DP SFT on D1 -> DP reward model on D2 -> DPPPO on D3 -> evaluate."""
     import copy
     t0 = time.time()
-    device, out, gen = _setup(args, "rlhf")
-    data = rlhf_data(args)
+    device, out, private = _setup(args, "rlhf")
+    for spec, what in ((args.model, "--model"), (args.reward_base, "--reward-base"),
+                       (args.eval_reward_model, "--eval-reward-model")):
+        check_model_spec(spec, what)
+    data, data_report = rlhf_data(args)
+    report_split(data_report)
     n_private = len(data["sft"]) + len(data["comparisons"]) + len(data["ppo"])
     delta = args.delta if args.delta is not None else 1 / n_private
     base_lm, tok = load_lm(args.model, device, args.base)
@@ -1502,15 +1830,16 @@ def run_rlhf(args: RLHFArgs) -> dict:
     # STAGE 1: DP SFT on D1 (loss on the summary only), then merge: LM_sft.
     sft_lm = add_lora(copy.deepcopy(base_lm))
     ledger = {"sft": dp_sft(sft_lm, tok, [r["prompt"] for r in data["sft"]], [r["completion"] for r in data["sft"]],
-                            epsilon=args.epsilon, delta=delta, args=args.sft, device=device, generator=gen, log=log)}
+                            epsilon=stage_epsilon(args, "sft"), delta=delta, args=args.sft, device=device,
+                            generator=private, log=log)}
     merge_lora(sft_lm)
     # STAGE 2: DP reward model on D2, from LM_sft (or --reward-base) with a fresh LoRA and head.
     rm_lm, rm_tok = rm_base if rm_base else (copy.deepcopy(sft_lm), tok)
-    rm = RewardModel(add_lora(rm_lm)).to(device).eval()
+    rm = RewardModel(add_lora(rm_lm, rank=args.rm.lora_rank), head=args.rm.head).to(device).eval()
     cmp = data["comparisons"]
     ledger["rm"] = dp_reward_model(rm, rm_tok, [c["prompt"] for c in cmp], [c["chosen"] for c in cmp],
-                                   [c["rejected"] for c in cmp], epsilon=args.epsilon, delta=delta, args=args.rm,
-                                   device=device, generator=gen, log=log)
+                                   [c["rejected"] for c in cmp], epsilon=stage_epsilon(args, "rm"), delta=delta, args=args.rm,
+                                   device=device, generator=private, log=log)
 
     def rm_reward(prompts, responses):  # the DP reward model: using it is post-processing
         return reward_model_scores(rm, rm_tok, prompts, responses, max_prompt=args.rm.max_prompt,
@@ -1521,8 +1850,8 @@ def run_rlhf(args: RLHFArgs) -> dict:
                    rm_reward(prompts_h, [c["rejected"] for c in held])).float().mean().item()
     # STAGE 3: DPPPO on D3 from LM_sft, rewarded by the DP reward model.
     policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(device)
-    ledger["ppo"] = dpppo(policy, tok, [r["prompt"] for r in data["ppo"]], rm_reward, epsilon=args.epsilon,
-                          delta=delta, args=args.ppo, device=device, generator=gen, eos_id=tok.eos_token_id, log=log)
+    ledger["ppo"] = dpppo(policy, tok, [r["prompt"] for r in data["ppo"]], rm_reward, epsilon=stage_epsilon(args, "ppo"),
+                          delta=delta, args=args.ppo, device=device, generator=private, eos_id=tok.eos_token_id, log=log)
     log.close()
     evals, generations = {}, {}
     for name, model in (("pretrained", CausalLM(base_lm)), ("sft", CausalLM(sft_lm)), ("aligned", policy)):
@@ -1537,8 +1866,8 @@ def run_rlhf(args: RLHFArgs) -> dict:
         evals[name], generations[name] = e, (texts, scores)
     save_model(merge_lora(policy.lm), tok, os.path.join(out, "policy"))
     save_reward_model(rm, rm_tok, os.path.join(out, "reward_model"))
-    summary = {"task": "rlhf", "model": args.model, "epsilon": args.epsilon, "delta": delta, "seed": args.seed,
-               "stages": ledger, "total_epsilon": compose_ledger(ledger, delta, args.composition),
+    summary = {"config": config_of(args), "task": "rlhf", "model": args.model, "epsilon": args.epsilon, "delta": delta, "seed": args.seed,
+               "secret_noise": not args.reproducible_noise, "data": data_report, "stages": ledger, "total_epsilon": compose_ledger(ledger, delta, args.composition),
                "composition": args.composition, "eval": {**evals, "rm_accuracy": rm_accuracy},
                "seconds": time.time() - t0}
     write_json(os.path.join(out, "summary.json"), summary)
@@ -1547,40 +1876,143 @@ def run_rlhf(args: RLHFArgs) -> dict:
     return summary
 
 
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]  # Student t, two-sided 95 %, 1-9 dof
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """The mean and the half-width of its 95 % confidence interval (Student t; nan for one value)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2 or not np.isfinite(v).all():  # one seed, or eps = inf: no interval
+        return float(v.mean()), math.nan
+    return float(v.mean()), float(T95[min(len(v), 10) - 2] * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def _cell(values, percent=False) -> str:
+    if not len(values):
+        return "n/a"
+    m, ci = mean_ci(values)
+    f = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:+.3f}")
+    return f(m) if math.isnan(ci) else f"{f(m)} ± {f(ci).lstrip('+')}"
+
+
+def recovered(results: dict, eps: float, metric: str) -> list[float]:
+    """Per seed: (aligned at eps - pre-trained) / (aligned at inf - pre-trained). A seed whose
+    non-private run ends at or below the pre-trained model has no gain to recover: it is left out,
+    so the sign of the ratio always means what it says."""
+    out = []
+    for s_e, s_inf in zip(results[eps], results[math.inf]):
+        pre, full = s_inf["eval"]["pretrained"][metric], s_inf["eval"]["aligned"][metric]
+        if full > pre:
+            out.append((s_e["eval"]["aligned"][metric] - pre) / (full - pre))
+    return out
+
+
 def sweep_table(results: dict, task: str) -> str:
-    """Markdown tables in the shape of the paper's Tables 1 and 3: one column per epsilon."""
+    """Markdown tables in the shape of the paper's Tables 1 and 3: one column per epsilon, each
+    cell the mean over seeds with its 95 % confidence interval. `results[eps]` lists one summary
+    per seed."""
     eps = list(results)
-    head = "| model | " + " | ".join(f"eps={e:g}" for e in eps) + " |\n|---|" + "---|" * len(eps) + "\n"
+    head = "| | " + " | ".join(f"eps={e:g}" for e in eps) + " |\n|---|" + "---|" * len(eps) + "\n"
+    if task == "audit":
+        return ("claimed epsilon vs the audited lower bound (one per seed; the bound must stay below the claim)\n\n"
+                + head + "| claimed (spent) | " + " | ".join(_cell([s["stages"]["sft"]["epsilon"] for s in results[e]])
+                                                         for e in eps)
+                + " |\n| lower bound | " + " | ".join(" / ".join(f"{s['epsilon_lower_bound']:.2f}" for s in results[e])
+                                                   for e in eps) + " |\n")
     metrics = ["reward"] + (["true_preference", "rouge1", "rouge2", "rougeL"] if task == "rlhf" else [])
     out = []
     for metric in metrics:
-        if metric not in results[eps[0]]["eval"]["aligned"]:
+        if metric not in results[eps[0]][0]["eval"]["aligned"]:
             continue
-        rows = [f"| {m} | " + " | ".join(f"{results[e]['eval'][m][metric]:+.3f}" for e in eps) + " |"
+        rows = [f"| {m} | " + " | ".join(_cell([s["eval"][m][metric] for s in results[e]]) for e in eps) + " |"
                 for m in ("pretrained", "sft", "aligned")]
-        # The share of the non-private gain (aligned - pre-trained) each eps keeps; not for rlhf's
-        # learned reward, which is a different (DP) reward model in every column.
+        # Not for rlhf's learned reward, which is a different (DP) reward model in every column.
         if math.inf in results and not (task == "rlhf" and metric == "reward"):
-            pre, full = (results[math.inf]["eval"][m][metric] for m in ("pretrained", "aligned"))
-            rows.append("| recovered | " + " | ".join(
-                f"{(results[e]['eval']['aligned'][metric] - pre) / (full - pre):.0%}" if full != pre else "n/a"
-                for e in eps) + " |")
+            rows.append("| recovered | " + " | ".join(_cell(recovered(results, e, metric), percent=True)
+                                                      for e in eps) + " |")
         out.append(f"{metric}\n\n" + head + "\n".join(rows))
     if task == "rlhf":
         out.append("reward-model held-out accuracy\n\n" + head + "| accuracy | " +
-                   " | ".join(f"{results[e]['eval']['rm_accuracy']:.3f}" for e in eps) + " |")
+                   " | ".join(_cell([s["eval"]["rm_accuracy"] for s in results[e]]) for e in eps) + " |")
     return "\n\n".join(out) + "\n"
 
 
-def run_sweep(args: RunArgs, run, task: str, epsilons: list[float]) -> str:
-    """The pipeline once per epsilon, same seed; writes and prints the table."""
-    base = args.out or os.path.join("runs", f"{task}-sweep-seed{args.seed}")
-    results = {e: run(dataclasses.replace(args, epsilon=e, out=os.path.join(base, f"eps{e:g}"))) for e in epsilons}
+def sweep_csv(results: dict, task: str) -> str:
+    """Every number behind the tables, one per line: metric, model, epsilon, seed, value."""
+    lines = ["metric,model,epsilon,seed,value"]
+    for e, runs in results.items():
+        for s in runs:
+            if task == "audit":
+                lines += [f"epsilon_spent,sft,{e:g},{s['seed']},{s['stages']['sft']['epsilon']}",
+                          f"epsilon_lower_bound,sft,{e:g},{s['seed']},{s['epsilon_lower_bound']}"]
+                continue
+            for model, ev in s["eval"].items():
+                for metric, v in (ev.items() if isinstance(ev, dict) else [("accuracy", ev)]):
+                    lines.append(f"{metric},{model},{e:g},{s['seed']},{v}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(results: dict, task: str, path: str) -> bool:
+    """The paper's Fig. 3 shape: the aligned model's score against epsilon, the non-private run and
+    the pre-trained model as lines. Only if matplotlib is installed (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install matplotlib); wrote the table and CSV only",
+              file=sys.stderr)
+        return False
+    metric = "true_preference" if task == "rlhf" and "true_preference" in results[next(iter(results))][0]["eval"]["aligned"] else "reward"
+    finite = [e for e in results if math.isfinite(e)]
+    stats = [mean_ci([s["eval"]["aligned"][metric] for s in results[e]]) for e in finite]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(finite, [m for m, _ in stats], yerr=[0 if math.isnan(c) else c for _, c in stats], marker="o",
+                capsize=3, label="DP aligned (mean, 95 % CI)")
+    for e, style, label in ((math.inf, "--", "non-private aligned"), (None, ":", "pre-trained")):
+        if e is None or e in results:
+            runs = results[e if e is not None else next(iter(results))]
+            ax.axhline(np.mean([s["eval"]["aligned" if e else "pretrained"][metric] for s in runs]), ls=style,
+                       color="gray", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epsilon")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".partial.png", dpi=120)
+    os.replace(path + ".partial.png", path)
+    return True
+
+
+def config_of(args) -> dict:
+    """The run's settings as JSON would store them (inf as a float survives json with allow_nan)."""
+    return json.loads(json.dumps(dataclasses.asdict(args)))
+
+
+def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[int], plot: bool = False) -> str:
+    """The pipeline once per (epsilon, seed); writes table.md, results.csv (and plot.png) to --out."""
+    base = args.out or os.path.join("runs", f"{task}-sweep")
+
+    def cell(e, s):  # a cell already run with the same settings (e.g. by a parallel job) is reused
+        cell_args = dataclasses.replace(args, epsilon=e, seed=s, out=os.path.join(base, f"eps{e:g}-seed{s}"))
+        done = os.path.join(cell_args.out, "summary.json")
+        if os.path.exists(done):
+            with open(done) as f:
+                summary = json.load(f)
+            if summary.get("config") == config_of(cell_args):
+                print(f"{task}: reusing {done}", file=sys.stderr)
+                return summary
+        return run(cell_args)
+    results = {e: [cell(e, s) for s in seeds] for e in epsilons}
     table = sweep_table(results, task)
-    with open(os.path.join(base, "table.md.partial"), "w") as f:
-        f.write(table)
-    os.replace(os.path.join(base, "table.md.partial"), os.path.join(base, "table.md"))
-    print(f"\n{task}: {args.model}, seed {args.seed} ({base}/table.md)\n\n{table}")
+    for name, text in (("table.md", table), ("results.csv", sweep_csv(results, task))):
+        with open(os.path.join(base, name + ".partial"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(base, name + ".partial"), os.path.join(base, name))
+    if plot and task != "audit" and plot_sweep(results, task, os.path.join(base, "plot.png")):
+        print(f"wrote {base}/plot.png", file=sys.stderr)
+    print(f"\n{task}: {args.model}, seeds {','.join(map(str, seeds))}; mean ± 95 % CI over seeds "
+          f"({base}/table.md, results.csv)\n\n{table}")
     return table
 
 
@@ -1595,12 +2027,198 @@ def print_report(summary, prompts, generations: dict, n: int, out: str):
     for name, e in summary["eval"].items():
         if isinstance(e, dict):
             print(f"  {name:10s} " + "  ".join(f"{k}={v:+.3f}" for k, v in e.items()))
-    print(f"sample generations (prompt | model: response [score]):")
+    print("sample generations (prompt | model: response [score]):")
     for i in range(min(n, len(prompts))):
         print(f"  {prompts[i][-120:]!r}")
         for name, (texts, scores) in generations.items():
             print(f"    {name:10s}: {texts[i]!r} [{scores[i].item():+.2f}]")
     print(f"wrote {out}/summary.json, metrics.jsonl, policy/ ({summary['seconds']:.0f}s)")
+
+
+# =============================================================================================
+# PROBES: the measurements behind the built-in task's design (NOTES.md), re-runnable
+# =============================================================================================
+
+
+@torch.no_grad()
+def reward_features(lm, tokenizer, prompts, responses, *, batch: int = 256) -> dict:
+    """What a reward head could read from a frozen LM, per (x, y): the last hidden state, the mean
+    and sum of y's hidden states, y's summed and mean log-likelihood, and y's length."""
+    out = {k: [] for k in ("last", "mean_h", "sum_h", "loglik", "mean_loglik", "length")}
+    for s in range(0, len(prompts), batch):
+        ids, mask, resp = encode(tokenizer, prompts[s:s + batch], responses[s:s + batch], max_prompt=96, max_completion=48)
+        h = hidden_states(lm, ids, mask)
+        lp, n = (token_logprobs(lm.lm_head(h), ids) * resp).sum(-1), resp.sum(-1)
+        pooled = (h[:, 1:] * resp[..., None]).sum(1)
+        for k, v in (("last", h[:, -1]), ("mean_h", pooled / n[:, None]), ("sum_h", pooled), ("loglik", lp[:, None]),
+                     ("mean_loglik", (lp / n)[:, None]), ("length", n[:, None])):
+            out[k].append(v.double())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def linear_probe_accuracy(train: tuple, test: tuple, keys: list[str]) -> float:
+    """Held-out accuracy of a Bradley-Terry logistic regression on (chosen - rejected) features."""
+    diff = lambda pair: torch.cat([pair[0][k] - pair[1][k] for k in keys], 1)
+    x, x_test = diff(train), diff(test)
+    scale = x.std(0) + 1e-6
+    x, x_test = x / scale, x_test / scale
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.softplus(-x @ w).mean() + 1e-4 * w.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return float((x_test @ w.detach() > 0).double().mean())
+
+
+def cmd_probe(args: "ProbeArgs"):
+    """Does the model copy from its prompt, and what can a reward head read from it?"""
+    lm, tok = load_lm(args.model, args.device or "cpu", args.base)
+    print(f"copy probe ({args.model}, 500 public held-out posts): "
+          + ", ".join(f"{k} top-1 {v:.3f}" for k, v in copy_probe(lm, tok, public_probe_posts(args.base)).items())
+          + f" (chance {1 / len(PEOPLE):.3f}, {1 / len(FEELINGS):.3f})")
+    cmps = make_tldr(0, args.num_comparisons + 1000, 0, 0, seed=50_000 + args.seed)["comparisons"]
+    feats = [tuple(reward_features(lm, tok, [c["prompt"] for c in part], [c[w] for c in part]) for w in ("chosen", "rejected"))
+             for part in (cmps[:args.num_comparisons], cmps[args.num_comparisons:])]
+    tp = lambda c, w: true_preference(c["meta"], c[w])
+    ceiling = np.mean([(tp(c, "chosen") > tp(c, "rejected")) + 0.5 * (tp(c, "chosen") == tp(c, "rejected"))
+                       for c in cmps[args.num_comparisons:]])
+    print(f"\nwhat a linear reward head can read from the frozen model: held-out accuracy on 1,000 built-in "
+          f"comparisons (trained on {args.num_comparisons}; the hidden preference itself: {ceiling:.3f})\n")
+    print("| features | accuracy |\n|---|---|")
+    for keys in (["last"], ["mean_h"], ["sum_h", "length"], ["loglik"], ["loglik", "length"],
+                 ["mean_loglik", "length"], ["mean_loglik", "length", "mean_h"], ["loglik", "length", "mean_h"]):
+        print(f"| {' + '.join(keys)} | {linear_probe_accuracy(*feats, keys):.3f} |")
+
+
+@dataclass
+class ProbeArgs:
+    """`probe`: the copy probe and the reward-feature probe of a base model (no private data)."""
+    model: str = arg("builtin", "'builtin', a Hub id or a local dir")
+    num_comparisons: int = arg(4000, "built-in comparisons to fit the linear probes on")
+    seed: int = arg(0, "seed of the probe's comparisons")
+    device: str | None = arg(None, "'cpu' or 'cuda'")
+    base: BaseModelArgs = field(default_factory=BaseModelArgs)
+
+
+# =============================================================================================
+# AUDIT: a one-run privacy audit of DP SFT (Steinke, Nasr, Jagielski 2023)
+# =============================================================================================
+# m canaries, each put into D1 with probability 1/2 by a coin the auditor keeps; train once; guess
+# the k canaries most likely to be in D1; if (epsilon, delta)-DP held, the number of right guesses
+# could not beat randomized response by much, which turns the count into a lower bound on epsilon.
+# Our canaries are white-box "Dirac" gradient canaries: canary i is a record whose gradient is 2C
+# on its own coordinate of an extra parameter vector that no real record touches (clipped to C,
+# like every sample). Its score is how far training moved that coordinate. A private run may move
+# it by noise alone; a run that leaks moves the members' coordinates and no other.
+
+
+def audit_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """P[>= v of r guesses right] under (epsilon, delta)-DP, m canaries (Steinke et al., Thm. 3.3 as
+    in their code): P[Bin(r, p) >= v] + 2 m delta max_i P[v > Bin(r, p) >= v - i] / i,
+    p = e^eps / (1 + e^eps), the accuracy of epsilon-DP randomized response."""
+    p = 1 / (1 + math.exp(-epsilon))
+    k = torch.arange(r + 1, dtype=torch.float64)
+    log_pmf = (torch.lgamma(torch.tensor(r + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) - torch.lgamma(r - k + 1)
+               + k * math.log(p) + (r - k) * math.log1p(-p)) if p < 1 else torch.where(k == r, 0.0, -math.inf)
+    pmf = log_pmf.exp()
+    below = torch.stack([pmf[v - i:v].sum() / i for i in range(1, v + 1)]) if v else torch.zeros(1)
+    return min(1.0, pmf[v:].sum().item() + 2 * m * delta * below.max().item())
+
+
+def audit_epsilon_lower_bound(m: int, r: int, v: int, delta: float, alpha: float = 0.05) -> float:
+    """The largest epsilon that v right guesses out of r reject at level alpha: with probability
+    >= 1 - alpha the mechanism is not (epsilon', delta)-DP for any epsilon' below it."""
+    if audit_p_value(m, r, v, 0.0, delta) >= alpha:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while audit_p_value(m, r, v, hi, delta) < alpha:
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if audit_p_value(m, r, v, mid, delta) < alpha else (lo, mid)
+    return lo
+
+
+class CanaryLM(CausalLM):
+    """The SFT model plus one extra coordinate per canary; no real record's loss touches them."""
+
+    def __init__(self, lm: nn.Module, num_canaries: int):
+        super().__init__(lm)
+        self.canary = nn.Parameter(torch.zeros(num_canaries))
+
+
+def canary_sft_loss(model: CanaryLM, max_grad_norm: float):
+    """sft_loss, plus for a canary row (no real token; its last id names the canary) 2C times its
+    coordinate. A real row's canary term is zero, a canary row's SFT term is zero."""
+    base, m = sft_loss(model), model.canary.shape[0]
+
+    def loss_fn(params, ids, mask, loss_mask):
+        is_canary = (mask.sum() == 0).float()
+        onehot = (torch.arange(m, device=ids.device) == ids[-1]).float() * is_canary
+        return base(params, ids, mask, loss_mask) + 2 * max_grad_norm * (params["canary"] * onehot).sum()
+    return loss_fn
+
+
+@dataclass
+class AuditArgs(CommonArgs):
+    """`audit`: a one-run audit of DP SFT: is the claimed epsilon at least what an attack shows?"""
+    delta: float | None = arg(1e-5, "target delta (small next to 1/canaries, or the delta term swamps the bound)")
+    num_sft: int = arg(2000, "real D1 examples (built-in reviews) beside the canaries")
+    canaries: int = arg(1000, "m: canaries, each in D1 with probability 1/2")
+    guesses: str = arg("50,100,200", "numbers k of membership guesses tried (the k top-scored canaries); "
+                       "the confidence is split over them (Bonferroni)")
+    confidence: float = arg(0.95, "confidence of the lower bound")
+    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
+
+
+def run_audit(args: AuditArgs) -> dict:
+    """Train DP SFT once with canaries at the target epsilon; the lower bound the guesses prove."""
+    t0 = time.time()
+    device, out, private = _setup(args, "audit")
+    check_model_spec(args.model, "--model")
+    ks = [int(k) for k in args.guesses.split(",")]
+    if args.canaries < 1 or not all(0 < k <= args.canaries for k in ks):
+        raise UserError(f"--guesses {args.guesses} is not allowed with --canaries {args.canaries}: each k must be in [1, canaries]")
+    if not 0 < args.confidence < 1:
+        raise UserError(f"--confidence {args.confidence} is not allowed; it must be in (0, 1)")
+    lm, tok = load_lm(args.model, device, args.base)
+    texts = [r["text"] for r in make_reviews(args.num_sft, seed=30_000 + args.seed, exclude=set(public_corpus(args.base)[1]))]
+    coins = torch.rand(args.canaries, generator=torch.Generator().manual_seed(40_000 + args.seed)) < 0.5
+    members = coins.nonzero().flatten()
+    ids, mask, loss_mask = encode(tok, [""] * len(texts), texts, max_prompt=args.sft.max_prompt,
+                                  max_completion=args.sft.max_completion)
+    canary_ids = torch.full((len(members), ids.shape[1]), tok.pad_token_id)
+    canary_ids[:, -1] = members  # a canary row: all padding, its last id names it
+    data = (torch.cat([ids, canary_ids]), torch.cat([mask, torch.zeros_like(canary_ids)]),
+            torch.cat([loss_mask, torch.zeros(len(members), loss_mask.shape[1])]))
+    model = CanaryLM(add_lora(lm), args.canaries).to(device)
+    print(f"audit: {len(texts)} reviews + {len(members)} of {args.canaries} canaries in D1, epsilon={args.epsilon:g} "
+          f"delta={args.delta:g}", file=sys.stderr)
+    entry = dp_train(model, canary_sft_loss(model, args.sft.max_grad_norm), data, epsilon=stage_epsilon(args, "sft"),
+                     delta=args.delta, args=args.sft, device=device, generator=private, stage="sft")
+    scores = -model.canary.detach().cpu()  # a member's coordinate went down when it was sampled
+    order = torch.argsort(scores, descending=True, stable=True)
+    alpha = (1 - args.confidence) / len(ks)
+    rows = []
+    for k in ks:
+        right = int(coins[order[:k]].sum())
+        rows.append({"guesses": k, "right": right,
+                     "epsilon_lower_bound": audit_epsilon_lower_bound(args.canaries, k, right, args.delta, alpha)})
+    best = max(rows, key=lambda r: r["epsilon_lower_bound"])
+    summary = {"config": config_of(args), "task": "audit", "model": args.model, "epsilon": args.epsilon, "delta": args.delta, "seed": args.seed,
+               "secret_noise": not args.reproducible_noise, "canaries": args.canaries, "members": len(members),
+               "confidence": args.confidence, "guesses": rows, "epsilon_lower_bound": best["epsilon_lower_bound"],
+               "stages": {"sft": entry}, "seconds": time.time() - t0}
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "summary.json"), summary)
+    print(f"claimed epsilon {entry['epsilon']:.3f} (target {args.epsilon:g}); audited lower bound "
+          f"{best['epsilon_lower_bound']:.3f} at {args.confidence:.0%} confidence ({best['right']} of "
+          f"{best['guesses']} guesses right)  -> {out}/summary.json")
+    return summary
 
 
 # =============================================================================================
@@ -1696,8 +2314,8 @@ def cmd_bench(ns):
     base = rows["nonprivate"]
     print(f"GPT-2 {ns.model} (random init) + LoRA r=4 on q,v; batch {ns.batch} x {ns.seq_len} tokens; "
           f"{ns.device}; median of {ns.repeats} steps")
-    print(f"| step | time (s) | x non-private | peak memory (MiB) | x non-private |")
-    print(f"|---|---|---|---|---|")
+    print("| step | time (s) | x non-private | peak memory (MiB) | x non-private |")
+    print("|---|---|---|---|---|")
     for key, (_, _, label) in runs.items():
         r = rows[key]
         print(f"| {label} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f} | "
@@ -1740,8 +2358,11 @@ def _add_dataclass_args(parser, config, prefix: str = ""):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         conv = (_parse_bool if "bool" in kind else _parse_float if "float" in kind else int if "int" in kind
                 else str)
+        default = getattr(config, f.name)
+        text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
         parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, type=conv,
-                            default=None, help=f"{f.metadata.get('help', '')} (default: {getattr(config, f.name)})")
+                            default=None, help=text.replace("%", "%%"),
+                            **({"nargs": "?", "const": True} if conv is _parse_bool else {}))
 
 
 def _build_dataclass(config, ns, prefix: str = ""):
@@ -1758,7 +2379,7 @@ def _build_dataclass(config, ns, prefix: str = ""):
 PAPER_PRESET = {  # App. B, GPT-2 small on a GPU
     "sft_batch_size": 512, "sft_epochs": 40, "sft_lr": 3e-4,
     "ppo_batch_size": 4096, "ppo_minibatches": 16, "ppo_steps": 100, "ppo_lr": 3e-3,
-    "rm_batch_size": 4096, "rm_epochs": 50, "rm_lr": 2e-4,
+    "rm_batch_size": 4096, "rm_epochs": 50, "rm_lr": 2e-4, "rm_head": "last", "rm_lora_rank": 4,
 }
 
 
@@ -1790,6 +2411,13 @@ def cmd_privacy(ns):
           f"steps={ns.steps}, delta={ns.delta:g}")
 
 
+def _parse_list(name: str, text: str, kind, example: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{name} '{text}' is not allowed; give {example}") from None
+
+
 def _pipeline_args(cls, ns):
     if getattr(ns, "preset", None) == "paper":
         for k, v in PAPER_PRESET.items():
@@ -1806,9 +2434,30 @@ def _pipeline_args(cls, ns):
             continue
         for f in ("steps", "batch_size", "lr", "max_grad_norm"):
             _positive(f"{name}-{f.replace('_', '-')}", getattr(stage, f, None), allow_zero=(f == "steps"))
-    if getattr(args, "ppo", None) is not None:
-        args.ppo.validate(args.epsilon)
+    check_privacy_settings(args, args.epsilon)
     return args
+
+
+def stage_epsilon(args, name: str) -> float:
+    """A stage's target epsilon: its own --<stage>-epsilon if given (ablations), else --epsilon."""
+    own = getattr(args, name).epsilon
+    return args.epsilon if own is None else own
+
+
+def check_privacy_settings(args, epsilon: float):
+    """What must hold for a finite epsilon to mean anything (`epsilon`: the run's, or a sweep's)."""
+    for name in ("sft", "rm", "ppo"):
+        stage = getattr(args, name, None)
+        if stage is None:
+            continue
+        eps, flag = (epsilon, "--epsilon") if stage.epsilon is None else (stage.epsilon, f"--{name}-epsilon")
+        if not eps > 0:
+            raise UserError(f"{flag} {eps:g} is not allowed; use a number > 0 or 'inf'")
+        if math.isfinite(eps) and not math.isfinite(stage.max_grad_norm):
+            raise UserError(f"--{name}-max-grad-norm {stage.max_grad_norm} is not allowed with epsilon {eps:g}: "
+                            "the noise is sigma * C, so C must be finite (or use --epsilon inf)")
+        if name == "ppo":
+            stage.validate(eps)
 
 
 def main(argv=None):
@@ -1830,13 +2479,19 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--chunk-size", type=int, help="chunk size of the chunked DP row (default: half the batch)")
     p.add_argument("--variant", choices=["nonprivate", "dp", "loop"], help=argparse.SUPPRESS)
-    for name, cls in (("sentiment", SentimentArgs), ("rlhf", RLHFArgs)):
+    p = sub.add_parser("probe", help=ProbeArgs.__doc__.splitlines()[0])
+    _add_dataclass_args(p, ProbeArgs())
+    for name, cls in (("sentiment", SentimentArgs), ("rlhf", RLHFArgs), ("audit", AuditArgs)):
         p = sub.add_parser(name, help=cls.__doc__.splitlines()[0])
         _add_dataclass_args(p, cls())
-        p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage defaults)")
-        p.add_argument("--preset", choices=["paper"], help="App. B hyper-parameters for GPT-2 runs on a GPU")
-        p.add_argument("--sweep", help="comma-separated epsilons (e.g. 1,2,4,8,inf): run once per epsilon with the "
-                       "same seed and print a table like the paper's; --out is the sweep's directory")
+        if name != "audit":
+            p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage defaults)")
+            p.add_argument("--preset", choices=["paper"], help="App. B hyper-parameters for GPT-2 runs on a GPU")
+            p.add_argument("--plot", action="store_true", help="with --sweep: also draw plot.png (needs matplotlib)")
+        p.add_argument("--sweep", help="comma-separated epsilons (e.g. 1,2,4,8,inf): run once per epsilon (and seed) "
+                       "and print a table like the paper's; --out is the sweep's directory")
+        p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): repeat the sweep per seed; cells are "
+                       "means with 95 %% confidence intervals")
     ns = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -1846,19 +2501,23 @@ def main(argv=None):
             return cmd_privacy(ns)
         if ns.command == "bench":
             return cmd_bench(ns)
-        if ns.command in ("sentiment", "rlhf"):
-            cls, run = {"sentiment": (SentimentArgs, run_sentiment), "rlhf": (RLHFArgs, run_rlhf)}[ns.command]
+        if ns.command == "probe":
+            return cmd_probe(_build_dataclass(ProbeArgs(), ns))
+        if ns.command in ("sentiment", "rlhf", "audit"):
+            cls, run = {"sentiment": (SentimentArgs, run_sentiment), "rlhf": (RLHFArgs, run_rlhf),
+                        "audit": (AuditArgs, run_audit)}[ns.command]
             args = _pipeline_args(cls, ns)
-            if ns.sweep is None:
+            if ns.sweep is None and ns.seeds is None:
                 return run(args)
-            try:
-                epsilons = [float(e) for e in ns.sweep.split(",")]
-            except ValueError:
-                raise UserError(f"--sweep '{ns.sweep}' is not allowed; give epsilons like 1,2,4,8,inf") from None
+            epsilons = _parse_list("sweep", ns.sweep, float, "epsilons like 1,2,4,8,inf") if ns.sweep else [args.epsilon]
+            seeds = _parse_list("seeds", ns.seeds, int, "seeds like 0,1,2") if ns.seeds else [args.seed]
             for e in epsilons:
                 _positive("sweep epsilon", e)
-            return run_sweep(args, run, ns.command, epsilons)
-    except (UserError, ValueError) as e:
+                check_privacy_settings(args, e)
+            for s in seeds:
+                _positive("seeds", s, allow_zero=True)
+            return run_sweep(args, run, ns.command, epsilons, seeds, plot=getattr(ns, "plot", False))
+    except UserError as e:  # only these: any other exception is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

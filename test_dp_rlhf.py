@@ -19,7 +19,7 @@ O = d.DEFAULT_ORDERS
 TINY_BASE = ["--base-n-layer", "2", "--base-n-embd", "64", "--base-n-head", "2", "--base-vocab-size", "400",
              "--base-corpus-size", "600", "--base-steps", "150", "--base-batch-size", "16", "--base-seq-len", "64"]
 TINY_BASE_ARGS = d.BaseModelArgs(n_layer=2, n_embd=64, n_head=2, vocab_size=400, corpus_size=600, steps=150,
-                                 batch_size=16, seq_len=64)
+                                 batch_size=16, seq_len=64, copy_steps=0, copy_rows=0)  # language only: fast
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -271,7 +271,7 @@ def test_lora_init_identity_trainable_merge_and_off(tiny):
 def test_dp_sft_loss_falls_and_ledger(tiny):
     import copy
     lm, tok = tiny
-    texts = [r["text"] for r in d.make_reviews(600, seed=5)]
+    texts = [r["text"] for r in d.make_reviews(2064, seed=5)]
     heldout = _batch(tok, texts[:64])
 
     def nll(model):
@@ -281,13 +281,13 @@ def test_dp_sft_loss_falls_and_ledger(tiny):
             return (-(lp * heldout[2]).sum() / heldout[2].sum()).item()
     model = d.add_lora(copy.deepcopy(lm))
     before = nll(model)
-    args = d.SFTArgs(steps=60, batch_size=64, lr=1e-2)
-    entry = d.dp_sft(model, tok, [""] * 536, texts[64:], epsilon=8.0, delta=1e-3, args=args, device="cpu",
+    args = d.SFTArgs(steps=60, batch_size=128, lr=1e-2)
+    entry = d.dp_sft(model, tok, [""] * 2000, texts[64:], epsilon=8.0, delta=1e-3, args=args, device="cpu",
                      generator=torch.Generator().manual_seed(0))
-    assert nll(model) < before - 0.05
-    assert entry["steps"] == 60 and entry["num_private_examples"] == 536
+    assert nll(model) < before - 0.04  # measured: 2.458 -> 2.406 (2.38 at eps = inf)
+    assert entry["steps"] == 60 and entry["num_private_examples"] == 2000
     assert 7.0 < entry["epsilon"] <= 8.0
-    assert entry["sample_rate"] == pytest.approx(64 / 536)
+    assert entry["sample_rate"] == pytest.approx(128 / 2000)
     assert entry["epsilon"] == pytest.approx(eps_of(entry["sample_rate"], entry["noise_multiplier"], 60, 1e-3)[0])
 
 
@@ -360,21 +360,20 @@ def test_reference_equals_sft_model_at_ppo_init(tiny):
     policy = d.ActorCritic(d.add_lora(copy.deepcopy(sft)))
     ids, mask, _ = d.encode(tok, ["the film", "it is a very"], max_prompt=8)
     gen = torch.Generator().manual_seed(0)
-    ids, mask, act, lp, ref_lp, values = d.rollout(policy, ids, mask, lengths=torch.tensor([4, 6]), generator=gen,
-                                                   eos_id=None)
-    sft_lp = d.token_logprobs(d.CausalLM(sft)(ids, mask), ids)
-    torch.testing.assert_close(ref_lp, sft_lp)
-    torch.testing.assert_close(lp, sft_lp)  # fresh LoRA: the policy starts exactly at LM_sft
-    assert act.sum(1).tolist() == [4.0, 6.0]
+    ro = d.rollout(policy, ids, mask, lengths=torch.tensor([4, 6]), generator=gen, eos_id=None)
+    sft_lp = d.token_logprobs(d.CausalLM(sft)(ro.ids, ro.mask), ro.ids) * ro.action_mask
+    torch.testing.assert_close(ro.ref_logprobs, sft_lp)
+    torch.testing.assert_close(ro.logprobs, sft_lp, atol=1e-5, rtol=1e-4)  # fresh LoRA: starts exactly at LM_sft
+    assert ro.action_mask.sum(1).tolist() == [4.0, 6.0]
 
 
 def _ppo_batch(policy, tok, prompts, lengths, seed):
     ids, mask, _ = d.encode(tok, prompts, max_prompt=8)
-    ids, mask, act, lp, ref_lp, v = d.rollout(policy, ids, mask, lengths=torch.tensor(lengths),
-                                              generator=torch.Generator().manual_seed(seed), eos_id=None)
-    rewards, _ = d.kl_rewards(torch.arange(len(prompts)).float(), lp, ref_lp, act, 0.1)
-    adv, ret = d.gae(rewards, v * act, act, gamma=1.0, lam=0.95)
-    return ids, mask, act, lp, v, adv, ret
+    ro = d.rollout(policy, ids, mask, lengths=torch.tensor(lengths), generator=torch.Generator().manual_seed(seed),
+                   eos_id=None)
+    rewards, _ = d.kl_rewards(torch.arange(len(prompts)).float(), ro.logprobs, ro.ref_logprobs, ro.action_mask, 0.1)
+    adv, ret = d.gae(rewards, ro.values, ro.action_mask, gamma=1.0, lam=0.95)
+    return ro.ids, ro.mask, ro.action_mask, ro.logprobs, ro.values, adv, ret
 
 
 def test_ppo_per_trajectory_gradient_ignores_the_rest_of_the_batch(tiny):
@@ -421,6 +420,7 @@ def test_cli_privacy_prints_golden_epsilon():
     (["--epsilon", "0"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"), (["--delta", "1.5"], "--delta"),
     (["--delta", "0"], "--delta"), (["--sample-rate", "0"], "--sample-rate"), (["--sample-rate", "1.2"], "--sample-rate"),
     (["--steps", "-3"], "--steps"), (["--noise-multiplier", "-0.5"], "--noise-multiplier"),
+    (["--epsilon", "0.005"], "0.005"),  # below what the conversion's delta term allows: says so at once
 ])
 def test_cli_privacy_bad_values(bad, word):
     args = {"--sample-rate": "0.01", "--steps": "100", "--delta": "1e-5", "--noise-multiplier": "1.0"}
@@ -442,8 +442,9 @@ def test_sentiment_end_to_end(tmp_path):
     r = run_cli("sentiment", "--out", str(out), "--epsilon", "4", *TINY_SENTIMENT)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    assert set(s) == {"task", "model", "epsilon", "delta", "seed", "stages", "total_epsilon", "composition", "eval",
-                      "seconds"}
+    assert set(s) == {"task", "model", "epsilon", "delta", "seed", "secret_noise", "data", "stages", "total_epsilon",
+                      "composition", "eval", "seconds", "config"}
+    assert s["secret_noise"] is True and s["config"]["sft"]["steps"] == 3
     assert s["task"] == "sentiment" and s["composition"] == "parallel"
     for stage in ("sft", "ppo"):
         e = s["stages"][stage]
@@ -492,7 +493,11 @@ def test_sentiment_real_loading_path(tmp_path, tiny):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["model"] == str(model_dir)
-    assert s["stages"]["sft"]["num_private_examples"] + s["stages"]["ppo"]["num_private_examples"] == 120 - 8
+    # a local file has no public test split: a keyed hash sends about 10 % of it to the test set
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    d1, d3, held = d.hash_split(rows, lambda r: r["text"], [0.45, 0.45, 0.1], seed=0)
+    assert s["stages"]["sft"]["num_private_examples"] == len(d1) and s["stages"]["ppo"]["num_private_examples"] == len(d3)
+    assert s["data"]["public_test"] is False and len(held) > 0
 
 
 @pytest.mark.parametrize("bad,word", [
@@ -509,27 +514,38 @@ def test_sentiment_bad_values_one_line_nothing_written(tmp_path, bad, word):
     assert not (out / "summary.json").exists() and not (out / "policy").exists()
 
 
-def test_hub_unreachable_is_one_line():
-    r = run_cli("sentiment", "--model", "gpt2", *TINY_SENTIMENT, "--out", "/tmp/dp_rlhf_hub_test", timeout=120,
-                env={"HF_HUB_OFFLINE": "1", "HF_HOME": "/tmp/dp_rlhf_empty_hf_home"})
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "gpt2" in lines[0] and "--model builtin" in lines[0], r.stderr[-2000:]
+def test_hub_unreachable_is_one_line_and_fast(tmp_path):
+    """No network here (nor in CI): a Hub id must fail in seconds, in one line, without the test
+    switching the Hub client to offline mode itself."""
+    import time
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "empty_hf_home")
+    for flags, word in ((["--model", "gpt2"], "gpt2"), (["--dataset", "stanfordnlp/imdb"], "stanfordnlp/imdb")):
+        t = time.time()
+        r = subprocess.run([sys.executable, os.path.join(HERE, "dp_rlhf.py"), "sentiment", *flags, *TINY_SENTIMENT,
+                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and word in lines[0] and "builtin" in lines[0], r.stderr[-2000:]
+        assert time.time() - t < 30  # imports included; minutes of retries before
 
 
 def test_cached_sampling_matches_full_forward(tiny):
-    """The key/value-cached sampler's log-probs equal a full forward over the sampled sequences
-    (left-padded prompts, per-row lengths, EOS stopping)."""
+    """The key/value-cached sampler's log-probs and hidden states (hence PPO's pi_old and V_old)
+    equal a full forward over the sampled sequences (left-padded prompts, per-row lengths, EOS)."""
+    import copy
     lm, tok = tiny
-    model = d.CausalLM(lm)
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+    for p in d.trainable(policy).values():
+        torch.nn.init.normal_(p, std=0.05)
     ids, mask, _ = d.encode(tok, ["the film", "it is a very long", "i"], max_prompt=8)
-    gen = torch.Generator().manual_seed(0)
-    out, omask, resp, lp = d.sample(model, ids, mask, max_new_tokens=torch.tensor([5, 9, 3]), generator=gen,
-                                    eos_id=tok.eos_token_id)
-    full = d.token_logprobs(model(out, omask), out)[:, ids.shape[1] - 1:]
-    act = resp[:, ids.shape[1]:].float()
-    assert act.sum(1).tolist()[0] <= 5 and act.sum(1).tolist()[2] <= 3
-    torch.testing.assert_close(lp * act, full * act, atol=1e-4, rtol=1e-4)
+    ro = d.rollout(policy, ids, mask, lengths=torch.tensor([5, 9, 3]), generator=torch.Generator().manual_seed(0),
+                   eos_id=tok.eos_token_id)
+    logits, values = policy(ro.ids, ro.mask)
+    act = ro.action_mask
+    assert act[:, :ids.shape[1] - 1].sum() == 0 and act.sum(1).tolist()[0] <= 5 and act.sum(1).tolist()[2] <= 3
+    assert (ro.ids[:, 1:][act.bool()] != tok.pad_token_id).sum() >= 1
+    torch.testing.assert_close(ro.logprobs, d.token_logprobs(logits, ro.ids) * act, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ro.values, values[:, :-1] * act, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------ RLHF
@@ -552,10 +568,10 @@ def test_reward_loss_by_hand():
             super().__init__()
             self.r = torch.nn.Parameter(torch.tensor([1.5, -0.5]))
 
-        def forward(self, ids, mask):
+        def forward(self, ids, mask, response_mask):
             return self.r
     rm = Fixed()
-    loss, correct = d.reward_loss(rm)(dict(rm.named_parameters()), torch.zeros(2, 3), torch.ones(2, 3))
+    loss, correct = d.reward_loss(rm)(dict(rm.named_parameters()), torch.zeros(2, 3), torch.ones(2, 3), torch.ones(2, 3))
     assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)))  # -log sigma(1.5 - (-0.5))
     assert correct.item() == 1.0
 
@@ -582,7 +598,7 @@ def test_one_comparison_is_one_per_sample_gradient(tiny):
 
 
 def test_builtin_rlhf_splits_are_disjoint():
-    data = d.rlhf_data(d.RLHFArgs(num_sft=300, num_comparisons=300, num_ppo=300, num_test=50))
+    data, _ = d.rlhf_data(d.RLHFArgs(num_sft=300, num_comparisons=300, num_ppo=300, num_test=50, num_comparisons_test=50))
     posts = {k: {r["prompt"] for r in v} for k, v in data.items()}
     names = list(posts)
     for i, a in enumerate(names):
@@ -617,43 +633,49 @@ TINY_RLHF = ["--num-sft", "120", "--num-comparisons", "120", "--num-ppo", "120",
 
 def test_rlhf_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("rlhf", "--out", str(out), "--epsilon", "2", "--composition", "sequential", *TINY_RLHF)
+    r = run_cli("rlhf", "--out", str(out), "--epsilon", "2", "--rm-epsilon", "1", "--composition", "sequential", *TINY_RLHF)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["task"] == "rlhf" and s["composition"] == "sequential" and set(s["stages"]) == {"sft", "rm", "ppo"}
-    for e in s["stages"].values():
-        assert 0 < e["epsilon"] <= 2 and e["delta"] <= 1 / e["num_private_examples"]
+    for name, e in s["stages"].items():  # --rm-epsilon overrides one stage's target (ablations)
+        assert 0 < e["epsilon"] <= (1 if name == "rm" else 2) and e["delta"] <= 1 / e["num_private_examples"]
+    assert s["stages"]["sft"]["epsilon"] > 1
     assert s["total_epsilon"] == pytest.approx(d.compose_ledger(s["stages"], s["delta"], "sequential"))
     for name in ("pretrained", "sft", "aligned"):
         assert set(s["eval"][name]) == {"reward", "rouge1", "rouge2", "rougeL", "true_preference"}
     assert 0 <= s["eval"]["rm_accuracy"] <= 1
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("rm/accuracy" in r for r in rows) and any("ppo/kl" in r for r in rows)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "policy")
-    clf = AutoModelForSequenceClassification.from_pretrained(out / "reward_model")
-    tok = AutoTokenizer.from_pretrained(out / "reward_model")
-    assert clf.config.num_labels == 1 and tok is not None
+    rm, tok = d.load_reward_model(str(out / "reward_model"))  # the default `tokens` head
+    assert rm.head == "tokens" and rm.loglik_coef.item() != 3.0 and tok is not None  # trained from its prior
 
 
-def test_saved_reward_model_scores_like_ours(tmp_path, tiny):
+@pytest.mark.parametrize("head", ["last", "tokens"])
+def test_saved_reward_model_scores_like_ours(tmp_path, tiny, head):
     import copy
     from transformers import AutoModelForSequenceClassification
     lm, tok = tiny
-    rm = d.RewardModel(d.add_lora(copy.deepcopy(lm))).eval()
+    rm = d.RewardModel(d.add_lora(copy.deepcopy(lm)), head=head).eval()
     for p in d.lora_parameters(rm).values():
         torch.nn.init.normal_(p, std=0.05)
     d.save_reward_model(rm, tok, str(tmp_path / "rm"))
-    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     prompts, summaries = ["post : my dog ran away tl;dr :", "post : hi tl;dr :"], [" my dog ran", " hi there"]
     ours = d.reward_model_scores(rm, tok, prompts, summaries, max_prompt=32, max_completion=16, device="cpu")
+    assert ours.shape == (2,)
+    if head == "tokens":  # LoRA merged into the LM + reward_head.safetensors
+        loaded, _ = d.load_reward_model(str(tmp_path / "rm"))
+        theirs = d.reward_model_scores(loaded, tok, prompts, summaries, max_prompt=32, max_completion=16, device="cpu")
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+        return
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     for i in range(2):  # unpadded, one at a time: the HF class reads the last token
         ids, mask, _ = d.encode(tok, prompts[i:i + 1], summaries[i:i + 1], max_prompt=32, max_completion=16)
         with torch.no_grad():
             theirs = clf(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits[0, 0]
-            mine = rm(ids[:, :-1], mask[:, :-1])[0]
+            mine = rm(ids[:, :-1], mask[:, :-1], None)[0]
         torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-4)
-    assert ours.shape == (2,)
 
 
 def test_rlhf_real_loading_path(tmp_path, tiny):
@@ -675,19 +697,269 @@ def test_rlhf_real_loading_path(tmp_path, tiny):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert "true_preference" not in s["eval"]["aligned"]
-    assert s["stages"]["rm"]["num_private_examples"] == 36  # 40 minus 4 held out for accuracy
+    cmps = [json.loads(x) for x in (tmp_path / "cmp.jsonl").read_text().splitlines()]
+    d2, d2_held = d.hash_split(cmps, lambda c: c["prompt"], [0.9, 0.1], seed=0)
+    assert s["stages"]["rm"]["num_private_examples"] == len(d2) and len(d2_held) >= 2  # the held-out tenth
     r = run_cli("rlhf", "--model", str(model_dir), "--dataset", str(tmp_path / "tldr.jsonl"), "--out", str(out / "x"))
     assert r.returncode != 0 and "--comparisons" in r.stderr.strip().splitlines()[-1]
 
 
-def test_sweep_prints_the_table(tmp_path):
+def test_sweep_prints_the_table_with_seeds_and_confidence_intervals(tmp_path):
     out = tmp_path / "sweep"
-    r = run_cli("sentiment", "--out", str(out), "--sweep", "2,inf", *TINY_SENTIMENT)
+    r = run_cli("sentiment", "--out", str(out), "--sweep", "2,inf", "--seeds", "0,1", *TINY_SENTIMENT)
     assert r.returncode == 0, r.stderr[-3000:]
     table = (out / "table.md").read_text()
-    assert "eps=2" in table and "eps=inf" in table and "recovered" in table and table in r.stdout
-    s2 = json.loads((out / "eps2" / "summary.json").read_text())
-    assert s2["epsilon"] == 2 and s2["stages"]["ppo"]["epsilon"] <= 2
-    assert f"{s2['eval']['aligned']['reward']:+.3f}" in table
+    assert "eps=2" in table and "eps=inf" in table and "recovered" in table and "±" in table and table in r.stdout
+    runs = [json.loads((out / f"eps2-seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    assert [x["seed"] for x in runs] == [0, 1] and all(x["stages"]["ppo"]["epsilon"] <= 2 for x in runs)
+    mean, ci = d.mean_ci([x["eval"]["aligned"]["reward"] for x in runs])
+    assert f"{mean:+.3f} ± {ci:.3f}" in table
+    csv = (out / "results.csv").read_text().splitlines()
+    assert csv[0] == "metric,model,epsilon,seed,value" and f"reward,aligned,2,1,{runs[1]['eval']['aligned']['reward']}" in csv
+    again = run_cli("sentiment", "--out", str(out), "--sweep", "2,inf", "--seeds", "0,1", *TINY_SENTIMENT)
+    assert again.returncode == 0 and again.stderr.count("reusing") == 4 and (out / "table.md").read_text() == table
     r = run_cli("sentiment", "--out", str(out), "--sweep", "2,abc", *TINY_SENTIMENT)
     assert r.returncode != 0 and "--sweep" in r.stderr.strip().splitlines()[-1]
+
+
+def test_mean_ci_and_recovered_by_hand():
+    mean, ci = d.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2 dof) = 4.303
+    assert mean == 2.0 and ci == pytest.approx(4.303 / math.sqrt(3))
+    run = lambda pre, aligned: {"eval": {"pretrained": {"m": pre}, "aligned": {"m": aligned}}}
+    results = {4.0: [run(0.0, 1.0), run(0.0, 0.5)], math.inf: [run(0.0, 2.0), run(0.0, -1.0)]}
+    # the second seed's non-private run ends below the pre-trained model: no gain to recover, left out
+    assert d.recovered(results, 4.0, "m") == [0.5]
+
+
+# ------------------------------------------------------------------------------------ privacy hardening
+
+
+def _policy_weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path / "policy" / "model.safetensors"))
+
+
+def test_noise_is_secret_by_default_and_reproducible_only_on_request(tmp_path):
+    """Same --seed: default runs differ (noise, Poisson samples and rollouts come from OS entropy);
+    with --reproducible-noise they are identical, and summary.json says which."""
+    outs = {}
+    for name, extra in (("a", []), ("b", []), ("c", ["--reproducible-noise"]), ("d", ["--reproducible-noise"])):
+        out = tmp_path / name
+        r = run_cli("sentiment", "--out", str(out), "--epsilon", "4", *TINY_SENTIMENT, "--ppo-steps", "1", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("warning: --reproducible-noise" in r.stderr) == bool(extra)
+        assert json.loads((out / "summary.json").read_text())["secret_noise"] is (not extra)
+        outs[name] = _policy_weights(out)
+    assert any(not torch.equal(outs["a"][k], outs["b"][k]) for k in outs["a"])
+    assert all(torch.equal(outs["c"][k], outs["d"][k]) for k in outs["c"])
+
+
+def test_private_generator_is_not_the_seed():
+    draws = [d.private_generator().initial_seed() for _ in range(3)]
+    assert len(set(draws)) == 3 and 0 not in draws
+    assert d.private_generator(7).initial_seed() == 7
+
+
+def test_nonfinite_per_sample_gradient_counts_as_zero():
+    g = {"w": torch.tensor([[3.0, 4.0], [float("nan"), 1.0], [0.3, 0.4]]), "b": torch.tensor([[1.0], [2.0], [float("inf")]])}
+    out = d.privatize(g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4.0)
+    ref = d.privatize({k: v[:1] for k, v in g.items()}, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4.0)
+    for k in g:  # rows 1 and 2 are dropped to zero; row 0 alone remains
+        torch.testing.assert_close(out[k], ref[k])
+    assert d.finite_rows(g).tolist() == [True, False, False]
+
+
+def test_nonfinite_gradients_are_logged_and_training_goes_on(tiny):
+    import copy
+    lm, tok = tiny
+    model = d.CausalLM(d.add_lora(copy.deepcopy(lm)))
+    texts = [r["text"] for r in d.make_reviews(40, seed=1)]
+    ids, mask, loss_mask = d.encode(tok, [""] * 40, texts, max_prompt=0, max_completion=20)
+    poison = torch.zeros(40)
+    poison[:20] = 1.0  # half the records overflow
+    base = d.sft_loss(model)
+
+    def loss_fn(params, ids, mask, loss_mask, poison):  # a poisoned row's gradient is inf * g
+        return base(params, ids, mask, loss_mask) * torch.where(poison[0] > 0, math.inf, 1.0)
+    rows = []
+    d.dp_train(model, loss_fn, (ids, mask, loss_mask, poison[:, None].expand(-1, ids.shape[1])), epsilon=4.0,
+               delta=1e-3, args=d.SFTArgs(steps=3, batch_size=20, lr=1e-2), device="cpu",
+               generator=torch.Generator().manual_seed(0), log=rows.append, stage="sft")
+    assert rows[-1]["sft/nonfinite_grads"] > 0
+    assert all(torch.isfinite(p).all() for p in d.lora_parameters(model).values())
+
+
+def test_dpppo_takes_noise_only_steps_on_an_empty_batch(tiny):
+    """An empty Poisson batch is a normal outcome: the iteration still makes its noisy update and
+    its accountant step."""
+    import copy
+    lm, tok = tiny
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+    before = {k: v.clone() for k, v in d.trainable(policy).items()}
+    rows = []
+    entry = d.dpppo(policy, tok, ["the film", "it was"] * 50, d.builtin_sentiment_reward, epsilon=4.0, delta=1e-3,
+                    args=d.PPOArgs(steps=3, batch_size=1e-9, response_min=2, response_max=3), device="cpu",
+                    generator=torch.Generator().manual_seed(0), log=rows.append)
+    assert [r["ppo/batch_size"] for r in rows] == [0, 0, 0]
+    assert entry["steps"] == 3 and 0 < entry["epsilon"] <= 4.0
+    assert any(not torch.equal(before[k], p) for k, p in d.trainable(policy).items())  # the noise moved them
+
+
+def test_cli_ppo_batch_size_two_survives_empty_batches(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("sentiment", "--out", str(out), *TINY_SENTIMENT, "--num-ppo", "400", "--ppo-batch-size", "2",
+                "--ppo-steps", "12", "--reproducible-noise")  # seed 0: batches of 0 occur (checked below)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sizes = [json.loads(x)["ppo/batch_size"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "ppo/batch_size" in x]
+    assert 0 in sizes and len(sizes) == 12
+
+
+def test_finite_epsilon_with_infinite_clipping_is_refused(tmp_path):
+    r = run_cli("sentiment", "--out", str(tmp_path / "run"), *TINY_SENTIMENT, "--sft-max-grad-norm", "inf")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--sft-max-grad-norm" in lines[0], r.stderr[-2000:]
+    for bad in (["--epsilon", "inf", "--sft-epsilon", "4", "--sft-max-grad-norm", "inf"], ["--ppo-epsilon", "0"]):
+        r = run_cli("sentiment", "--out", str(tmp_path / "run"), *TINY_SENTIMENT, *bad)  # a stage's own epsilon too
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and bad[-2] in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError):
+        d.privatize({"w": torch.zeros(2, 3)}, max_grad_norm=math.inf, noise_multiplier=1.0, expected_batch_size=2)
+
+
+def test_builtin_private_data_shares_no_text_with_the_public_corpus():
+    base = d.BaseModelArgs()
+    docs, texts = d.public_corpus(base)
+    public = set(texts)
+    assert len(public) > 20_000 and len(docs) == len(texts)
+    d1, d3, test, _ = d.sentiment_data(d.SentimentArgs(seed=0))
+    clash = [t for t in d1 + d3 + test if t in public]
+    assert not clash, clash[:3]
+    data, _ = d.rlhf_data(d.RLHFArgs(seed=0, num_sft=500, num_comparisons=500, num_ppo=500, num_test=50,
+                                     num_comparisons_test=50))
+    assert not [r for part in data.values() for r in part if r["meta"]["post"] in public]
+
+
+def _records(n, seed=0):
+    t = d.make_tldr(n, 0, 0, 0, seed=seed)
+    return [{"prompt": r["prompt"], "label": r["completion"].strip()} for r in t["sft"]]
+
+
+def test_hash_split_moves_no_other_record_when_one_is_added_or_removed():
+    rows = _records(300)
+    key = lambda r: r["prompt"]
+    parts = d.hash_split(rows, key, [0.45, 0.45, 0.1], seed=3)
+    where = {r["prompt"]: i for i, part in enumerate(parts) for r in part}
+    assert sum(map(len, parts)) == 300 and all(len(p) > 10 for p in parts)
+    for changed in (rows[1:], rows[:150] + [{"prompt": "post : a new user tl;dr :", "label": "x"}] + rows[150:],
+                    list(reversed(rows))):
+        again = d.hash_split(changed, key, [0.45, 0.45, 0.1], seed=3)
+        for i, part in enumerate(again):
+            assert all(where.get(r["prompt"], i) == i for r in part)
+    other = d.hash_split(rows, key, [0.45, 0.45, 0.1], seed=4)  # the key of the hash is the seed
+    assert [len(p) for p in other] != [len(p) for p in parts] or other[0] != parts[0]
+    # the key is normalised: case and spacing do not move a record
+    same = [{"prompt": f"Post :  Case {i}"} for i in range(20)] + [{"prompt": f"post : case {i}"} for i in range(20)]
+    a, b = d.hash_split(same, key, [0.5, 0.5], 3)
+    assert {d.normalise(r["prompt"]) for r in a}.isdisjoint({d.normalise(r["prompt"]) for r in b}) and a and b
+
+
+def test_real_rlhf_data_one_user_one_stage(tmp_path):
+    """The SFT file and the comparisons file share posts: those leave D1 and D3, and the counts
+    are reported; with --user-column, a user's records all go to one stage."""
+    rows = _records(200)
+    cmps = [{"prompt": r["prompt"], "chosen": r["label"], "rejected": "no ."} for r in rows[:60]]  # 60 shared posts
+    cmps += [{"prompt": f"post : other {i} tl;dr :", "chosen": "a", "rejected": "b"} for i in range(60)]
+    for name, recs in (("sft.jsonl", rows), ("cmp.jsonl", cmps)):
+        with open(tmp_path / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    args = d.RLHFArgs(dataset=str(tmp_path / "sft.jsonl"), comparisons=str(tmp_path / "cmp.jsonl"), seed=0)
+    data, report = d.rlhf_data(args)
+    posts = {k: {d.normalise(r["prompt"]) for r in v} for k, v in data.items()}
+    d2 = posts["comparisons"] | posts["comparisons_test"]
+    assert not (posts["sft"] | posts["ppo"] | posts["test"]) & d2
+    assert not posts["sft"] & posts["ppo"]
+    assert report["dropped_from_sft_and_ppo_in_comparisons"] == 60
+    assert len(data["sft"]) + len(data["ppo"]) + len(data["test"]) == 140
+    # by user: 35 users wrote 4 posts each; every user lands in exactly one of D1 / D3 / test
+    with open(tmp_path / "sft_u.jsonl", "w") as f:
+        f.writelines(json.dumps({**r, "user": f"u{i % 35}"}) + "\n" for i, r in enumerate(rows[60:]))
+    with open(tmp_path / "cmp_u.jsonl", "w") as f:
+        f.writelines(json.dumps({**c, "user": f"v{i % 7}"}) + "\n" for i, c in enumerate(cmps))
+    args = d.RLHFArgs(dataset=str(tmp_path / "sft_u.jsonl"), comparisons=str(tmp_path / "cmp_u.jsonl"), seed=0,
+                      user_column="user")
+    data, report = d.rlhf_data(args)
+    users = {k: {r["user"] for r in v} for k, v in data.items() if k in ("sft", "ppo", "test")}
+    assert not users["sft"] & users["ppo"] and not users["sft"] & users["test"] and not users["ppo"] & users["test"]
+    assert report["max_records_per_user"]["sft"] == 4  # reported: group privacy for 4 records
+
+
+# ------------------------------------------------------------------------------------ audit
+
+
+def test_audit_bound_worked_examples():
+    # delta = 0, every one of r = 100 guesses right: reject epsilon while p^100 < 0.05, where
+    # p = e^eps / (1 + e^eps); so the bound is log(p / (1 - p)) at p = 0.05^(1/100).
+    p = 0.05 ** (1 / 100)
+    assert d.audit_epsilon_lower_bound(1000, 100, 100, 0.0) == pytest.approx(math.log(p / (1 - p)), abs=1e-6)
+    # by hand, r = v = 2: P[Bin(2, p) >= 2] = p^2; the delta term's max over i of
+    # P[2 > Bin >= 2 - i] / i is max(2p(1-p), (1 - p^2) / 2).
+    eps, m, delta = 1.0, 50, 1e-3
+    p = math.exp(eps) / (1 + math.exp(eps))
+    assert d.audit_p_value(m, 2, 2, eps, delta) == pytest.approx(p * p + 2 * m * delta * max(2 * p * (1 - p), (1 - p * p) / 2))
+    # chance-level guessing proves nothing; delta only weakens a bound
+    assert d.audit_epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0
+    assert d.audit_epsilon_lower_bound(1000, 100, 95, 1e-4) < d.audit_epsilon_lower_bound(1000, 100, 95, 0.0)
+
+
+TINY_AUDIT = dict(num_sft=120, canaries=200, guesses="25,50", sft=d.SFTArgs(epochs=2.0, batch_size=16),
+                  base=TINY_BASE_ARGS, reproducible_noise=True)
+
+
+def test_audit_passes_an_honest_run_and_catches_noise_switched_off(tmp_path, monkeypatch):
+    honest = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "honest"), **TINY_AUDIT))
+    assert honest["stages"]["sft"]["epsilon"] <= 1.0 and honest["epsilon_lower_bound"] <= 1.0
+    real = d.privatize
+    monkeypatch.setattr(d, "privatize", lambda grads, **kw: real(grads, **{**kw, "noise_multiplier": 0.0}))
+    broken = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "broken"), **TINY_AUDIT))
+    assert broken["stages"]["sft"]["epsilon"] <= 1.0  # it still *claims* epsilon 1 ...
+    assert broken["epsilon_lower_bound"] > 2.0  # ... and the audit proves it is not
+
+
+# ------------------------------------------------------------------------------------ built-in base model
+
+
+class _InductionOracle(torch.nn.Module):
+    """A hand-made "LM" that copies perfectly: at each position it predicts the token that followed
+    the first earlier occurrence of the current token (an ideal induction head); with `copy=False`
+    it predicts nothing (all logits equal)."""
+
+    def __init__(self, vocab_size, copy=True):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(vocab_size, vocab_size, bias=False)
+        torch.nn.init.eye_(self.lm_head.weight)
+        self.vocab_size, self.copy = vocab_size, copy
+
+    def transformer(self, input_ids, **_):
+        t = input_ids.shape[1]
+        same = (input_ids[:, :, None] == input_ids[:, None, :]) & (torch.arange(t)[None, :] < torch.arange(t)[:, None])
+        first = same.float().argmax(-1)
+        nxt = input_ids.gather(1, (first + 1).clamp(max=t - 1))
+        h = torch.nn.functional.one_hot(nxt, self.vocab_size).float() * (same.any(-1) & self.copy)[..., None]
+        return type("Out", (), {"last_hidden_state": h})
+
+
+def test_copy_probe_on_a_hand_made_model():
+    base = d.BaseModelArgs()
+    tok = d.public_tokenizer(d.public_corpus(base)[0], base.vocab_size)
+    posts = d.public_probe_posts(base, n=120)
+    # By hand: the copier names whoever follows the first "my" of the post, which is the person
+    # unless a filler sentence ("my family thinks ...") comes first; "feel" occurs once, before the feeling.
+    words = [p["post"].split() for p in posts]
+    expected = np.mean([w[w.index("my") + 1] == p["person"] for w, p in zip(words, posts)])
+    assert 0.5 < expected < 1.0
+    got = d.copy_probe(_InductionOracle(len(tok)), tok, posts)
+    assert got["person"] == pytest.approx(expected) and got["feeling"] == 1.0
+    blind = d.copy_probe(_InductionOracle(len(tok), copy=False), tok, posts)  # ties: the first candidate wins
+    assert blind["person"] == pytest.approx(np.mean([p["person"] == d.PEOPLE[0] for p in posts]))
