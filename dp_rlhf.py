@@ -1388,11 +1388,11 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
         # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss: each trajectory goes to one of k
         #    minibatches, drawn independently of the data, so it is in exactly one noisy update.
         minibatch_of = torch.randint(k, (len(idx),), generator=generator)
+        batch = (ro.ids, ro.mask, ro.action_mask, ro.logprobs, ro.values, advantages, returns)
         stats = []
         for _ in range(args.epochs):
             for j in range(k):
                 sel = (minibatch_of == j).nonzero().flatten().to(device)
-                batch = (ro.ids, ro.mask, ro.action_mask, ro.logprobs, ro.values, advantages, returns)
                 aux, bad = dp_step(loss_fn, params, tuple(x[sel] for x in batch), opt,
                                    max_grad_norm=args.max_grad_norm if private else math.inf,
                                    noise_multiplier=sigma, expected_batch_size=q * n / k,
@@ -1516,11 +1516,15 @@ class RunLog:
         os.replace(self.path + ".partial", self.path)
 
 
-def write_json(path: str, obj):
+def write_text(path: str, text: str):
     """Write-then-rename, so a crash never leaves half a file."""
     with open(path + ".partial", "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(path + ".partial", path)
+
+
+def write_json(path: str, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def save_model(model: nn.Module, tokenizer, path: str):
@@ -1637,6 +1641,13 @@ def public_test_split(spec: str, columns: tuple[str, ...]) -> list[dict] | None:
         return None
 
 
+def user_key(args: RunArgs, column: str):
+    """(the extra columns to load, the key naming a record's user): --user-column, else `column`."""
+    if args.user_column:
+        return (args.user_column,), lambda r: r[args.user_column]
+    return (), lambda r: r[column]
+
+
 def records_per_user(parts: dict, key) -> dict:
     """The most records one user (key) has in each part: above 1, that user's guarantee is the
     group-privacy one for that many records."""
@@ -1663,9 +1674,8 @@ def sentiment_data(args: SentimentArgs) -> tuple[list[str], list[str], list[str]
                                                  exclude=set(public_corpus(args.base)[1]))]
         d1, d3, test = np.split(np.array(texts, dtype=object), np.cumsum([args.num_sft, args.num_ppo]))
         return list(d1), list(d3), list(test), {"split": "generated"}
-    user = (args.user_column,) if args.user_column else ()
+    user, key = user_key(args, "text")
     rows = load_records(args.dataset, ("text",) + user)
-    key = (lambda r: r[args.user_column]) if args.user_column else (lambda r: r["text"])
     public = public_test_split(args.dataset, ("text",))
     d1, d3, *held = hash_split(rows, key, [0.5, 0.5] if public else [0.45, 0.45, 0.1], args.seed)
     test = (public or held[0])[:args.num_test]
@@ -1783,8 +1793,7 @@ def rlhf_data(args: RLHFArgs) -> tuple[dict, dict]:
     if args.comparisons is None:
         raise UserError("--comparisons is required with a real --dataset (a Hub id or a local file with "
                         "prompt/chosen/rejected columns)")
-    user = (args.user_column,) if args.user_column else ()
-    key = (lambda r: r[args.user_column]) if args.user_column else (lambda r: r["prompt"])
+    user, key = user_key(args, "prompt")
     rows = [{**r, "completion": " " + str(r["label"]).strip()} for r in load_records(args.dataset, ("prompt", "label") + user)]
     cmps = [{**r, "chosen": " " + str(r["chosen"]).strip(), "rejected": " " + str(r["rejected"]).strip()}
             for r in load_records(args.comparisons, ("prompt", "chosen", "rejected") + user)]
@@ -2005,10 +2014,8 @@ def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[
         return run(cell_args)
     results = {e: [cell(e, s) for s in seeds] for e in epsilons}
     table = sweep_table(results, task)
-    for name, text in (("table.md", table), ("results.csv", sweep_csv(results, task))):
-        with open(os.path.join(base, name + ".partial"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(base, name + ".partial"), os.path.join(base, name))
+    write_text(os.path.join(base, "table.md"), table)
+    write_text(os.path.join(base, "results.csv"), sweep_csv(results, task))
     if plot and task != "audit" and plot_sweep(results, task, os.path.join(base, "plot.png")):
         print(f"wrote {base}/plot.png", file=sys.stderr)
     print(f"\n{task}: {args.model}, seeds {','.join(map(str, seeds))}; mean ± 95 % CI over seeds "
