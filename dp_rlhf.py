@@ -19,6 +19,7 @@ Everything runs offline by default (a tiny built-in GPT-2 and synthetic private 
     python dp_rlhf.py sentiment --epsilon 4        # IMDb-style, public reward, SFT -> DPPPO
     python dp_rlhf.py rlhf --epsilon 4             # TL;DR-style, SFT -> DP reward model -> DPPPO
     python dp_rlhf.py bench                        # cost of DP-SGD against a non-private step
+    python dp_rlhf.py bench ppo                    # one DPPPO iteration by phase (beside TRL with --trl)
 """
 
 from __future__ import annotations
@@ -136,25 +137,27 @@ def get_privacy_spent(*, orders, rdp, delta: float) -> tuple[float, float]:
 
 
 def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
-                         steps: int, epsilon_tolerance: float = 0.01, orders=None) -> float:
-    """Smallest sigma (to `epsilon_tolerance` in epsilon) whose epsilon never exceeds the target.
+                         steps: int, epsilon_tolerance: float = 0.01, accountant=None) -> float:
+    """Smallest sigma (to `epsilon_tolerance` in epsilon) whose epsilon never exceeds the target,
+    as the accountant class `accountant` (default `ACCOUNTANT`) counts it.
 
     Bisection keeps the invariant eps(sigma_high) <= target, and sigma_high is what we return.
     """
-    orders = DEFAULT_ORDERS if orders is None else orders
+    accountant = accountant or ACCOUNTANT
     if not target_epsilon > 0:
         raise ValueError(f"target epsilon {target_epsilon} must be > 0")
     if math.isinf(target_epsilon) or steps == 0 or sample_rate == 0:
         return 0.0
-    floor = get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=target_delta)[0]
+    floor = accountant.epsilon_floor(target_delta)
     if target_epsilon <= floor:  # infinite noise still pays the conversion's delta term
         raise UserError(f"epsilon {target_epsilon:g} is not allowed at delta {target_delta:g}: even infinite noise "
-                        f"spends {floor:.4f} in the RDP-to-(epsilon, delta) conversion (largest order "
-                        f"{max(orders):g}); ask for a larger epsilon or delta")
+                        f"spends {floor:.4f} in the {accountant.mechanism.upper()}-to-(epsilon, delta) conversion; "
+                        "ask for a larger epsilon or delta")
 
     def eps(sigma):
-        rdp = compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders)
-        return get_privacy_spent(orders=orders, rdp=rdp, delta=target_delta)[0]
+        acc = accountant()
+        acc.step(noise_multiplier=sigma, sample_rate=sample_rate, num_steps=steps)
+        return acc.get_epsilon(target_delta)
 
     lo, hi = 0.0, 10.0
     eps_hi = eps(hi)
@@ -179,6 +182,12 @@ class MomentsAccountant:
 
     The history is run-length encoded, so `get_epsilon` costs one `compute_rdp` per distinct
     (sigma, q) pair, whatever the number of steps.
+
+    This is the accountant interface; everything else (sigma calibration, each stage's ledger,
+    sequential composition, checkpoints) goes through it and `ACCOUNTANT`, so another accountant
+    (PRV, PLD, GDP) is a class with these six members assigned to `ACCOUNTANT`: `mechanism`,
+    `step`, `get_epsilon`, `epsilon_floor` (the epsilon of infinite noise, 0 if none),
+    `state_dict`, `load_state_dict`.
     """
 
     mechanism = "rdp"
@@ -206,11 +215,20 @@ class MomentsAccountant:
     def get_epsilon(self, delta: float, orders=None) -> float:
         return self.get_privacy_spent(delta=delta, orders=orders)[0]
 
+    @staticmethod
+    def epsilon_floor(delta: float, orders=None) -> float:
+        """What the RDP-to-(epsilon, delta) conversion charges even for zero RDP (infinite noise)."""
+        orders = DEFAULT_ORDERS if orders is None else orders
+        return get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)[0]
+
     def state_dict(self) -> dict:
         return {"history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state: dict):
         self.history = [list(h) for h in state["history"]]
+
+
+ACCOUNTANT = MomentsAccountant  # the accountant every stage uses; swap it here (or assign dp_rlhf.ACCOUNTANT)
 
 
 # =============================================================================================
@@ -444,8 +462,9 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask):
-        h = hidden_states(self.lm, input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, start: int = 0):
+        """(logits, values) at positions start.. only (the heads need not see the prompt)."""
+        h = hidden_states(self.lm, input_ids, attention_mask)[:, start:]
         return self.lm.lm_head(h), self.value_head(h).squeeze(-1)
 
 
@@ -751,7 +770,6 @@ def public_tokenizer(corpus: list[str], vocab_size: int):
 
 def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu") -> str:
     """Path of the built-in base model, pre-training it on the public corpus once (cached)."""
-    from tqdm.auto import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
 
     key = "-".join(f"{v}" for v in dataclasses.astuple(args))
@@ -772,13 +790,13 @@ def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=args.n_embd,
                         n_layer=args.n_layer, n_head=args.n_head, bos_token_id=eos,
                         eos_token_id=eos, pad_token_id=eos, attn_implementation="eager",
+                        activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU, fused
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(args.steps), desc="pre-training the built-in base model (public data, once)",
-               disable=None, leave=False)
+    bar = Progress(args.steps, "pre-training the built-in base model (public data, once, about 2 min on 2 cores)")
     for step in bar:
         # The copy curriculum: rows [eos] s s of random tokens s, the loss on the second s. Only
         # such rows at first, then a quarter of each batch; without the block at the start, a model
@@ -910,44 +928,88 @@ def _hub_error(spec: str, what: str, offline_hint: str, err: Exception) -> UserE
 
 def load_lm(spec: str, device: str, base: BaseModelArgs = BaseModelArgs()):
     """(GPT-2 LM, tokenizer) from 'builtin', a Hub id (gpt2, gpt2-medium, ...) or a local dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     path = builtin_base_model(base, device) if spec == "builtin" else os.path.expanduser(spec)
     hint = "--model builtin or a local directory saved with save_pretrained"
     _hub_guard(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "activation_function", None) == "gelu_new":  # GPT-2's tanh GELU, as one fused
+            config.activation_function = "gelu_pytorch_tanh"             # kernel: 5 memory passes -> 1
+        lm = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation="eager", dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise _hub_error(path, "model", hint, e) from None
     _attn_blocks(lm)  # GPT-2 architecture check, one line if not
+    if not tokenizer("hello world")["input_ids"]:
+        raise UserError(f"model '{spec}' has no usable tokenizer (every text encodes to nothing); save one beside "
+                        "it with tokenizer.save_pretrained (tokenizer.json, or vocab.json + merges.txt)")
+    if len(tokenizer) > lm.config.vocab_size:
+        raise UserError(f"model '{spec}' has {lm.config.vocab_size} token embeddings but its tokenizer "
+                        f"{len(tokenizer)} tokens; use the tokenizer it was trained with")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm.to(device).eval(), tokenizer
 
 
-def load_records(spec: str, columns: tuple[str, ...], split: str = "train") -> list[dict]:
-    """Rows with `columns` from a Hub dataset id or a local .jsonl/.json/.csv/.parquet file."""
+def check_fits(lm: nn.Module, args):
+    """Every sequence a stage builds fits the model's positions (else an IndexError mid-run)."""
+    for name in ("sft", "rm", "ppo"):
+        stage = getattr(args, name, None)
+        if stage is None:
+            continue
+        flag, tail = (("response-max", stage.response_max) if name == "ppo" else
+                      ("max-completion", stage.max_completion))
+        longest = 1 + stage.max_prompt + tail + (name != "ppo")  # [bos] prompt completion [eos]
+        if longest > lm.config.n_positions:
+            raise UserError(f"--{name}-max-prompt {stage.max_prompt} with --{name}-{flag} {tail} is not allowed: "
+                            f"{longest} tokens, the model has {lm.config.n_positions} positions")
+
+
+def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user_columns: tuple = ()) -> list[dict]:
+    """Rows with `columns` (text) and `user_columns` (any non-null id) from a Hub dataset id or a
+    local .jsonl/.json/.csv/.parquet file."""
     import datasets
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors reach us as exceptions
     hint = "--dataset builtin or a local .jsonl/.csv/.parquet file"
     ext = os.path.splitext(spec)[1].lower()
     if _is_local(spec) and not os.path.exists(os.path.expanduser(spec)):
         raise UserError(f"dataset file '{spec}' does not exist")
+    path = os.path.expanduser(spec)
+    if _is_local(spec) and os.path.isfile(path) and os.path.getsize(path) < 65536:
+        with open(path, "rb") as f:
+            if not f.read().strip():
+                raise UserError(f"dataset file '{spec}' is empty")
     _hub_guard(spec)
     try:
         if _is_local(spec):
             kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(ext)
             if kind is None:
                 raise UserError(f"dataset file '{spec}' has extension '{ext}'; allowed: .jsonl .json .csv .parquet")
-            ds = datasets.load_dataset(kind, data_files=os.path.expanduser(spec), split="train")
+            try:
+                ds = datasets.load_dataset(kind, data_files=os.path.expanduser(spec), split="train")
+            except Exception as e:  # an empty, truncated or malformed file: the parser's own error types
+                cause = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise UserError(f"cannot read dataset file '{spec}' as {kind}: {cause}") from None
         else:
             ds = datasets.load_dataset(spec, split=split)
     except (OSError, ValueError, ConnectionError, FileNotFoundError) as e:
         raise _hub_error(spec, "dataset", hint, e) from None
+    columns = tuple(columns) + tuple(user_columns)
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise UserError(f"dataset '{spec}' lacks column(s) {missing}; it has {ds.column_names}")
-    return [{c: row[c] for c in columns} for row in ds]
+    rows = [{c: row[c] for c in columns} for row in ds]
+    if not rows:
+        raise UserError(f"dataset '{spec}' has no rows")
+    for i, row in enumerate(rows):  # a null or a number would silently train on "None" or "5"
+        bad = [c for c in columns if c not in user_columns and not (isinstance(row[c], str) and row[c].strip())]
+        bad += [c for c in user_columns if row[c] is None]
+        if bad:
+            raise UserError(f"dataset '{spec}' row {i}: column '{bad[0]}' is {row[bad[0]]!r}; "
+                            f"{'a user id must not be null' if bad[0] in user_columns else 'it must be non-empty text'}")
+    return rows
 
 
 def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
@@ -1019,12 +1081,11 @@ def trainable(module: nn.Module) -> dict:
 
 
 def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, device, generator,
-             log=None, stage: str, aux_name: str | None = None) -> dict:
+             log=None, stage: str, aux_name: str | None = None, ckpt: Checkpoint | None = None) -> dict:
     """Algorithm 2 as a training loop, shared by stages 1 and 2. `data` holds tensors whose first
     dimension is the private example and data[1] is the attention mask. sigma is calibrated for
     (epsilon, delta) over the planned steps; each step Poisson-samples, clips, noises and takes an
     AdamW step, and advances the accountant. epsilon=inf: the same loop, no clipping, no noise."""
-    from tqdm.auto import tqdm
     n = data[0].shape[0]
     q = min(1.0, args.batch_size / n)
     steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
@@ -1032,10 +1093,13 @@ def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, d
     sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
                                  steps=steps) if private else 0.0
     params = trainable(module)
+    if ckpt is not None and (done := ckpt.finished(stage, params)) is not None:
+        return done
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
-    accountant = MomentsAccountant()
-    bar = tqdm(range(steps), desc=f"{stage} (eps={epsilon:g}, sigma={sigma:.3f})", disable=None, leave=False)
-    nonfinite = 0
+    accountant = ACCOUNTANT()
+    start, extra = ckpt.resume(stage, params, opt, accountant) if ckpt else (0, {})
+    nonfinite = extra.get("nonfinite", 0)
+    bar = Progress(steps, f"{stage} (eps={epsilon:g}, sigma={sigma:.3f})", start=start)
     for step in bar:
         idx = poisson_sample(n, q, generator)
         batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
@@ -1046,24 +1110,32 @@ def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, d
         nonfinite += bad
         if private:
             accountant.step(noise_multiplier=sigma, sample_rate=q)
-        if log is not None and (step % 20 == 0 or step == steps - 1):
+        if step % 20 == 0 or step == steps - 1:
             row = {f"{stage}/step": step, f"{stage}/batch_size": len(idx), f"{stage}/nonfinite_grads": nonfinite,
                    "privacy/epsilon": accountant.get_epsilon(delta) if private else math.inf}
             if aux_name is not None:
                 row[f"{stage}/{aux_name}"] = aux.mean().item() if aux is not None else float("nan")
-            log(row)
-    return ledger_entry(accountant, epsilon, delta, sigma, q, steps, n)
+            bar.set_postfix(eps=f"{row['privacy/epsilon']:.2f}",
+                            **({aux_name: f"{row[f'{stage}/{aux_name}']:.3f}"} if aux_name else {}))
+            if log is not None:
+                log(row)
+        if ckpt is not None:
+            ckpt.mark(stage, step + 1, params, opt, accountant, {"nonfinite": nonfinite})
+    entry = ledger_entry(accountant, epsilon, delta, sigma, q, steps, n)
+    if ckpt is not None:
+        ckpt.finish(stage, params, entry)
+    return entry
 
 
 def dp_sft(lm, tokenizer, prompts, completions, *, epsilon, delta, args: SFTArgs, device,
-           generator, log=None) -> dict:
+           generator, log=None, ckpt=None) -> dict:
     """Stage 1. Fine-tune LoRA on (prompt, completion) pairs with DP-SGD (Algorithm 2), the loss
     on the completion only. Returns the ledger entry."""
     model = CausalLM(lm)
     data = encode(tokenizer, prompts, completions, max_prompt=args.max_prompt,
                   max_completion=args.max_completion)
     return dp_train(model, sft_loss(model), data, epsilon=epsilon, delta=delta, args=args, device=device,
-                    generator=generator, log=log, stage="sft")
+                    generator=generator, log=log, stage="sft", ckpt=ckpt)
 
 
 def ledger_entry(accountant, epsilon, delta, sigma, q, steps, n) -> dict:
@@ -1113,12 +1185,12 @@ def reward_loss(rm: nn.Module):
 
 
 def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, *, epsilon, delta,
-                    args: RMArgs, device, generator, log=None) -> dict:
+                    args: RMArgs, device, generator, log=None, ckpt=None) -> dict:
     """Stage 2. Train LoRA + the scalar head on comparisons with DP-SGD. Returns the ledger entry."""
     data = encode_comparisons(tokenizer, prompts, chosen, rejected, max_prompt=args.max_prompt,
                               max_completion=args.max_completion)
     return dp_train(rm, reward_loss(rm), data, epsilon=epsilon, delta=delta, args=args, device=device,
-                    generator=generator, log=log, stage="rm", aux_name="accuracy")
+                    generator=generator, log=log, stage="rm", aux_name="accuracy", ckpt=ckpt)
 
 
 @torch.no_grad()
@@ -1169,6 +1241,15 @@ def load_reward_model(path: str, device: str = "cpu"):
 # =============================================================================================
 
 
+def sample_categorical(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One index per row of `probs` [B, V] by inverting the CDF at a uniform draw: the same
+    distribution as torch.multinomial, one random number per row instead of V exponentials (which
+    were 40 % of sampling time on CPU)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
 @torch.no_grad()
 def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False):
     """Pure ancestral sampling (no top-k/top-p/min-length, so KL estimates are valid) from
@@ -1194,8 +1275,7 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
         cache = out.get("cache", out.get("past_key_values"))
         h = out.last_hidden_state[:, -1]
         logp = lm.lm_head(h).float().log_softmax(-1)
-        nxt = (logp.argmax(-1) if greedy else
-               torch.multinomial(logp.exp().cpu(), 1, generator=generator).squeeze(1).to(ids.device))
+        nxt = logp.argmax(-1) if greedy else sample_categorical(logp.exp(), generator)
         alive = alive & (t < limit)
         logprobs.append(logp.gather(1, nxt[:, None]).squeeze(1) * alive)
         hidden.append(h * alive[:, None])
@@ -1237,8 +1317,11 @@ def ppo_loss(policy: nn.Module, *, cliprange: float, cliprange_value: float, vf_
     """loss_fn for one trajectory: clipped surrogate + vf_coef * clipped value loss, each the
     mean over *its own* response tokens (TRL's per-token losses, without batch statistics)."""
     def loss_fn(params, ids, mask, action_mask, old_logprobs, old_values, advantages, returns):
-        logits, values = functional_call(policy, params, (ids[None], mask[None]))
-        logprobs, values = token_logprobs(logits, ids[None])[0], values[0, :-1]
+        # The per-token inputs may cover only the last target columns (the response): start is
+        # static (shapes), so vmap sees no data-dependent slicing.
+        start = ids.shape[-1] - 1 - action_mask.shape[-1]
+        logits, values = functional_call(policy, params, (ids[None], mask[None], start))
+        logprobs, values = token_logprobs(logits, ids[None, start:])[0], values[0, :-1]
         ratio = torch.exp(logprobs - old_logprobs)
         pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
         v_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
@@ -1271,7 +1354,7 @@ class PPOArgs:
     response_min: int = arg(4, "fewest new tokens (a per-trajectory length is drawn uniformly in [min, max])")
     response_max: int = arg(16, "most new tokens")
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
-    chunk_size: int = arg(16, "vectorise this many trajectories at a time in per-sample gradients (0: all)")
+    chunk_size: int = arg(64, "vectorise this many trajectories at a time in per-sample gradients (0: all; 64: fastest on CPU)")
     epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
 
     def validate(self, epsilon: float):
@@ -1285,6 +1368,13 @@ class PPOArgs:
         if not 1 <= self.response_min <= self.response_max:
             raise UserError(f"--ppo-response-min {self.response_min} / --ppo-response-max {self.response_max} "
                             "are not allowed; need 1 <= min <= max")
+        if self.minibatches < 1:
+            raise UserError(f"--ppo-minibatches {self.minibatches} is not allowed; it must be >= 1")
+        for name in ("kl_coef", "vf_coef", "cliprange", "cliprange_value", "lam", "gamma"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf or (name in ("lam", "gamma") and value > 1):
+                allowed = "in [0, 1]" if name in ("lam", "gamma") else "a finite number >= 0"
+                raise UserError(f"--ppo-{name.replace('_', '-')} {value} is not allowed; it must be {allowed}")
 
 
 @dataclass
@@ -1304,15 +1394,41 @@ class Rollout:
         return self.ids.shape[0]
 
 
+class Stopwatch:
+    """Seconds per phase of a loop iteration, `with clock("phase"):` (CUDA runs asynchronously,
+    so it is synchronised at both ends). Read by `bench ppo`, logged as time/<phase>."""
+
+    def __init__(self, device="cpu"):
+        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self.sync()
+        t = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
+
+
 @torch.no_grad()
-def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id) -> Rollout:
+def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id,
+            clock: Stopwatch | None = None) -> Rollout:
     """Sample responses; the sampler's log-probs and hidden states give pi_old and V_old, so only
     the reference model needs another forward pass."""
+    clock = clock or Stopwatch()
     policy.eval()
-    ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
-                                              generator=generator, eos_id=eos_id)
-    with lora_disabled(policy):  # the frozen SFT model: same network, LoRA off
-        ref_logprobs = token_logprobs(CausalLM(policy.lm)(ids, mask), ids) * act if len(ids) else logprobs
+    with clock("sampling"):
+        ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
+                                                  generator=generator, eos_id=eos_id)
+    p = prompt_ids.shape[1]  # the LM head only where a response token is predicted: columns p-1..
+    with clock("reference"), lora_disabled(policy):  # the frozen SFT model: same network, LoRA off
+        if len(ids):  # (an empty Poisson batch has nothing to score)
+            h = hidden_states(policy.lm, ids, mask)[:, p - 1:]
+            ref_logprobs = torch.cat([torch.zeros_like(logprobs[:, :p - 1]),
+                                      token_logprobs(policy.lm.lm_head(h), ids[:, p - 1:])], 1) * act
+        else:
+            ref_logprobs = logprobs
     return Rollout(ids, mask, act, logprobs, ref_logprobs, policy.value_head(hidden).squeeze(-1) * act)
 
 
@@ -1342,10 +1458,9 @@ def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
 
 
 def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsilon, delta,
-          args: PPOArgs, device, generator, eos_id=None, log=None) -> dict:
+          args: PPOArgs, device, generator, eos_id=None, log=None, ckpt: Checkpoint | None = None) -> dict:
     """Stage 3, Algorithm 3. Per iteration: Poisson-sample prompts from D3, roll out, score
     (Eq. 2), GAE, then one epoch of DP-SGD over k minibatches. Returns the ledger entry."""
-    from tqdm.auto import tqdm
     private = math.isfinite(epsilon)
     args.validate(epsilon)
     p_ids, p_mask, _ = encode(tokenizer, prompts, max_prompt=args.max_prompt)
@@ -1354,30 +1469,36 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
     sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
                                  steps=args.steps) if private else 0.0
     params = trainable(policy)
+    if ckpt is not None and (done := ckpt.finished("ppo", params)) is not None:
+        return done
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
     loss_fn = ppo_loss(policy, cliprange=args.cliprange, cliprange_value=args.cliprange_value,
                        vf_coef=args.vf_coef)
-    accountant = MomentsAccountant()
-    bar = tqdm(range(args.steps), desc=f"DPPPO (eps={epsilon:g}, sigma={sigma:.3f})", disable=None, leave=False)
-    nonfinite, baselines = 0, {}
+    accountant = ACCOUNTANT()
+    start, extra = ckpt.resume("ppo", params, opt, accountant) if ckpt else (0, {})
+    bar = Progress(args.steps, f"ppo (eps={epsilon:g}, sigma={sigma:.3f})", start=start)
+    nonfinite, baselines = extra.get("nonfinite", 0), {}
     for it in bar:
+        clock = Stopwatch(device)
         # 1. Poisson-sample prompts x from D3 (an empty batch still takes its noisy steps).
         idx = poisson_sample(n, q, generator)
         prompt_ids, prompt_mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
         lengths = torch.randint(args.response_min, args.response_max + 1, (len(idx),), generator=generator)
         # 2. Roll out y ~ pi(. | x), keeping log pi_old, log LM_sft and V_old per response token.
-        ro = rollout(policy, prompt_ids, prompt_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id)
+        ro = rollout(policy, prompt_ids, prompt_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id,
+                     clock=clock)
         # 3. Score r(x, y), spread Eq. 2 over the tokens, and estimate advantages (GAE).
         batch_prompts = [prompts[i] for i in idx.tolist()]
-        scores = reward_fn(batch_prompts, decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)).to(device).float()
-        # b(x) depends on nothing but this trajectory's own prompt: the policy gradient stays
-        # unbiased and no statistic crosses trajectories (unlike TRL's batch whitening).
-        new = [j for j, i in enumerate(idx.tolist()) if i not in baselines]  # b(x) is fixed: once per prompt
-        if new:
-            rows = torch.tensor(new, dtype=torch.long, device=device)
-            b = prompt_baseline(policy, tokenizer, reward_fn, [batch_prompts[j] for j in new],
-                                *trim_left(prompt_ids[rows], prompt_mask[rows], mask=prompt_mask[rows]), args, eos_id)
-            baselines.update(zip(idx[new].tolist(), b.tolist()))
+        with clock("reward"):
+            scores = reward_fn(batch_prompts, decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)).to(device).float()
+            # b(x) depends on nothing but this trajectory's own prompt: the policy gradient stays
+            # unbiased and no statistic crosses trajectories (unlike TRL's batch whitening).
+            new = [j for j, i in enumerate(idx.tolist()) if i not in baselines]  # b(x) is fixed: once per prompt
+            if new:
+                rows = torch.tensor(new, dtype=torch.long, device=device)
+                b = prompt_baseline(policy, tokenizer, reward_fn, [batch_prompts[j] for j in new],
+                                    *trim_left(prompt_ids[rows], prompt_mask[rows], mask=prompt_mask[rows]), args, eos_id)
+                baselines.update(zip(idx[new].tolist(), b.tolist()))
         baseline = torch.tensor([baselines[i] for i in idx.tolist()], device=device)
         rewards, kl = kl_rewards(scores - baseline, ro.logprobs, ro.ref_logprobs, ro.action_mask, args.kl_coef)
         advantages, returns = gae(rewards, ro.values, ro.action_mask, gamma=args.gamma, lam=args.lam)
@@ -1388,18 +1509,20 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
         # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss: each trajectory goes to one of k
         #    minibatches, drawn independently of the data, so it is in exactly one noisy update.
         minibatch_of = torch.randint(k, (len(idx),), generator=generator)
-        batch = (ro.ids, ro.mask, ro.action_mask, ro.logprobs, ro.values, advantages, returns)
+        r = slice(prompt_ids.shape[1] - 1, None)  # target columns that can hold response tokens
+        batch = (ro.ids, ro.mask, ro.action_mask[:, r], ro.logprobs[:, r], ro.values[:, r], advantages[:, r], returns[:, r])
         stats = []
-        for _ in range(args.epochs):
-            for j in range(k):
-                sel = (minibatch_of == j).nonzero().flatten().to(device)
-                aux, bad = dp_step(loss_fn, params, tuple(x[sel] for x in batch), opt,
-                                   max_grad_norm=args.max_grad_norm if private else math.inf,
-                                   noise_multiplier=sigma, expected_batch_size=q * n / k,
-                                   chunk_size=args.chunk_size, generator=generator, has_aux=True)
-                nonfinite += bad
-                if aux is not None:
-                    stats.append(aux)
+        with clock("update"):
+            for _ in range(args.epochs):
+                for j in range(k):
+                    sel = (minibatch_of == j).nonzero().flatten().to(device)
+                    aux, bad = dp_step(loss_fn, params, tuple(x[sel] for x in batch), opt,
+                                       max_grad_norm=args.max_grad_norm if private else math.inf,
+                                       noise_multiplier=sigma, expected_batch_size=q * n / k,
+                                       chunk_size=args.chunk_size, generator=generator, has_aux=True)
+                    nonfinite += bad
+                    if aux is not None:
+                        stats.append(aux)
         if private:
             accountant.step(noise_multiplier=sigma, sample_rate=q)
         eps_now = accountant.get_epsilon(delta) if private else math.inf
@@ -1407,11 +1530,17 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
         row = {"ppo/step": it, "ppo/batch_size": len(idx), "ppo/reward_mean": scores.mean().item(),
                "ppo/kl": kl.mean().item(), "ppo/loss_policy": aux[0], "ppo/loss_value": aux[1],
                "ppo/clip_frac": aux[2], "ppo/response_len": ro.action_mask.sum(-1).mean().item(),
-               "ppo/nonfinite_grads": nonfinite, "privacy/epsilon": eps_now}
-        bar.set_postfix(reward=f"{row['ppo/reward_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}")
+               "ppo/nonfinite_grads": nonfinite, "privacy/epsilon": eps_now,
+               **{f"time/{phase}": sec for phase, sec in clock.seconds.items()}}
+        bar.set_postfix(reward=f"{row['ppo/reward_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}", eps=f"{eps_now:.2f}")
         if log is not None:
             log(row)
-    return ledger_entry(accountant, epsilon, delta, sigma, q, args.steps, n)
+        if ckpt is not None:
+            ckpt.mark("ppo", it + 1, params, opt, accountant, {"nonfinite": nonfinite})
+    entry = ledger_entry(accountant, epsilon, delta, sigma, q, args.steps, n)
+    if ckpt is not None:
+        ckpt.finish("ppo", params, entry)
+    return entry
 
 
 def decode_responses(tokenizer, ids, action_mask, eos_id) -> list[str]:
@@ -1494,26 +1623,177 @@ def prefix_prompts(tokenizer, texts: list[str], lo: int, hi: int, seed: int) -> 
     return [tokenizer.decode(t[:int(rng.integers(lo, hi + 1))]) for t in ids]
 
 
-class RunLog:
-    """metrics.jsonl writer plus a one-line status for each logging interval."""
+class Progress:
+    """range(steps) with a progress bar on a terminal, and where there is none (piped, logged, CI)
+    a start line, a status line every `every` seconds and an end line: stage, step/total, the
+    postfix (epsilon spent, reward...), elapsed and ETA."""
 
-    def __init__(self, out_dir: str, every: int = 10):
-        self.path, self.every, self.t0 = os.path.join(out_dir, "metrics.jsonl"), every, time.time()
-        os.makedirs(out_dir, exist_ok=True)
-        self.file = open(self.path + ".partial", "w")
+    def __init__(self, steps: int, desc: str, start: int = 0,
+                 every: float = float(os.environ.get("DP_RLHF_STATUS_EVERY", 30))):
+        from tqdm.auto import tqdm
+        self.steps, self.start, self.desc, self.every, self.postfix = steps, start, desc, every, {}
+        self.bar = tqdm(range(start, steps), desc=desc, leave=False, initial=start, total=steps) \
+            if sys.stderr.isatty() else None
+
+    def set_postfix(self, **values):
+        self.postfix = values
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+
+    def _line(self, step: int, t0: float):
+        elapsed = time.time() - t0
+        eta = elapsed / (step - self.start) * (self.steps - step) if step > self.start else float("nan")
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {step}/{self.steps}{extra}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", file=sys.stderr)
+
+    def __iter__(self):
+        if self.bar is not None:
+            yield from self.bar
+            return
+        t0 = last = time.time()
+        print(f"{self.desc}: {self.steps} steps" + (f", from step {self.start}" if self.start else ""), file=sys.stderr)
+        for step in range(self.start, self.steps):
+            yield step
+            if time.time() - last >= self.every:
+                last = time.time()
+                self._line(step + 1, t0)
+        self._line(self.steps, t0)
+
+
+class RunLog:
+    """metrics.jsonl: one JSON row per logged step (inside the run's unfinished directory)."""
+
+    def __init__(self, out_dir: str):
+        self.t0 = time.time()
+        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # a resumed run goes on
 
     def __call__(self, row: dict):
         row = {**row, "time/seconds": round(time.time() - self.t0, 2)}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        if "ppo/step" in row and row["ppo/step"] % self.every == 0:
-            print(f"ppo iter {row['ppo/step']:4d}: reward {row['ppo/reward_mean']:+.3f}  "
-                  f"kl {row['ppo/kl']:.3f}  clip {row['ppo/clip_frac']:.3f}  "
-                  f"eps {row['privacy/epsilon']:.3f}", file=sys.stderr)
 
     def close(self):
         self.file.close()
-        os.replace(self.path + ".partial", self.path)
+
+
+class Checkpoint:
+    """What --resume needs, in <out>.partial/checkpoint/ (safetensors + JSON, each file written
+    then renamed): each finished stage's trained parameters and ledger entry, and for the stage in
+    progress its parameters, AdamW state, accountant history and next step, as of the last
+    *finished* iteration. An interrupted iteration is redone from there with fresh noise and a
+    fresh Poisson sample: nothing of it left the process, and its accountant step was not taken,
+    so the parameters never run ahead of the ledger. The generator is never saved (it is secret)."""
+
+    def __init__(self, work: str, every: int, config: dict | None = None):
+        self.dir, self.every, self.latest = os.path.join(work, "checkpoint"), every, None
+        path = os.path.join(self.dir, "meta.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                self.meta = json.load(f)
+        else:
+            self.meta = {"config": config, "finished": {}, "current": None}
+
+    def _tensors(self, name: str) -> dict:
+        from safetensors.torch import load_file
+        return load_file(os.path.join(self.dir, name))
+
+    def _write(self, name: str | None, tensors: dict | None):
+        from safetensors.torch import save_file
+        os.makedirs(self.dir, exist_ok=True)
+        if name is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      os.path.join(self.dir, name + ".partial"))
+            os.replace(os.path.join(self.dir, name + ".partial"), os.path.join(self.dir, name))
+        write_json(os.path.join(self.dir, "meta.json"), self.meta)  # last: it names the files in use
+        in_use = {f"{k}.safetensors" for k in self.meta["finished"]} | {(self.meta["current"] or {}).get("file")}
+        for old in os.listdir(self.dir):
+            if old.endswith(".safetensors") and old not in in_use:
+                os.remove(os.path.join(self.dir, old))
+
+    def finished(self, stage: str, params: dict) -> dict | None:
+        """A finished stage's ledger entry, its parameters loaded into `params`; else None."""
+        if stage not in self.meta["finished"]:
+            return None
+        with torch.no_grad():
+            for k, t in self._tensors(f"{stage}.safetensors").items():
+                params[k].copy_(t)
+        print(f"resume: {stage} finished before, its parameters restored", file=sys.stderr)
+        return self.meta["finished"][stage]
+
+    def finish(self, stage: str, params: dict, ledger: dict):
+        self.meta["finished"][stage], self.meta["current"], self.latest = ledger, None, None
+        self._write(f"{stage}.safetensors", params)
+
+    def resume(self, stage: str, params: dict, optimizer, accountant) -> tuple[int, dict]:
+        """(next step, extra) of `stage` in progress, its state loaded; (0, {}) to start afresh."""
+        cur = self.meta["current"]
+        if not cur or cur["stage"] != stage:
+            return 0, {}
+        tensors = self._tensors(cur["file"])
+        with torch.no_grad():
+            for k in params:
+                params[k].copy_(tensors[f"param/{k}"])
+        state = {int(i): {} for i in cur["optimizer_state"]}
+        for key, t in tensors.items():
+            if key.startswith("opt/"):
+                _, i, name = key.split("/")
+                state[int(i)][name] = t
+        optimizer.load_state_dict({"state": state, "param_groups": cur["param_groups"]})
+        accountant.load_state_dict(cur["accountant"])
+        print(f"resume: {stage} from step {cur['step']}", file=sys.stderr)
+        return cur["step"], cur["extra"]
+
+    def mark(self, stage: str, step: int, params: dict, optimizer, accountant, extra: dict):
+        """Call after each finished iteration (`step` = the next one): a copy in memory, and on
+        disk every `every` iterations."""
+        opt = optimizer.state_dict()
+        tensors = {f"param/{k}": p.detach().clone() for k, p in params.items()}
+        tensors.update({f"opt/{i}/{n}": t.detach().clone() for i, st in opt["state"].items() for n, t in st.items()})
+        self.latest = (tensors, {"stage": stage, "step": step, "file": f"current-{stage}-{step}.safetensors",
+                                 "optimizer_state": list(opt["state"]), "param_groups": opt["param_groups"],
+                                 "accountant": accountant.state_dict(), "extra": extra})
+        if self.every and step % self.every == 0:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write the last finished iteration (on Ctrl-C, on a crash); whether a checkpoint exists."""
+        if self.latest is not None:
+            tensors, self.meta["current"] = self.latest
+            self._write(self.meta["current"]["file"], tensors)
+            self.latest = None
+        return bool(self.meta["finished"] or self.meta["current"])
+
+
+_UNFINISHED = {}  # run directories being written -> their Checkpoint; kept only if resumable
+
+
+def begin_run(out: str, overwrite: bool) -> str:
+    """The directory a run writes into: `<out>.partial`, renamed to `<out>` by `finish_run` only
+    when everything is written. A run's outputs are all there or not at all, and an existing run
+    is never mixed with a new one: it is refused, or with --overwrite replaced whole at the end."""
+    import shutil
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is an existing file; give a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"--out {out} already holds a run; add --overwrite to replace it, or give another --out")
+    work = out.rstrip("/") + ".partial"
+    if os.path.exists(os.path.join(work, "checkpoint", "meta.json")) and not overwrite:
+        raise UserError(f"{work} holds an interrupted run: continue it with --resume {work}, or add --overwrite")
+    shutil.rmtree(work, ignore_errors=True)  # what an earlier crash left
+    os.makedirs(work)
+    return work
+
+
+def finish_run(work: str, out: str):
+    import shutil
+    old = out.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out):
+        os.replace(out, old)
+    shutil.rmtree(os.path.join(work, "checkpoint"), ignore_errors=True)
+    os.replace(work, out)
+    _UNFINISHED.pop(work, None)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str, text: str):
@@ -1542,9 +1822,10 @@ def compose_ledger(stages: dict, delta: float, composition: str) -> float:
         return max(s["epsilon"] for s in stages.values())
     if any(math.isinf(s["epsilon"]) for s in stages.values()):
         return math.inf
-    rdp = sum(compute_rdp(q=s["sample_rate"], noise_multiplier=s["noise_multiplier"],
-                          steps=s["steps"], orders=DEFAULT_ORDERS) for s in stages.values())
-    return get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=delta)[0]
+    accountant = ACCOUNTANT()  # one accountant over every stage's steps: RDP adds them up
+    for s in stages.values():
+        accountant.step(noise_multiplier=s["noise_multiplier"], sample_rate=s["sample_rate"], num_steps=s["steps"])
+    return accountant.get_epsilon(delta)
 
 
 @dataclass
@@ -1555,7 +1836,10 @@ class CommonArgs:
     delta: float | None = arg(None, "target delta (default 1/|D|, D = all private examples of the run)")
     seed: int = arg(0, "public seed: data split, initial weights, evaluation (DP noise and sampling use secret entropy)")
     reproducible_noise: bool = arg(False, "draw DP noise and sampling from --seed too (classrooms; the guarantee then assumes the seed is secret)")
-    out: str | None = arg(None, "output directory (default runs/<task>-eps<epsilon>-seed<seed>)")
+    out: str | None = arg(None, "output directory (default runs/<task>-eps<epsilon>-seed<seed>); written as <out>.partial, renamed when done")
+    overwrite: bool = arg(False, "replace an existing --out (whole, once the new run has finished); without it a non-empty --out is refused")
+    resume: str | None = arg(None, "continue an interrupted run from its <out>.partial directory, with the settings it was started with")
+    checkpoint_every: int = arg(10, "write a checkpoint to <out>.partial every N iterations of a stage (also on Ctrl-C or a crash; 0: only then)")
     device: str | None = arg(None, "'cpu' or 'cuda' (default: cuda when available)")
     base: BaseModelArgs = field(default_factory=BaseModelArgs)
 
@@ -1579,10 +1863,11 @@ class SentimentArgs(RunArgs):
     reward_label: str | None = arg(None, "its label to score (name or index; default: one named like 'positive', else 1)")
     prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)")
     prompt_max: int = arg(8, "most prompt tokens")
+    num_sft: int = arg(5000, "examples in D1 (built-in data; real data is split by a keyed hash)")
     num_ppo: int = arg(40000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
     num_test: int = arg(2000, "evaluation prompts (real data: from the public test split where the dataset has one)")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=75, batch_size=1024))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=1024))
 
 
 def _setup(args: CommonArgs, task: str):
@@ -1590,14 +1875,29 @@ def _setup(args: CommonArgs, task: str):
         raise UserError(f"--epsilon {args.epsilon} is not allowed; use a number > 0 or 'inf'")
     if args.delta is not None and not 0 < args.delta < 1:
         raise UserError(f"--delta {args.delta} is not allowed; it must be in (0, 1)")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed} is not allowed; it must be an integer >= 0")
     if getattr(args, "composition", "parallel") not in ("parallel", "sequential"):
         raise UserError(f"--composition '{args.composition}' is not allowed; use parallel or sequential")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device {device} is not allowed; use cpu, cuda or cuda:<index>")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} is not available here; use --device cpu")
     out = args.out or os.path.join("runs", f"{task}-eps{args.epsilon:g}-seed{args.seed}")
+    if args.resume:  # args are the checkpoint's own (main)
+        work, out = args.resume, args.resume.removesuffix(".partial")
+        ckpt = Checkpoint(work, args.checkpoint_every)
+        if args.reproducible_noise:  # replaying the seed's stream would reuse noise already added
+            print("warning: a resumed run draws secret noise; --reproducible-noise covers uninterrupted runs only",
+                  file=sys.stderr)
+    else:
+        work = begin_run(out, args.overwrite)
+        ckpt = Checkpoint(work, args.checkpoint_every, {"task": task, **config_of(args)})
+    _UNFINISHED[work] = ckpt
     torch.manual_seed(args.seed)  # public: initial weights
-    return device, out, private_generator(args.seed if args.reproducible_noise else None)
+    seed = args.seed if args.reproducible_noise and not args.resume else None
+    return device, out, work, ckpt, private_generator(seed)
 
 
 def private_generator(seed: int | None = None) -> torch.Generator:
@@ -1675,7 +1975,7 @@ def sentiment_data(args: SentimentArgs) -> tuple[list[str], list[str], list[str]
         d1, d3, test = np.split(np.array(texts, dtype=object), np.cumsum([args.num_sft, args.num_ppo]))
         return list(d1), list(d3), list(test), {"split": "generated"}
     user, key = user_key(args, "text")
-    rows = load_records(args.dataset, ("text",) + user)
+    rows = load_records(args.dataset, ("text",), user_columns=user)
     public = public_test_split(args.dataset, ("text",))
     d1, d3, *held = hash_split(rows, key, [0.5, 0.5] if public else [0.45, 0.45, 0.1], args.seed)
     test = (public or held[0])[:args.num_test]
@@ -1690,20 +1990,21 @@ def run_sentiment(args: SentimentArgs) -> dict:
     """Split -> DP SFT on D1 -> DPPPO on D3 -> evaluate pre-trained / SFT / aligned."""
     import copy
     t0 = time.time()
-    device, out, private = _setup(args, "sentiment")
+    device, out, work, ckpt, private = _setup(args, "sentiment")
     check_model_spec(args.model, "--model")
     check_model_spec(args.reward_model, "--reward-model")
     d1, d3, test, data_report = sentiment_data(args)
     report_split(data_report)
     delta = args.delta if args.delta is not None else 1 / (len(d1) + len(d3))
     base_lm, tok = load_lm(args.model, device, args.base)
+    check_fits(base_lm, args)
     reward_fn = (hub_sentiment_reward(args.reward_model, args.reward_label, device)
                  if args.reward_model else builtin_sentiment_reward)
     ppo_prompts = prefix_prompts(tok, d3, args.prompt_min, args.prompt_max, args.seed + 1)
     test_prompts = prefix_prompts(tok, test, args.prompt_min, args.prompt_max, args.seed + 2)
     lengths = torch.randint(args.ppo.response_min, args.ppo.response_max + 1, (len(test_prompts),),
                             generator=torch.Generator().manual_seed(args.seed + 3))
-    log = RunLog(out)
+    log = RunLog(work)
 
     def evaluate_model(model):
         return evaluate(model, tok, test_prompts, reward_fn, lengths=lengths, eos_id=None,
@@ -1715,16 +2016,16 @@ def run_sentiment(args: SentimentArgs) -> dict:
     # STAGE 1: DP SFT on D1 (whole reviews), then merge its LoRA: LM_sft.
     sft_lm = add_lora(copy.deepcopy(base_lm))
     ledger = {"sft": dp_sft(sft_lm, tok, [""] * len(d1), d1, epsilon=stage_epsilon(args, "sft"), delta=delta,
-                            args=args.sft, device=device, generator=private, log=log)}
+                            args=args.sft, device=device, generator=private, log=log, ckpt=ckpt)}
     merge_lora(sft_lm)
     sft_scores, sft_text = evaluate_model(CausalLM(sft_lm))
     # STAGE 3: DPPPO on D3 from LM_sft, with a fresh LoRA and value head.
     policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(device)
     ledger["ppo"] = dpppo(policy, tok, ppo_prompts, reward_fn, epsilon=stage_epsilon(args, "ppo"), delta=delta,
-                          args=args.ppo, device=device, generator=private, log=log)
+                          args=args.ppo, device=device, generator=private, log=log, ckpt=ckpt)
     al_scores, al_text = evaluate_model(policy)
     log.close()
-    save_model(merge_lora(policy.lm), tok, os.path.join(out, "policy"))
+    save_model(merge_lora(policy.lm), tok, os.path.join(work, "policy"))
     summary = {"config": config_of(args), "task": "sentiment", "model": args.model, "epsilon": args.epsilon, "delta": delta,
                "seed": args.seed, "secret_noise": not args.reproducible_noise, "data": data_report, "stages": ledger,
                "total_epsilon": compose_ledger(ledger, delta, args.composition),
@@ -1733,7 +2034,8 @@ def run_sentiment(args: SentimentArgs) -> dict:
                         "sft": {"reward": sft_scores.mean().item()},
                         "aligned": {"reward": al_scores.mean().item()}},
                "seconds": time.time() - t0}
-    write_json(os.path.join(out, "summary.json"), summary)
+    write_json(os.path.join(work, "summary.json"), summary)
+    finish_run(work, out)
     print_report(summary, test_prompts, {"pretrained": (pre_text, pre_scores), "sft": (sft_text, sft_scores),
                                          "aligned": (al_text, al_scores)}, args.num_samples, out)
     return summary
@@ -1794,9 +2096,9 @@ def rlhf_data(args: RLHFArgs) -> tuple[dict, dict]:
         raise UserError("--comparisons is required with a real --dataset (a Hub id or a local file with "
                         "prompt/chosen/rejected columns)")
     user, key = user_key(args, "prompt")
-    rows = [{**r, "completion": " " + str(r["label"]).strip()} for r in load_records(args.dataset, ("prompt", "label") + user)]
+    rows = [{**r, "completion": " " + str(r["label"]).strip()} for r in load_records(args.dataset, ("prompt", "label"), user_columns=user)]
     cmps = [{**r, "chosen": " " + str(r["chosen"]).strip(), "rejected": " " + str(r["rejected"]).strip()}
-            for r in load_records(args.comparisons, ("prompt", "chosen", "rejected") + user)]
+            for r in load_records(args.comparisons, ("prompt", "chosen", "rejected"), user_columns=user)]
     public = public_test_split(args.dataset, ("prompt", "label"))
     d2, d2_test = hash_split(cmps, key, [0.9, 0.1], args.seed)
     in_d2 = {normalise(c["prompt"]) for c in cmps} | {normalise(key(c)) for c in cmps}
@@ -1820,7 +2122,7 @@ def run_rlhf(args: RLHFArgs) -> dict:
     """Split -> DP SFT on D1 -> DP reward model on D2 -> DPPPO on D3 -> evaluate."""
     import copy
     t0 = time.time()
-    device, out, private = _setup(args, "rlhf")
+    device, out, work, ckpt, private = _setup(args, "rlhf")
     for spec, what in ((args.model, "--model"), (args.reward_base, "--reward-base"),
                        (args.eval_reward_model, "--eval-reward-model")):
         check_model_spec(spec, what)
@@ -1829,9 +2131,10 @@ def run_rlhf(args: RLHFArgs) -> dict:
     n_private = len(data["sft"]) + len(data["comparisons"]) + len(data["ppo"])
     delta = args.delta if args.delta is not None else 1 / n_private
     base_lm, tok = load_lm(args.model, device, args.base)
+    check_fits(base_lm, args)
     rm_base = load_lm(args.reward_base, device, args.base) if args.reward_base else None
     eval_rm = hub_sentiment_reward(args.eval_reward_model, "0", device) if args.eval_reward_model else None
-    log = RunLog(out)
+    log = RunLog(work)
     print(f"rlhf: |D1|={len(data['sft'])} |D2|={len(data['comparisons'])} |D3|={len(data['ppo'])} "
           f"|test|={len(data['test'])}  epsilon={args.epsilon:g} delta={delta:.2e}  device={device}", file=sys.stderr)
     test_prompts = [r["prompt"] for r in data["test"]]
@@ -1840,7 +2143,7 @@ def run_rlhf(args: RLHFArgs) -> dict:
     sft_lm = add_lora(copy.deepcopy(base_lm))
     ledger = {"sft": dp_sft(sft_lm, tok, [r["prompt"] for r in data["sft"]], [r["completion"] for r in data["sft"]],
                             epsilon=stage_epsilon(args, "sft"), delta=delta, args=args.sft, device=device,
-                            generator=private, log=log)}
+                            generator=private, log=log, ckpt=ckpt)}
     merge_lora(sft_lm)
     # STAGE 2: DP reward model on D2, from LM_sft (or --reward-base) with a fresh LoRA and head.
     rm_lm, rm_tok = rm_base if rm_base else (copy.deepcopy(sft_lm), tok)
@@ -1848,7 +2151,7 @@ def run_rlhf(args: RLHFArgs) -> dict:
     cmp = data["comparisons"]
     ledger["rm"] = dp_reward_model(rm, rm_tok, [c["prompt"] for c in cmp], [c["chosen"] for c in cmp],
                                    [c["rejected"] for c in cmp], epsilon=stage_epsilon(args, "rm"), delta=delta, args=args.rm,
-                                   device=device, generator=private, log=log)
+                                   device=device, generator=private, log=log, ckpt=ckpt)
 
     def rm_reward(prompts, responses):  # the DP reward model: using it is post-processing
         return reward_model_scores(rm, rm_tok, prompts, responses, max_prompt=args.rm.max_prompt,
@@ -1860,7 +2163,8 @@ def run_rlhf(args: RLHFArgs) -> dict:
     # STAGE 3: DPPPO on D3 from LM_sft, rewarded by the DP reward model.
     policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(device)
     ledger["ppo"] = dpppo(policy, tok, [r["prompt"] for r in data["ppo"]], rm_reward, epsilon=stage_epsilon(args, "ppo"),
-                          delta=delta, args=args.ppo, device=device, generator=private, eos_id=tok.eos_token_id, log=log)
+                          delta=delta, args=args.ppo, device=device, generator=private, eos_id=tok.eos_token_id, log=log,
+                          ckpt=ckpt)
     log.close()
     evals, generations = {}, {}
     for name, model in (("pretrained", CausalLM(base_lm)), ("sft", CausalLM(sft_lm)), ("aligned", policy)):
@@ -1873,13 +2177,14 @@ def run_rlhf(args: RLHFArgs) -> dict:
         if eval_rm is not None:
             e["eval_reward"] = eval_rm(test_prompts, texts).mean().item()
         evals[name], generations[name] = e, (texts, scores)
-    save_model(merge_lora(policy.lm), tok, os.path.join(out, "policy"))
-    save_reward_model(rm, rm_tok, os.path.join(out, "reward_model"))
+    save_model(merge_lora(policy.lm), tok, os.path.join(work, "policy"))
+    save_reward_model(rm, rm_tok, os.path.join(work, "reward_model"))
     summary = {"config": config_of(args), "task": "rlhf", "model": args.model, "epsilon": args.epsilon, "delta": delta, "seed": args.seed,
                "secret_noise": not args.reproducible_noise, "data": data_report, "stages": ledger, "total_epsilon": compose_ledger(ledger, delta, args.composition),
                "composition": args.composition, "eval": {**evals, "rm_accuracy": rm_accuracy},
                "seconds": time.time() - t0}
-    write_json(os.path.join(out, "summary.json"), summary)
+    write_json(os.path.join(work, "summary.json"), summary)
+    finish_run(work, out)
     print_report(summary, test_prompts, generations, args.num_samples, out)
     print(f"reward model held-out accuracy: {rm_accuracy:.3f}")
     return summary
@@ -1995,7 +2300,18 @@ def plot_sweep(results: dict, task: str, path: str) -> bool:
 
 def config_of(args) -> dict:
     """The run's settings as JSON would store them (inf as a float survives json with allow_nan)."""
-    return json.loads(json.dumps(dataclasses.asdict(args)))
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+            if k not in ("overwrite", "resume", "checkpoint_every")}  # how a run is kept, not what it computes
+
+
+def args_from_config(cls, config: dict):
+    """The dataclass `cls` (nested ones too) from `config_of`'s dict: a checkpoint's settings."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in config:
+            nested = _nested(f)
+            kwargs[f.name] = args_from_config(type(nested), config[f.name]) if nested is not None else config[f.name]
+    return cls(**kwargs)
 
 
 def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[int], plot: bool = False) -> str:
@@ -2185,7 +2501,7 @@ class AuditArgs(CommonArgs):
 def run_audit(args: AuditArgs) -> dict:
     """Train DP SFT once with canaries at the target epsilon; the lower bound the guesses prove."""
     t0 = time.time()
-    device, out, private = _setup(args, "audit")
+    device, out, work, ckpt, private = _setup(args, "audit")
     check_model_spec(args.model, "--model")
     ks = [int(k) for k in args.guesses.split(",")]
     if args.canaries < 1 or not all(0 < k <= args.canaries for k in ks):
@@ -2220,8 +2536,8 @@ def run_audit(args: AuditArgs) -> dict:
                "secret_noise": not args.reproducible_noise, "canaries": args.canaries, "members": len(members),
                "confidence": args.confidence, "guesses": rows, "epsilon_lower_bound": best["epsilon_lower_bound"],
                "stages": {"sft": entry}, "seconds": time.time() - t0}
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "summary.json"), summary)
+    write_json(os.path.join(work, "summary.json"), summary)
+    finish_run(work, out)
     print(f"claimed epsilon {entry['epsilon']:.3f} (target {args.epsilon:g}); audited lower bound "
           f"{best['epsilon_lower_bound']:.3f} at {args.confidence:.0%} confidence ({best['right']} of "
           f"{best['guesses']} guesses right)  -> {out}/summary.json")
@@ -2233,13 +2549,15 @@ def run_audit(args: AuditArgs) -> dict:
 # =============================================================================================
 
 
+GPT2_SIZES = dict(tiny=(2, 64, 2), small=(12, 768, 12), medium=(24, 1024, 16), large=(36, 1280, 20))  # layers, width, heads
+
+
 def _bench_child(variant: str, ns) -> dict:
     """One variant in a fresh process: median step time and peak memory above the loaded model."""
-    import resource
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     device = ns.device
-    cfg = dict(small=(12, 768, 12), medium=(24, 1024, 16), large=(36, 1280, 20), tiny=(2, 64, 2))[ns.model]
+    cfg = GPT2_SIZES[ns.model]
     lm = GPT2LMHeadModel(GPT2Config(n_layer=cfg[0], n_embd=cfg[1], n_head=cfg[2], attn_implementation="eager"))
     model = CausalLM(add_lora(lm.to(device).eval(), rank=4))
     params = trainable(model)
@@ -2275,8 +2593,7 @@ def _bench_child(variant: str, ns) -> dict:
 
     step = dict(nonprivate=nonprivate, dp=dp, loop=loop)[variant]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    base_mem = torch.cuda.memory_allocated() if device.startswith("cuda") else rss()
+    base_mem = _memory_now(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -2287,14 +2604,120 @@ def _bench_child(variant: str, ns) -> dict:
         sync()
         if r >= ns.warmup:
             times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"variant": variant, "seconds": float(np.median(times)), "peak_bytes": peak - base_mem}
+    return {"variant": variant, "seconds": float(np.median(times)), "peak_bytes": _peak_memory(device, base_mem)}
+
+
+def _peak_memory(device: str, base: int) -> int:
+    """Peak bytes above `base` (CUDA: allocated; CPU: the process's maximum resident set)."""
+    import resource
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def _memory_now(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated()
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _bench_model_dir(ns) -> str:
+    """A GPT-2 directory both our loop and the peer (TRL) load: the built-in base model, or a
+    random-init GPT-2 of the given size with the built-in tokenizer, written once per run."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    builtin = builtin_base_model()
+    if ns.model == "builtin":
+        return builtin
+    path = os.path.join(cache_dir(), f"bench-random-{ns.model}")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        n_layer, n_embd, n_head = GPT2_SIZES[ns.model]
+        torch.manual_seed(0)
+        with _atomic_dir(path) as tmp:
+            GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head)).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(builtin).save_pretrained(tmp)
+    return path
+
+
+def _bench_ppo_child(ns) -> dict:
+    """DPPPO iterations of the real loop (`dpppo`) on one batch size; median seconds per phase."""
+    torch.manual_seed(0)
+    lm, tok = load_lm(ns.model_dir, ns.device)
+    policy = ActorCritic(add_lora(lm)).to(ns.device)
+    base = _memory_now(ns.device)
+    # 2-7 token review openings, as many prompts as the batch: q = 1, every prompt every iteration.
+    prompts = prefix_prompts(tok, [r["text"] for r in make_reviews(ns.batch, seed=0)], 2, 7, seed=0)
+    rows = []
+    args = PPOArgs(steps=ns.warmup + ns.repeats, batch_size=ns.batch, response_min=ns.response,
+                   response_max=ns.response, chunk_size=ns.chunk_size or PPOArgs.chunk_size)
+    if ns.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    dpppo(policy, tok, prompts, builtin_sentiment_reward, epsilon=ns.epsilon, delta=1e-5, args=args,
+          device=ns.device, generator=torch.Generator().manual_seed(0), log=rows.append)
+    timed = rows[ns.warmup:]
+    phases = {k[5:]: float(np.median([r[k] for r in timed])) for k in timed[0] if k.startswith("time/")}
+    return {"phases": phases, "total": float(np.median([sum(r[f"time/{p}"] for p in phases) for r in timed])),
+            "peak_bytes": _peak_memory(ns.device, base)}
+
+
+def cmd_bench_ppo(ns):
+    """`bench ppo`: one DPPPO iteration at epsilon = inf and 4, by phase, and the peer TRL loop."""
+    import subprocess
+    model_dir = _bench_model_dir(ns)
+    threads = ns.threads or torch.get_num_threads()
+    rows = {}
+    for eps in ("inf", "4"):
+        cmd = [sys.executable, os.path.abspath(__file__), "bench", "ppo", "--variant", "ppo", "--model-dir", model_dir,
+               "--epsilon", eps, "--batch", str(ns.batch), "--response", str(ns.response), "--device", ns.device,
+               "--repeats", str(ns.repeats), "--warmup", str(ns.warmup), "--threads", str(threads)]
+        cmd += ["--chunk-size", str(ns.chunk_size)] if ns.chunk_size else []
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UserError(f"bench ppo at epsilon {eps} failed: {r.stderr.strip().splitlines()[-1:]}")
+        rows[f"ours, epsilon = {eps}"] = json.loads(r.stdout.strip().splitlines()[-1])
+    if ns.trl:
+        script = os.path.abspath(ns.trl_script)
+        if not os.path.exists(script):
+            raise UserError(f"--trl-script {ns.trl_script} does not exist (it is ../shared/peer/trl_ppo_baseline.py "
+                            "in the workplace; see README, Benchmark)")
+        iters = ns.warmup + ns.repeats
+        r = subprocess.run([ns.trl, script, model_dir, str(ns.batch), str(iters)], capture_output=True, text=True,
+                           env={**os.environ, "NT": str(threads)})
+        times = [float(m.group(1)) + float(m.group(2)) for m in
+                 re.finditer(r"generate ([\d.]+) s, step ([\d.]+) s", r.stdout)][ns.warmup:]
+        if r.returncode != 0 or not times:
+            raise UserError(f"the TRL peer failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        rows["TRL 0.11 PPOTrainer, non-private, full fine-tune"] = {"phases": {}, "total": float(np.median(times)),
+                                                                    "peak_bytes": None}
+    ref = rows["ours, epsilon = inf"]["total"]
+    trl = next((r["total"] for k, r in rows.items() if k.startswith("TRL")), None)
+    print(f"PPO iteration: {ns.model} GPT-2 ({model_dir}), batch {ns.batch} prompts of 2-7 tokens, responses "
+          f"{ns.response} tokens, {ns.device}, {threads} threads, median of {ns.repeats} iterations")
+    print("| loop | sampling | reference | reward | update | s / iteration | x eps=inf | x TRL | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        ph = [f"{r['phases'][p]:.3f}" if p in r["phases"] else "" for p in ("sampling", "reference", "reward", "update")]
+        mem = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else ""
+        print(f"| {name} | {' | '.join(ph)} | {r['total']:.3f} | {r['total'] / ref:.2f} | "
+              f"{r['total'] / trl:.2f} | {mem} |" if trl else
+              f"| {name} | {' | '.join(ph)} | {r['total']:.3f} | {r['total'] / ref:.2f} | | {mem} |")
 
 
 def cmd_bench(ns):
     """Run each variant in its own process (clean peak memory), then print one table of ratios."""
     import subprocess
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    ns.model = ns.model or ("builtin" if ns.what == "ppo" else "small")
+    ns.batch = ns.batch or (64 if ns.what == "ppo" else 8)
+    for name in ("batch", "response", "repeats"):
+        _positive(name, getattr(ns, name))
+    if ns.what == "step" and ns.model == "builtin":
+        raise UserError("bench step --model builtin is not allowed; use tiny, small, medium or large (or 'bench ppo')")
+    if ns.variant == "ppo":
+        print(json.dumps(_bench_ppo_child(ns)))
+        return
+    if ns.what == "ppo":
+        return cmd_bench_ppo(ns)
     if ns.variant:
         print(json.dumps(_bench_child(ns.variant, ns)))
         return
@@ -2313,7 +2736,7 @@ def cmd_bench(ns):
         if r.returncode != 0:
             raise UserError(f"bench variant {key} failed: {r.stderr.strip().splitlines()[-1:]}")
         rows[key] = json.loads(r.stdout.strip().splitlines()[-1])
-    acc = MomentsAccountant()
+    acc = ACCOUNTANT()
     acc.step(noise_multiplier=1.0, sample_rate=0.001, num_steps=100_000)
     t = time.perf_counter()
     eps = acc.get_epsilon(1e-5)
@@ -2383,6 +2806,13 @@ def _build_dataclass(config, ns, prefix: str = ""):
     return dataclasses.replace(config, **changes)
 
 
+SMOKE_PRESET = {  # every stage for a step or three on a tiny base model: does it run? (about 30 s)
+    "num_sft": 200, "num_ppo": 200, "num_test": 16, "num_comparisons": 120, "num_comparisons_test": 40,
+    "sft_steps": 3, "sft_batch_size": 20, "rm_steps": 2, "rm_batch_size": 16, "ppo_steps": 2,
+    "ppo_batch_size": 16, "ppo_response_min": 8, "ppo_response_max": 8,
+    "base_n_layer": 2, "base_n_embd": 64, "base_n_head": 2, "base_vocab_size": 400, "base_corpus_size": 600,
+    "base_steps": 150, "base_batch_size": 16, "base_seq_len": 64, "base_copy_steps": 0, "base_copy_rows": 0,
+}
 PAPER_PRESET = {  # App. B, GPT-2 small on a GPU
     "sft_batch_size": 512, "sft_epochs": 40, "sft_lr": 3e-4,
     "ppo_batch_size": 4096, "ppo_minibatches": 16, "ppo_steps": 100, "ppo_lr": 3e-3,
@@ -2391,12 +2821,12 @@ PAPER_PRESET = {  # App. B, GPT-2 small on a GPU
 
 
 def _positive(name, value, allow_zero=False):
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+    if value is not None and not (value >= 0 if allow_zero else value > 0):  # also refuses nan
         raise UserError(f"--{name} {value} is not allowed; it must be {'>= 0' if allow_zero else '> 0'}")
 
 
 def cmd_privacy(ns):
-    _positive("steps", ns.steps, allow_zero=True)
+    _positive("steps", ns.steps)
     if not 0 < ns.sample_rate <= 1:
         raise UserError(f"--sample-rate {ns.sample_rate} is not allowed; it must be in (0, 1]")
     if not 0 < ns.delta < 1:
@@ -2426,8 +2856,8 @@ def _parse_list(name: str, text: str, kind, example: str) -> list:
 
 
 def _pipeline_args(cls, ns):
-    if getattr(ns, "preset", None) == "paper":
-        for k, v in PAPER_PRESET.items():
+    if getattr(ns, "preset", None):
+        for k, v in {"paper": PAPER_PRESET, "smoke": SMOKE_PRESET}[ns.preset].items():
             if hasattr(ns, k) and getattr(ns, k) is None:
                 setattr(ns, k, v)
     if getattr(ns, "batch_size", None) is not None:
@@ -2443,6 +2873,20 @@ def _pipeline_args(cls, ns):
             _positive(f"{name}-{f.replace('_', '-')}", getattr(stage, f, None), allow_zero=(f == "steps"))
     check_privacy_settings(args, args.epsilon)
     return args
+
+
+def resume_args(cls, task: str, work: str):
+    """The settings of the interrupted run in `work` (its checkpoint's), to continue it."""
+    work = work.rstrip("/")
+    path = os.path.join(work, "checkpoint", "meta.json")
+    if not os.path.exists(path):
+        raise UserError(f"--resume {work} has no checkpoint ({path}); give the <out>.partial directory "
+                        "an interrupted run named")
+    with open(path) as f:
+        config = json.load(f)["config"]
+    if config.get("task") != task:
+        raise UserError(f"--resume {work} is a '{config.get('task')}' run; resume it with that command")
+    return dataclasses.replace(args_from_config(cls, config), resume=work)
 
 
 def stage_epsilon(args, name: str) -> float:
@@ -2477,15 +2921,25 @@ def main(argv=None):
     p.add_argument("--sample-rate", type=_parse_float, required=True, help="Poisson sampling rate q in (0, 1]")
     p.add_argument("--steps", type=int, required=True, help="number of noisy steps")
     p.add_argument("--delta", type=_parse_float, default=1e-5, help="target delta in (0, 1) (default 1e-5)")
-    p = sub.add_parser("bench", help="time and memory of a DP step against a non-private one")
-    p.add_argument("--model", choices=["tiny", "small", "medium", "large"], default="small", help="GPT-2 size (default small, 124M)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p = sub.add_parser("bench", help="time and memory of a DP step against a non-private one ('bench ppo': of a PPO iteration)")
+    p.add_argument("what", nargs="?", choices=["step", "ppo"], default="step",
+                   help="'step' (default): one DP-SGD step; 'ppo': one DPPPO iteration by phase, beside TRL with --trl")
+    p.add_argument("--model", choices=["builtin", "tiny", "small", "medium", "large"],
+                   help="GPT-2 size, random init (default small, 124M; 'bench ppo': builtin, the built-in base model)")
+    p.add_argument("--batch", type=int, help="sequences per step (default 8; 'bench ppo': 64 prompts)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=7, help="timed steps (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--chunk-size", type=int, help="chunk size of the chunked DP row (default: half the batch)")
-    p.add_argument("--variant", choices=["nonprivate", "dp", "loop"], help=argparse.SUPPRESS)
+    p.add_argument("--chunk-size", type=int, help="chunk size of the chunked DP row (default: half the batch; 'bench ppo': 64)")
+    p.add_argument("--response", type=int, default=15, help="'bench ppo': tokens per response (default 15, as the TRL peer)")
+    p.add_argument("--threads", type=int, help="torch CPU threads, also the peer's (default: torch's default)")
+    p.add_argument("--trl", help="'bench ppo': python of a virtual environment with trl 0.11 (README, Benchmark)")
+    p.add_argument("--trl-script", default=os.path.join("..", "shared", "peer", "trl_ppo_baseline.py"),
+                   help="'bench ppo': the peer script (default ../shared/peer/trl_ppo_baseline.py)")
+    p.add_argument("--variant", choices=["nonprivate", "dp", "loop", "ppo"], help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--epsilon", type=_parse_float, default=math.inf, help=argparse.SUPPRESS)
     p = sub.add_parser("probe", help=ProbeArgs.__doc__.splitlines()[0])
     _add_dataclass_args(p, ProbeArgs())
     for name, cls in (("sentiment", SentimentArgs), ("rlhf", RLHFArgs), ("audit", AuditArgs)):
@@ -2493,7 +2947,8 @@ def main(argv=None):
         _add_dataclass_args(p, cls())
         if name != "audit":
             p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage defaults)")
-            p.add_argument("--preset", choices=["paper"], help="App. B hyper-parameters for GPT-2 runs on a GPU")
+            p.add_argument("--preset", choices=["paper", "smoke"], help="'paper': App. B hyper-parameters for GPT-2 "
+                           "runs on a GPU; 'smoke': tiny everything, a 30-second check that it runs (flags you give win)")
             p.add_argument("--plot", action="store_true", help="with --sweep: also draw plot.png (needs matplotlib)")
         p.add_argument("--sweep", help="comma-separated epsilons (e.g. 1,2,4,8,inf): run once per epsilon (and seed) "
                        "and print a table like the paper's; --out is the sweep's directory")
@@ -2513,6 +2968,8 @@ def main(argv=None):
         if ns.command in ("sentiment", "rlhf", "audit"):
             cls, run = {"sentiment": (SentimentArgs, run_sentiment), "rlhf": (RLHFArgs, run_rlhf),
                         "audit": (AuditArgs, run_audit)}[ns.command]
+            if ns.resume:
+                return run(resume_args(cls, ns.command, ns.resume))
             args = _pipeline_args(cls, ns)
             if ns.sweep is None and ns.seeds is None:
                 return run(args)
@@ -2527,6 +2984,16 @@ def main(argv=None):
     except UserError as e:  # only these: any other exception is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:  # nothing half-written stays on disk but a checkpoint to resume from
+        import shutil
+        for work, ckpt in list(_UNFINISHED.items()):
+            if ckpt is not None and ckpt.flush():
+                print(f"the unfinished run is in {work}: continue it with --resume {work}", file=sys.stderr)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

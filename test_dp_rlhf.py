@@ -22,9 +22,47 @@ TINY_BASE_ARGS = d.BaseModelArgs(n_layer=2, n_embd=64, n_head=2, vocab_size=400,
                                  batch_size=16, seq_len=64, copy_steps=0, copy_rows=0)  # language only: fast
 
 
+# ------------------------------------------------------------------------------------ exercises
+# README, "Exercises": each exercise blanks (or breaks) a function and names the tests that grade it.
+# `python test_dp_rlhf.py --check-exercises` runs every grader twice: as is (it must pass) and with
+# DP_RLHF_MUTATE set, which replaces the function before the tests run (it must fail).
+EXERCISES = [  # (exercise, mutation, pytest -k selection)
+    ("DP-SGD's noisy gradient (Algorithm 2)", "privatize",
+     "privatize_without or clipped_norms or noise_std or empty_batch_gives"),
+    ("integer-order RDP of the subsampled Gaussian", "_log_a_int", "golden_values or integer_orders"),
+    ("Eq. 2 rewards, GAE and the clipped PPO loss", "kl_rewards gae ppo_loss",
+     "kl_rewards_eq2 or gae_matches or hand_computed"),
+    ("the Bradley-Terry reward loss (Eq. 1)", "reward_loss", "reward_loss_by_hand"),
+    ("sampling a token", "sample_categorical", "categorical"),
+    ("DPPPO's loop (Algorithm 3)", "dpppo", "raises_the_reward"),
+    ("break DP: divide by the realised batch", "privatize:realised-batch", "clipped_norms"),
+    ("another accountant", "get_noise_multiplier", "pluggable"),
+]
+
+
+def _mutate(spec: str):
+    """DP_RLHF_MUTATE: blank the named functions of dp_rlhf (raise NotImplementedError), or apply
+    one named wrong body."""
+    if spec == "privatize:realised-batch":  # the Opacus #571 mistake: leaks the batch size
+        right = d.privatize
+
+        def wrong(grads, **kw):
+            return right(grads, **{**kw, "expected_batch_size": max(1, next(iter(grads.values())).shape[0])})
+        d.privatize = wrong
+        return
+    for name in spec.split():
+        def blank(*args, _name=name, **kwargs):
+            raise NotImplementedError(f"exercise: implement {_name}")
+        setattr(d, name, blank)
+
+
+if os.environ.get("DP_RLHF_MUTATE"):
+    _mutate(os.environ["DP_RLHF_MUTATE"])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("cache"))
+    path = os.environ.get("DP_RLHF_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
     os.environ["DP_RLHF_CACHE"] = path
     return path
 
@@ -231,6 +269,22 @@ def test_empty_batch_gives_noise_only():
     assert out.std().item() == pytest.approx(0.2, rel=0.02)
 
 
+def test_accountant_is_pluggable(monkeypatch):
+    """Calibration and composition go through ACCOUNTANT: an accountant that charges twice the
+    RDP epsilon needs the sigma RDP needs for half the target, and doubles a sequential ledger."""
+    class Twice(d.MomentsAccountant):
+        def get_epsilon(self, delta, orders=None):
+            return 2 * super().get_epsilon(delta, orders)
+    kw = dict(target_delta=1e-5, sample_rate=0.01, steps=500, epsilon_tolerance=1e-4)
+    rdp_sigma = d.get_noise_multiplier(target_epsilon=1.0, **kw)
+    stages = {"a": {"epsilon": 1.0, "noise_multiplier": 1.1, "sample_rate": 0.02, "steps": 300},
+              "b": {"epsilon": 1.0, "noise_multiplier": 0.9, "sample_rate": 0.01, "steps": 200}}
+    rdp_total = d.compose_ledger(stages, 1e-5, "sequential")
+    monkeypatch.setattr(d, "ACCOUNTANT", Twice)
+    assert d.get_noise_multiplier(target_epsilon=2.0, **kw) == pytest.approx(rdp_sigma, rel=1e-3)
+    assert d.compose_ledger(stages, 1e-5, "sequential") == pytest.approx(2 * rdp_total)
+
+
 def test_poisson_sampling_rate():
     gen = torch.Generator().manual_seed(0)
     sizes = [len(d.poisson_sample(1000, 0.05, gen)) for _ in range(400)]
@@ -325,8 +379,8 @@ def test_ppo_loss_on_hand_computed_values():
             self.logp = torch.nn.Parameter(torch.log(torch.tensor([[0.5, 0.5], [0.8, 0.2], [0.4, 0.6]])))
             self.v = torch.nn.Parameter(torch.tensor([0.0, 1.0, 2.0]))
 
-        def forward(self, ids, mask):
-            return self.logp[None].expand(ids.shape[0], -1, -1), self.v[None].expand(ids.shape[0], -1)
+        def forward(self, ids, mask, start=0):
+            return self.logp[None, start:].expand(ids.shape[0], -1, -1), self.v[None, start:].expand(ids.shape[0], -1)
     policy = Fixed()
     ids = torch.tensor([0, 0, 1])  # targets: token 0 from logits row 0 (p=0.5), token 1 from row 1 (p=0.2)
     act = torch.tensor([1.0, 1.0])
@@ -376,6 +430,66 @@ def _ppo_batch(policy, tok, prompts, lengths, seed):
     return ro.ids, ro.mask, ro.action_mask, ro.logprobs, ro.values, adv, ret
 
 
+def test_ppo_loss_on_the_response_columns_equals_the_full_loss(tiny):
+    """dpppo passes the per-token tensors from the last prompt position on only (the heads skip
+    the prompt): per-sample gradients and statistics must equal the full-width loss's."""
+    import copy
+    lm, tok = tiny
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+    for p in d.lora_parameters(policy).values():
+        torch.nn.init.normal_(p, std=0.05)
+    ids, mask, act, lp, v, adv, ret = _ppo_batch(policy, tok, ["the film was", "a"], [5, 3], seed=0)
+    start = int(act.sum(0).nonzero().min())  # the first column that holds a response token
+    assert start > 0
+    loss_fn = d.ppo_loss(policy, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    params = {k: p.detach() for k, p in d.trainable(policy).items()}
+    full, full_aux = d.per_sample_grads(loss_fn, params, ids, mask, act, lp, v, adv, ret, has_aux=True)
+    cut, cut_aux = d.per_sample_grads(loss_fn, params, ids, mask, *(x[:, start:] for x in (act, lp, v, adv, ret)),
+                                      has_aux=True)
+    torch.testing.assert_close(cut_aux, full_aux)
+    for k in full:
+        torch.testing.assert_close(cut[k], full[k], atol=1e-6, rtol=1e-5)
+
+
+def test_sample_categorical_draws_the_given_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(100_000, 1)
+    draws = d.sample_categorical(probs, torch.Generator().manual_seed(0)).view(-1, 2)
+    freq = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.005, rtol=0)
+    assert (draws[:, 1] == 3).all()  # a zero-probability token is never drawn
+
+
+def test_fused_gelu_gives_gpt2s_logits(tmp_path):
+    """load_lm swaps GPT-2's gelu_new for the same function as one fused kernel (speed only)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=1024, activation_function="gelu_new")).eval()
+    ref.save_pretrained(tmp_path)
+    d.load_lm("builtin", "cpu", TINY_BASE_ARGS)[1].save_pretrained(tmp_path)
+    lm, _ = d.load_lm(str(tmp_path), "cpu")
+    assert lm.config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.randint(0, 1024, (3, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dpppo_raises_the_reward(tiny):
+    """The grader of "implement dpppo": seeded, private (epsilon = 8), 15 iterations on the tiny
+    model with a reward it can learn (periods in the response). It rises 0.4 -> 5 here."""
+    import copy
+    lm, tok = tiny
+    torch.manual_seed(0)
+    prompts = d.prefix_prompts(tok, [r["text"] for r in d.make_reviews(200, seed=3)], 2, 4, seed=0)
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+    rows = []
+    d.dpppo(policy, tok, prompts, lambda p, r: torch.tensor([float(y.count(" .")) for y in r]), epsilon=8.0,
+            delta=1e-3, args=d.PPOArgs(steps=15, batch_size=64, lr=3e-2, response_min=8, response_max=8), device="cpu",
+            generator=torch.Generator().manual_seed(0), log=rows.append)
+    reward = [r["ppo/reward_mean"] for r in rows]
+    assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 1.0, reward
+    assert rows[-1]["privacy/epsilon"] <= 8.0
+
+
 def test_ppo_per_trajectory_gradient_ignores_the_rest_of_the_batch(tiny):
     """Trajectory 0's clipped gradient is the same whatever trajectory 1 is, including one of a
     different prompt length and response length (different padding on both sides)."""
@@ -403,6 +517,17 @@ def test_ppo_per_trajectory_gradient_ignores_the_rest_of_the_batch(tiny):
 # ------------------------------------------------------------------------------------ pipelines / CLI
 
 
+def run_main(capsys, *args) -> tuple[int, str]:
+    """The CLI in this process (no interpreter start-up: for the many bad-input cases): (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        d.main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
 def run_cli(*args, env=None, timeout=600):
     env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, os.path.join(HERE, "dp_rlhf.py"), *args], capture_output=True, text=True,
@@ -419,18 +544,19 @@ def test_cli_privacy_prints_golden_epsilon():
 @pytest.mark.parametrize("bad,word", [
     (["--epsilon", "0"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"), (["--delta", "1.5"], "--delta"),
     (["--delta", "0"], "--delta"), (["--sample-rate", "0"], "--sample-rate"), (["--sample-rate", "1.2"], "--sample-rate"),
-    (["--steps", "-3"], "--steps"), (["--noise-multiplier", "-0.5"], "--noise-multiplier"),
+    (["--steps", "-3"], "--steps"), (["--steps", "0"], "--steps"), (["--noise-multiplier", "-0.5"], "--noise-multiplier"),
+    (["--noise-multiplier", "nan"], "--noise-multiplier"), (["--sample-rate", "nan"], "--sample-rate"),
     (["--epsilon", "0.005"], "0.005"),  # below what the conversion's delta term allows: says so at once
 ])
-def test_cli_privacy_bad_values(bad, word):
+def test_cli_privacy_bad_values(bad, word, capsys):
     args = {"--sample-rate": "0.01", "--steps": "100", "--delta": "1e-5", "--noise-multiplier": "1.0"}
     args.update(dict(zip(bad[::2], bad[1::2])))
     if "--epsilon" in args:
         args.pop("--noise-multiplier")
-    r = run_cli("privacy", *[x for kv in args.items() for x in kv])
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and word in lines[0] and "allowed" in lines[0], r.stderr
+    code, err = run_main(capsys, "privacy", *[x for kv in args.items() for x in kv])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0] and "allowed" in lines[0], err
 
 
 TINY_SENTIMENT = ["--num-sft", "200", "--num-ppo", "200", "--num-test", "16", "--sft-steps", "3", "--sft-batch-size", "20",
@@ -460,6 +586,42 @@ def test_sentiment_end_to_end(tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "policy")
     AutoTokenizer.from_pretrained(out / "policy")
     assert (out / "policy" / "model.safetensors").exists()
+
+
+def test_resume_after_ctrl_c_mid_ppo_gives_the_uninterrupted_ledger(tmp_path):
+    """Ctrl-C mid-DPPPO leaves <out>.partial with a checkpoint and one line saying how to go on;
+    --resume finishes the run with the ledger of an uninterrupted one (same steps, same epsilon)."""
+    import signal
+    flags = ["sentiment", "--epsilon", "4", *TINY_SENTIMENT, "--ppo-steps", "8", "--checkpoint-every", "3"]
+    out, work = tmp_path / "run", tmp_path / "run.partial"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "dp_rlhf.py"), *flags, "--out", str(out)],
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                         env={**os.environ, "DP_RLHF_STATUS_EVERY": "0"})
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if line.startswith("ppo") and ": 4/8" in line:  # after iteration 4 finished, during iteration 5
+            p.send_signal(signal.SIGINT)
+            break
+    tail = p.communicate(timeout=120)[1].strip().splitlines()
+    assert p.returncode == 130, "".join(seen) + "\n".join(tail)
+    assert tail[-1] == f"the unfinished run is in {work}: continue it with --resume {work}"
+    assert not out.exists() and not [f for f in work.rglob("*") if f.name.endswith(".partial")]
+    meta = json.loads((work / "checkpoint" / "meta.json").read_text())
+    assert set(meta["finished"]) == {"sft"} and meta["current"]["stage"] == "ppo" and meta["current"]["step"] >= 4
+    r = run_cli(*flags, "--out", str(out))  # a new run would throw the interrupted one away: refused
+    assert r.returncode == 2 and f"--resume {work}" in r.stderr and (work / "checkpoint").exists()
+    r = run_cli("sentiment", "--resume", str(work))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume: ppo from step" in r.stderr and not work.exists()
+    r = run_cli(*flags, "--out", str(tmp_path / "whole"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed, whole = (json.loads((tmp_path / x / "summary.json").read_text()) for x in ("run", "whole"))
+    assert resumed["stages"] == whole["stages"] and resumed["total_epsilon"] == whole["total_epsilon"]
+    assert resumed["config"] == whole["config"] | {"out": str(out)}
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / x / "policy" / "model.safetensors") for x in ("run", "whole"))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
 
 
 def test_sentiment_non_private_writes_infinity(tmp_path):
@@ -504,14 +666,88 @@ def test_sentiment_real_loading_path(tmp_path, tiny):
     (["--epsilon", "-2"], "--epsilon"), (["--delta", "2"], "--delta"), (["--model", "/nonexistent/dir"], "/nonexistent/dir"),
     (["--dataset", "/tmp/nope.jsonl"], "nope.jsonl"), (["--ppo-whiten", "batch"], "whiten"),
     (["--ppo-epochs", "4"], "--ppo-epochs"), (["--sft-lr", "-1"], "--sft-lr"),
+    (["--ppo-minibatches", "0"], "--ppo-minibatches"), (["--ppo-kl-coef", "-1"], "--ppo-kl-coef"),
+    (["--seed", "-1"], "--seed"), (["--device", "tpu"], "--device tpu"),
+    (["--ppo-response-max", "400"], "--ppo-response-max 400"),  # past the model's positions
+    (["--sft-max-grad-norm", "inf"], "--sft-max-grad-norm"), (["--dataset", "missing.jsonl"], "missing.jsonl"),
+    (["--model", "missing-dir"], "missing-dir"),  # a Hub id form: fails fast offline, names the value
 ])
-def test_sentiment_bad_values_one_line_nothing_written(tmp_path, bad, word):
+def test_sentiment_bad_values_one_line_nothing_written(tmp_path, bad, word, capsys, monkeypatch):
     out = tmp_path / "run"
-    r = run_cli("sentiment", "--out", str(out), *TINY_SENTIMENT, *bad)
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and word in lines[0], r.stderr[-2000:]
-    assert not (out / "summary.json").exists() and not (out / "policy").exists()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, err = run_main(capsys, "sentiment", "--out", str(out), *TINY_SENTIMENT, *bad)
+    assert code == 2
+    lines = [x for x in err.strip().splitlines() if not x.startswith(("pre-training", "built-in base model"))]
+    assert len(lines) == 1 and word in lines[0], err[-2000:]  # (the first test to run builds the base model)
+    assert not list(tmp_path.glob("run*"))  # neither the run nor its unfinished <out>.partial
+
+
+def test_only_user_errors_become_one_line(monkeypatch, tmp_path, capsys):
+    """A bug (any exception but UserError) keeps its traceback; Ctrl-C before any checkpoint
+    leaves nothing behind and exits 130."""
+    def bug(*a, **k):
+        raise ValueError("a bug in an exercise")
+    monkeypatch.setattr(d, "cmd_privacy", bug)
+    with pytest.raises(ValueError, match="a bug in an exercise"):
+        d.main(["privacy", "--sample-rate", "0.01", "--steps", "10", "--noise-multiplier", "1"])
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(d, "load_lm", interrupt)
+    with pytest.raises(SystemExit) as e:
+        d.main(["sentiment", "--out", str(tmp_path / "run"), *TINY_SENTIMENT])
+    assert e.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    assert not list(tmp_path.iterdir())
+
+
+def _bad_jsonl(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("content,word", [
+    ("", "is empty"), ("\n\n", "is empty"), ('{"text": "a good film"}\n{"text": "a bad fi', "cannot read"),
+    ('{"text": "a good film"}\n{"text": null}\n', "row 1: column 'text' is None"),
+    ('{"text": "a good film"}\n{"text": 5}\n', "row 1: column 'text' is 5"),
+    ('{"text": ""}\n', "row 0: column 'text' is ''"),
+])
+def test_bad_dataset_files_one_line(tmp_path, content, word, capsys):
+    data = _bad_jsonl(tmp_path / "data.jsonl", content)
+    code, err = run_main(capsys, "sentiment", "--dataset", data, "--out", str(tmp_path / "run"), *TINY_SENTIMENT)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and word in lines[0] and "data.jsonl" in lines[0], err[-2000:]
+
+
+def test_bad_model_directories_one_line(tmp_path, tiny, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    lm, tok = tiny
+    no_tok = tmp_path / "no_tokenizer"
+    lm.save_pretrained(no_tok)
+    small = tmp_path / "small_vocab"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(small)
+    tok.save_pretrained(small)
+    for model, word in ((no_tok, "tokenizer"), (small, "100 token embeddings")):
+        code, err = run_main(capsys, "sentiment", "--model", str(model), "--out", str(tmp_path / "run"), *TINY_SENTIMENT)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and word in lines[0] and str(model) in lines[0], err[-2000:]
+
+
+def test_out_is_refused_when_taken_and_replaced_whole_with_overwrite(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = run_main(capsys, "sentiment", "--out", str(afile), *TINY_SENTIMENT)
+    assert code == 2 and "existing file" in err and afile.read_text() == "x"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "reward_model").mkdir()  # a stale file of another run
+    (out / "summary.json").write_text("{}")
+    code, err = run_main(capsys, "sentiment", "--out", str(out), *TINY_SENTIMENT)
+    assert code == 2 and "--overwrite" in err and (out / "summary.json").read_text() == "{}"
+    code, err = run_main(capsys, "sentiment", "--out", str(out), "--overwrite", *TINY_SENTIMENT)
+    assert code == 0, err[-2000:]
+    assert json.loads((out / "summary.json").read_text())["task"] == "sentiment"
+    assert not (out / "reward_model").exists() and not list(tmp_path.glob("run.*"))  # replaced whole
+    assert "sft (eps=4" in err and "ppo (eps=4" in err  # status lines without a terminal
 
 
 def test_hub_unreachable_is_one_line_and_fast(tmp_path):
@@ -963,3 +1199,27 @@ def test_copy_probe_on_a_hand_made_model():
     assert got["person"] == pytest.approx(expected) and got["feeling"] == 1.0
     blind = d.copy_probe(_InductionOracle(len(tok), copy=False), tok, posts)  # ties: the first candidate wins
     assert blind["person"] == pytest.approx(np.mean([p["person"] == d.PEOPLE[0] for p in posts]))
+
+
+def check_exercises() -> bool:
+    """Each grader passes as the code is and fails with its function blanked (or broken)."""
+    import tempfile
+    env = {**os.environ, "DP_RLHF_TEST_CACHE": os.environ.get("DP_RLHF_TEST_CACHE") or tempfile.mkdtemp()}
+    ok = True
+    print("| exercise | mutation | grader (-k) | as is | mutated |\n|---|---|---|---|---|")
+    for name, mutation, selection in EXERCISES:
+        codes = []
+        for mutate in ("", mutation):
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", selection,
+                                os.path.abspath(__file__)], capture_output=True, text=True, cwd=HERE,
+                               env={**env, "DP_RLHF_MUTATE": mutate})
+            codes.append(r.returncode)
+        good = codes[0] == 0 and codes[1] == 1  # 1: tests failed (not 5: none selected, not 2: broken)
+        ok &= good
+        print(f"| {name} | `{mutation}` | `{selection}` | {'pass' if codes[0] == 0 else 'FAIL'} | "
+              f"{'fails' if codes[1] == 1 else f'exit {codes[1]}'} |{'' if good else '  <- wrong'}")
+    return ok
+
+
+if __name__ == "__main__" and "--check-exercises" in sys.argv:
+    sys.exit(0 if check_exercises() else 1)
