@@ -2806,7 +2806,7 @@ def _build_dataclass(config, ns, prefix: str = ""):
     return dataclasses.replace(config, **changes)
 
 
-SMOKE_PRESET = {  # every stage for a step or three on a tiny base model: does it run? (about 30 s)
+SMOKE_PRESET = {  # every stage for a step or three on a tiny base model: does it run? (about 40 s with the tiny model built)
     "num_sft": 200, "num_ppo": 200, "num_test": 16, "num_comparisons": 120, "num_comparisons_test": 40,
     "sft_steps": 3, "sft_batch_size": 20, "rm_steps": 2, "rm_batch_size": 16, "ppo_steps": 2,
     "ppo_batch_size": 16, "ppo_response_min": 8, "ppo_response_max": 8,
@@ -2948,7 +2948,7 @@ def main(argv=None):
         if name != "audit":
             p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage defaults)")
             p.add_argument("--preset", choices=["paper", "smoke"], help="'paper': App. B hyper-parameters for GPT-2 "
-                           "runs on a GPU; 'smoke': tiny everything, a 30-second check that it runs (flags you give win)")
+                           "runs on a GPU; 'smoke': tiny everything, a 40-second check that it runs (flags you give win)")
             p.add_argument("--plot", action="store_true", help="with --sweep: also draw plot.png (needs matplotlib)")
         p.add_argument("--sweep", help="comma-separated epsilons (e.g. 1,2,4,8,inf): run once per epsilon (and seed) "
                        "and print a table like the paper's; --out is the sweep's directory")
