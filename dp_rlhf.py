@@ -973,10 +973,9 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors reach us as exceptions
     hint = "--dataset builtin or a local .jsonl/.csv/.parquet file"
-    ext = os.path.splitext(spec)[1].lower()
-    if _is_local(spec) and not os.path.exists(os.path.expanduser(spec)):
+    ext, path = os.path.splitext(spec)[1].lower(), os.path.expanduser(spec)
+    if _is_local(spec) and not os.path.exists(path):
         raise UserError(f"dataset file '{spec}' does not exist")
-    path = os.path.expanduser(spec)
     if _is_local(spec) and os.path.isfile(path) and os.path.getsize(path) < 65536:
         with open(path, "rb") as f:
             if not f.read().strip():
@@ -988,7 +987,7 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user
             if kind is None:
                 raise UserError(f"dataset file '{spec}' has extension '{ext}'; allowed: .jsonl .json .csv .parquet")
             try:
-                ds = datasets.load_dataset(kind, data_files=os.path.expanduser(spec), split="train")
+                ds = datasets.load_dataset(kind, data_files=path, split="train")
             except Exception as e:  # an empty, truncated or malformed file: the parser's own error types
                 cause = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0][:200]
                 raise UserError(f"cannot read dataset file '{spec}' as {kind}: {cause}") from None
@@ -1697,13 +1696,11 @@ class Checkpoint:
         from safetensors.torch import load_file
         return load_file(os.path.join(self.dir, name))
 
-    def _write(self, name: str | None, tensors: dict | None):
+    def _write(self, name: str, tensors: dict):
         from safetensors.torch import save_file
         os.makedirs(self.dir, exist_ok=True)
-        if name is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      os.path.join(self.dir, name + ".partial"))
-            os.replace(os.path.join(self.dir, name + ".partial"), os.path.join(self.dir, name))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(self.dir, name + ".partial"))
+        os.replace(os.path.join(self.dir, name + ".partial"), os.path.join(self.dir, name))
         write_json(os.path.join(self.dir, "meta.json"), self.meta)  # last: it names the files in use
         in_use = {f"{k}.safetensors" for k in self.meta["finished"]} | {(self.meta["current"] or {}).get("file")}
         for old in os.listdir(self.dir):
@@ -2697,9 +2694,8 @@ def cmd_bench_ppo(ns):
     for name, r in rows.items():
         ph = [f"{r['phases'][p]:.3f}" if p in r["phases"] else "" for p in ("sampling", "reference", "reward", "update")]
         mem = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else ""
-        print(f"| {name} | {' | '.join(ph)} | {r['total']:.3f} | {r['total'] / ref:.2f} | "
-              f"{r['total'] / trl:.2f} | {mem} |" if trl else
-              f"| {name} | {' | '.join(ph)} | {r['total']:.3f} | {r['total'] / ref:.2f} | | {mem} |")
+        x_trl = f"{r['total'] / trl:.2f}" if trl else ""
+        print(f"| {name} | {' | '.join(ph)} | {r['total']:.3f} | {r['total'] / ref:.2f} | {x_trl} | {mem} |")
 
 
 def cmd_bench(ns):
