@@ -1,17 +1,20 @@
 """dp_rlhf.py: differentially private RLHF in one file.
 
 A readable reference for Wu et al., "Privately Aligning Language Models with Reinforcement
-Learning" (ICLR 2024, arXiv 2310.16960). Read it top to bottom beside the paper:
+Learning" (ICLR 2024, arXiv 2310.16960). The file has two parts; search for these banners:
 
-    PRIVACY ACCOUNTING        the moments (RDP) accountant, Opacus-compatible names
-    DP-SGD (Algorithm 2)      Poisson sampling, per-sample gradients (torch.func), clip + noise
-    MODELS                    LoRA on GPT-2's query/value, value head, reward head, loading
-    DATA                      built-in synthetic tasks, Hub/local loaders, disjoint D1/D2/D3
-    STAGE 1: DP SFT
-    STAGE 2: DP REWARD MODEL (Eq. 1)
-    STAGE 3: DPPPO (Algorithm 3, Eq. 2)
-    PIPELINES                 sentiment, rlhf, the privacy ledger, evaluation
-    CLI
+    PART I: THE METHOD, in the paper's order (read it beside the paper)
+      PRIVACY ACCOUNTING        the moments (RDP) accountant, Opacus-compatible names
+      DP-SGD (Algorithm 2)      Poisson sampling, per-sample gradients (torch.func), clip + noise
+      MODELS                    LoRA on GPT-2's query/value, a vmap-safe forward, value and reward heads
+      STAGE 1: DP SFT
+      STAGE 2: DP REWARD MODEL (Eq. 1)
+      STAGE 3: DPPPO (Algorithm 3, Eq. 2)
+      PRIVACY LEDGER            each stage's spent epsilon; parallel or sequential composition
+    PART II: RUNNING IT
+      DATA                      built-in synthetic tasks and base model, Hub/local loaders
+      PIPELINES                 sentiment, rlhf, evaluation, run directories and checkpoints
+      PROBES, AUDIT, BENCHMARK, CLI
 
 Everything runs offline by default (a tiny built-in GPT-2 and synthetic private data):
 
@@ -49,6 +52,11 @@ def arg(default, help: str):
 
 class UserError(Exception):
     """A bad value from the user: the CLI prints it as one line and exits 2."""
+
+
+# #############################################################################################
+# PART I: THE METHOD, in the paper's order. Read this part beside the paper; Part II only runs it.
+# #############################################################################################
 
 
 # =============================================================================================
@@ -319,6 +327,19 @@ def dp_step(loss_fn, params: dict, batch: tuple, optimizer, *, max_grad_norm: fl
     return aux, int((~finite_rows(grads)).sum())
 
 
+def private_generator(seed: int | None = None) -> torch.Generator:
+    """The generator of everything the DP guarantee rests on: Poisson samples, Gaussian noise, PPO
+    minibatches and rollouts. Seeded from the OS's entropy, never printed or saved: anyone who
+    knows it can replay training and subtract the noise. `seed` (--reproducible-noise) is for
+    classrooms only; the guarantee then holds only while that seed stays secret."""
+    if seed is not None:
+        print(f"warning: --reproducible-noise: DP noise and sampling come from --seed {seed}; the privacy "
+              "guarantee holds only if that seed is secret", file=sys.stderr)
+        return torch.Generator().manual_seed(seed)
+    import secrets
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
 # =============================================================================================
 # MODELS: LoRA on GPT-2's query and value, a vmap-safe forward, value and reward heads
 # =============================================================================================
@@ -502,6 +523,480 @@ class RewardModel(nn.Module):
         loglik = (token_logprobs(self.lm.lm_head(h), input_ids) * response_mask).sum(-1) / n.clamp(min=1)
         pooled = (h[:, 1:] * response_mask[..., None]).sum(1) / n.clamp(min=1)[:, None]
         return self.score(pooled).squeeze(-1) + self.loglik_coef * loglik + self.length_coef * n
+
+
+# =============================================================================================
+# STAGE 1: DP SFT: LoRA fine-tuning on D1 with DP-SGD
+# =============================================================================================
+
+
+@dataclass
+class SFTArgs:
+    """Stage 1 (DP SFT) hyper-parameters."""
+    epochs: float = arg(3.0, "passes over D1 in expectation; steps = epochs / q")
+    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)")
+    batch_size: int = arg(64, "expected batch size q * |D1| (the paper: 512)")
+    lr: float = arg(3e-3, "AdamW learning rate (the paper: 3e-4 at batch 512, 40 epochs)")
+    max_grad_norm: float = arg(1.0, "per-sample clipping norm C")
+    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
+    max_completion: int = arg(48, "completion tokens kept")
+    chunk_size: int = arg(16, "vectorise this many samples at a time in per-sample gradients (0: all; 16 is fastest on CPU)")
+    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
+
+
+def sft_loss(causal_lm: nn.Module):
+    """loss_fn(params, ids, mask, loss_mask) for one sample: mean NLL over its loss tokens."""
+    def loss_fn(params, ids, mask, loss_mask):
+        logits = functional_call(causal_lm, params, (ids[None], mask[None]))
+        lp = token_logprobs(logits, ids[None])[0]
+        return -(lp * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    return loss_fn
+
+
+def trainable(module: nn.Module) -> dict:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, device, generator,
+             log=None, stage: str, aux_name: str | None = None, ckpt: Checkpoint | None = None) -> dict:
+    """Algorithm 2 as a training loop, shared by stages 1 and 2. `data` holds tensors whose first
+    dimension is the private example and data[1] is the attention mask. sigma is calibrated for
+    (epsilon, delta) over the planned steps; each step Poisson-samples, clips, noises and takes an
+    AdamW step, and advances the accountant. epsilon=inf: the same loop, no clipping, no noise."""
+    n = data[0].shape[0]
+    q = min(1.0, args.batch_size / n)
+    steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
+    private = math.isfinite(epsilon)
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                 steps=steps) if private else 0.0
+    params = trainable(module)
+    if ckpt is not None and (done := ckpt.finished(stage, params)) is not None:
+        return done
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
+    accountant = ACCOUNTANT()
+    start, extra = ckpt.resume(stage, params, opt, accountant) if ckpt else (0, {})
+    nonfinite = extra.get("nonfinite", 0)
+    bar = Progress(steps, f"{stage} (eps={epsilon:g}, sigma={sigma:.3f})", start=start)
+    for step in bar:
+        idx = poisson_sample(n, q, generator)
+        batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
+        aux, bad = dp_step(loss_fn, params, tuple(t.to(device) for t in batch), opt,
+                           max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
+                           expected_batch_size=q * n, chunk_size=args.chunk_size, generator=generator,
+                           has_aux=aux_name is not None)
+        nonfinite += bad
+        if private:
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+        if step % 20 == 0 or step == steps - 1:
+            row = {f"{stage}/step": step, f"{stage}/batch_size": len(idx), f"{stage}/nonfinite_grads": nonfinite,
+                   "privacy/epsilon": accountant.get_epsilon(delta) if private else math.inf}
+            if aux_name is not None:
+                row[f"{stage}/{aux_name}"] = aux.mean().item() if aux is not None else float("nan")
+            bar.set_postfix(eps=f"{row['privacy/epsilon']:.2f}",
+                            **({aux_name: f"{row[f'{stage}/{aux_name}']:.3f}"} if aux_name else {}))
+            if log is not None:
+                log(row)
+        if ckpt is not None:
+            ckpt.mark(stage, step + 1, params, opt, accountant, {"nonfinite": nonfinite})
+    entry = ledger_entry(accountant, epsilon, delta, sigma, q, steps, n)
+    if ckpt is not None:
+        ckpt.finish(stage, params, entry)
+    return entry
+
+
+def dp_sft(lm, tokenizer, prompts, completions, *, epsilon, delta, args: SFTArgs, device,
+           generator, log=None, ckpt=None) -> dict:
+    """Stage 1. Fine-tune LoRA on (prompt, completion) pairs with DP-SGD (Algorithm 2), the loss
+    on the completion only. Returns the ledger entry."""
+    model = CausalLM(lm)
+    data = encode(tokenizer, prompts, completions, max_prompt=args.max_prompt,
+                  max_completion=args.max_completion)
+    return dp_train(model, sft_loss(model), data, epsilon=epsilon, delta=delta, args=args, device=device,
+                    generator=generator, log=log, stage="sft", ckpt=ckpt)
+
+
+# =============================================================================================
+# STAGE 2: DP REWARD MODEL (Eq. 1): Bradley-Terry on D2's comparisons, with DP-SGD
+# =============================================================================================
+
+
+@dataclass
+class RMArgs:
+    """Stage 2 (DP reward model) hyper-parameters."""
+    epochs: float = arg(2.0, "passes over D2 in expectation; steps = epochs / q")
+    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)")
+    batch_size: int = arg(64, "expected batch size q * |D2| in comparisons (the paper: 4096)")
+    lr: float = arg(3e-3, "AdamW learning rate (the paper: 2e-4 at batch 4096, 50 epochs)")
+    max_grad_norm: float = arg(1.0, "per-comparison clipping norm C (LoRA and head together)")
+    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
+    max_completion: int = arg(48, "summary tokens kept")
+    chunk_size: int = arg(16, "vectorise this many comparisons at a time in per-sample gradients (0: all)")
+    head: str = arg("tokens", "'tokens' (mean hidden state, log-likelihood and length of y) or 'last' (the paper's: last token)")
+    lora_rank: int = arg(0, "LoRA rank on q, v (the paper: 4); 0 trains the head alone, which is more accurate under DP here (NOTES.md)")
+    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
+
+
+def encode_comparisons(tokenizer, prompts, chosen, rejected, *, max_prompt, max_completion):
+    """(ids, mask, response_mask) of shape [N, 2, T(-1)]: chosen and rejected of one comparison
+    side by side, padded to one length so that the pair is one sample."""
+    enc = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected), max_prompt=max_prompt,
+                 max_completion=max_completion)
+    n = len(prompts)
+    return tuple(torch.stack([t[:n], t[n:]], 1) for t in enc)
+
+
+def reward_loss(rm: nn.Module):
+    """loss_fn for one comparison, Eq. 1: -log sigma(r(x, y_chosen) - r(x, y_rejected)). Both
+    forward passes are inside one sample, so one comparison is one per-sample gradient."""
+    def loss_fn(params, ids, mask, response_mask):
+        r = functional_call(rm, params, (ids, mask, response_mask))
+        return -nn.functional.logsigmoid(r[0] - r[1]), (r[0] > r[1]).float().detach()
+    return loss_fn
+
+
+def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, *, epsilon, delta,
+                    args: RMArgs, device, generator, log=None, ckpt=None) -> dict:
+    """Stage 2. Train LoRA + the scalar head on comparisons with DP-SGD. Returns the ledger entry."""
+    data = encode_comparisons(tokenizer, prompts, chosen, rejected, max_prompt=args.max_prompt,
+                              max_completion=args.max_completion)
+    return dp_train(rm, reward_loss(rm), data, epsilon=epsilon, delta=delta, args=args, device=device,
+                    generator=generator, log=log, stage="rm", aux_name="accuracy", ckpt=ckpt)
+
+
+@torch.no_grad()
+def reward_model_scores(rm: RewardModel, tokenizer, prompts, completions, *, max_prompt, max_completion,
+                        device, batch: int = 128) -> torch.Tensor:
+    """r(x, y) for each pair, encoded exactly as in training."""
+    out = []
+    for s in range(0, len(prompts), batch):
+        enc = encode(tokenizer, prompts[s:s + batch], completions[s:s + batch], max_prompt=max_prompt,
+                     max_completion=max_completion)
+        out.append(rm(*(t.to(device) for t in enc)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# =============================================================================================
+# STAGE 3: DPPPO (Algorithm 3, Eq. 2)
+# =============================================================================================
+
+
+def sample_categorical(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One index per row of `probs` [B, V] by inverting the CDF at a uniform draw: the same
+    distribution as torch.multinomial, one random number per row instead of V exponentials (which
+    were 40 % of sampling time on CPU)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False):
+    """Pure ancestral sampling (no top-k/top-p/min-length, so KL estimates are valid) from
+    `model.lm` with a key/value cache (`greedy`: the argmax instead, for baselines). `max_new_tokens` is an int or a per-row LongTensor; a row
+    also stops after `eos_id`. Returns (ids, mask, action_mask, logprobs, hidden): ids and mask
+    [B, T] with the responses right-padded after the left-padded prompts; the rest over the
+    targets ids[:, 1:]: action_mask [B, T-1] marks the sampled tokens, logprobs their
+    log-probabilities and hidden [B, T-1, d] the last hidden state each was sampled from."""
+    import inspect
+    lm, b, p = model.lm, ids.shape[0], ids.shape[1]
+    limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(b)
+    steps = int(limit.max()) if b else 0
+    alive = torch.ones(b, dtype=torch.bool, device=ids.device)
+    logprobs, hidden = [], []
+    # transformers 5.x renamed the cache argument `past_key_values` -> `cache`
+    cache_arg = ("cache" if "cache" in inspect.signature(inspect.unwrap(type(lm.transformer).forward)).parameters
+                 else "past_key_values")
+    new, cache = ids, None
+    for t in range(steps):
+        out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
+                             attention_mask=additive_mask(mask, new.shape[1], lm.lm_head.weight.dtype),
+                             **{cache_arg: cache})
+        cache = out.get("cache", out.get("past_key_values"))
+        h = out.last_hidden_state[:, -1]
+        logp = lm.lm_head(h).float().log_softmax(-1)
+        nxt = logp.argmax(-1) if greedy else sample_categorical(logp.exp(), generator)
+        alive = alive & (t < limit)
+        logprobs.append(logp.gather(1, nxt[:, None]).squeeze(1) * alive)
+        hidden.append(h * alive[:, None])
+        new = torch.where(alive, nxt, torch.zeros_like(nxt))[:, None]
+        ids, mask = torch.cat([ids, new], 1), torch.cat([mask, alive.long()[:, None]], 1)
+        if eos_id is not None:
+            alive = alive & (nxt != eos_id)
+        if not alive.any():  # every row has stopped: no all-padding columns after this one
+            break
+
+    def by_target(columns, *shape):  # the first response token is predicted at the last prompt position
+        return torch.cat([torch.zeros(b, p - 1, *shape, device=ids.device)] + [c[:, None] for c in columns], 1)
+    return (ids, mask, by_target([m.float() for m in mask[:, p:].T]), by_target(logprobs),
+            by_target(hidden, lm.config.n_embd))
+
+
+def gae(rewards, values, action_mask, *, gamma: float, lam: float):
+    """Generalised advantage estimation along each row, over the action positions only.
+
+    Rows are independent: nothing here mixes trajectories. Returns (advantages, returns)."""
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros_like(next_adv)
+    for t in reversed(range(rewards.shape[1])):
+        m = action_mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m
+        next_adv = torch.where(m > 0, a, next_adv)
+        next_value = torch.where(m > 0, values[:, t], next_value)
+    return adv, (adv + values) * action_mask
+
+
+def masked_mean(x, m):
+    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def ppo_loss(policy: nn.Module, *, cliprange: float, cliprange_value: float, vf_coef: float):
+    """loss_fn for one trajectory: clipped surrogate + vf_coef * clipped value loss, each the
+    mean over *its own* response tokens (TRL's per-token losses, without batch statistics)."""
+    def loss_fn(params, ids, mask, action_mask, old_logprobs, old_values, advantages, returns):
+        # The per-token inputs may cover only the last target columns (the response): start is
+        # static (shapes), so vmap sees no data-dependent slicing.
+        start = ids.shape[-1] - 1 - action_mask.shape[-1]
+        logits, values = functional_call(policy, params, (ids[None], mask[None], start))
+        logprobs, values = token_logprobs(logits, ids[None, start:])[0], values[0, :-1]
+        ratio = torch.exp(logprobs - old_logprobs)
+        pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+        v_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+        vf = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+        loss_pg, loss_vf = masked_mean(pg, action_mask), masked_mean(vf, action_mask)
+        clipfrac = masked_mean(((ratio - 1).abs() > cliprange).float(), action_mask)
+        return loss_pg + vf_coef * loss_vf, torch.stack([loss_pg, loss_vf, clipfrac]).detach()
+    return loss_fn
+
+
+@dataclass
+class PPOArgs:
+    """Stage 3 (DPPPO) hyper-parameters; defaults are TRL's where the paper says "TRL defaults"."""
+    steps: int = arg(40, "PPO iterations; each Poisson-samples one rollout batch and is one accountant step")
+    batch_size: int = arg(128, "expected rollout batch q * |D3| (the paper: 4096)")
+    minibatches: int = arg(1, "k: each trajectory goes to one of k minibatches, uniformly (the paper: 4096 / 256 = 16); "
+                           "under DP, k updates per iteration cost sqrt(k) in signal-to-noise (NOTES.md)")
+    epochs: int = arg(1, "T_PPO; more than 1 only without privacy (a trajectory must be in one noisy update)")
+    lr: float = arg(1e-2, "AdamW learning rate (the paper: 3e-3 for GPT-2 small, with 16 minibatches)")
+    kl_coef: float = arg(0.1, "beta of Eq. 2, fixed: TRL's adaptive controller would read private batch statistics")
+    gamma: float = arg(1.0, "discount")
+    lam: float = arg(0.95, "GAE lambda")
+    cliprange: float = arg(0.2, "policy ratio clip")
+    cliprange_value: float = arg(0.2, "value clip")
+    vf_coef: float = arg(0.1, "value loss weight")
+    max_grad_norm: float = arg(1.0, "per-trajectory clipping norm C (LoRA and value head together)")
+    baseline: str = arg("empty", "b(x) subtracted from r(x, y), from the trajectory's own prompt only (no bias, no "
+                        "mixing): 'empty' r(x, ''), 'greedy' r(x, the reference model's greedy response), or 'none'")
+    whiten: str = arg("none", "advantage whitening: 'none' or 'trajectory' (within one trajectory; never across the batch)")
+    response_min: int = arg(4, "fewest new tokens (a per-trajectory length is drawn uniformly in [min, max])")
+    response_max: int = arg(16, "most new tokens")
+    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
+    chunk_size: int = arg(64, "vectorise this many trajectories at a time in per-sample gradients (0: all; 64: fastest on CPU)")
+    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
+
+    def validate(self, epsilon: float):
+        if math.isfinite(epsilon) and self.epochs != 1:
+            raise UserError(f"--ppo-epochs {self.epochs} needs --epsilon inf: with privacy each "
+                            "trajectory must land in exactly one noisy update (T_PPO = 1)")
+        if self.baseline not in ("empty", "greedy", "none"):
+            raise UserError(f"--ppo-baseline '{self.baseline}' is not allowed; use empty, greedy or none")
+        if self.whiten not in ("none", "trajectory"):
+            raise UserError(f"--ppo-whiten '{self.whiten}' is not allowed; use 'none' or 'trajectory'")
+        if not 1 <= self.response_min <= self.response_max:
+            raise UserError(f"--ppo-response-min {self.response_min} / --ppo-response-max {self.response_max} "
+                            "are not allowed; need 1 <= min <= max")
+        if self.minibatches < 1:
+            raise UserError(f"--ppo-minibatches {self.minibatches} is not allowed; it must be >= 1")
+        for name in ("kl_coef", "vf_coef", "cliprange", "cliprange_value", "lam", "gamma"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf or (name in ("lam", "gamma") and value > 1):
+                allowed = "in [0, 1]" if name in ("lam", "gamma") else "a finite number >= 0"
+                raise UserError(f"--ppo-{name.replace('_', '-')} {value} is not allowed; it must be {allowed}")
+
+
+@dataclass
+class Rollout:
+    """A batch of trajectories. ids/mask are [B, T]: prompt (left-padded) + response (right-padded).
+    The rest are [B, T-1], indexed by *target*: column t is about token ids[:, t + 1], predicted
+    from the hidden state at position t. That one-token shift is why a response token's log-prob
+    and the value of the state it was sampled in sit in the same column."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    action_mask: torch.Tensor   # 1 where ids[:, t + 1] is a response token (an action of the policy)
+    logprobs: torch.Tensor      # log pi_old(a_t | s_t), from the sampler
+    ref_logprobs: torch.Tensor  # log LM_sft(a_t | s_t): the same network with LoRA off
+    values: torch.Tensor        # V_old(s_t), the value head on the sampler's hidden state
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+
+@torch.no_grad()
+def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id,
+            clock: Stopwatch | None = None) -> Rollout:
+    """Sample responses; the sampler's log-probs and hidden states give pi_old and V_old, so only
+    the reference model needs another forward pass."""
+    clock = clock or Stopwatch()
+    policy.eval()
+    with clock("sampling"):
+        ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
+                                                  generator=generator, eos_id=eos_id)
+    p = prompt_ids.shape[1]  # the LM head only where a response token is predicted: columns p-1..
+    with clock("reference"), lora_disabled(policy):  # the frozen SFT model: same network, LoRA off
+        if len(ids):  # (an empty Poisson batch has nothing to score)
+            h = hidden_states(policy.lm, ids, mask)[:, p - 1:]
+            ref_logprobs = torch.cat([torch.zeros_like(logprobs[:, :p - 1]),
+                                      token_logprobs(policy.lm.lm_head(h), ids[:, p - 1:])], 1) * act
+        else:
+            ref_logprobs = logprobs
+    return Rollout(ids, mask, act, logprobs, ref_logprobs, policy.value_head(hidden).squeeze(-1) * act)
+
+
+@torch.no_grad()
+def prompt_baseline(policy, tokenizer, reward_fn, prompts, prompt_ids, prompt_mask, args, eos_id) -> torch.Tensor:
+    """b(x) for each prompt. 'empty': r(x, ""), cheap, and right when the reward mostly reflects the
+    prompt (sentiment). 'greedy': r(x, y*), y* the frozen reference model's greedy response, an
+    in-distribution guess of what x earns (a learned reward model may score "" far off)."""
+    if args.baseline == "none" or not prompts:
+        return torch.zeros(len(prompts))
+    if args.baseline == "empty":
+        return reward_fn(prompts, [""] * len(prompts))
+    with lora_disabled(policy):
+        ids, _, act, _, _ = sample(policy, prompt_ids, prompt_mask, max_new_tokens=args.response_max, generator=None,
+                                   eos_id=eos_id, greedy=True)
+    return reward_fn(prompts, decode_responses(tokenizer, ids, act, eos_id))
+
+
+def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
+    """Eq. 2 per token: R = -beta * (log pi - log pi_sft) on every response token, plus the
+    reward model's score r(x, y) on the last one."""
+    kl = (logprobs - ref_logprobs) * action_mask
+    rewards = -kl_coef * kl
+    last = (torch.arange(action_mask.shape[1], device=action_mask.device) * action_mask).argmax(-1)
+    rewards[torch.arange(len(scores)), last] += scores * (action_mask.sum(-1) > 0)
+    return rewards, kl.sum(-1)
+
+
+def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsilon, delta,
+          args: PPOArgs, device, generator, eos_id=None, log=None, ckpt: Checkpoint | None = None) -> dict:
+    """Stage 3, Algorithm 3. Per iteration: Poisson-sample prompts from D3, roll out, score
+    (Eq. 2), GAE, then one epoch of DP-SGD over k minibatches. Returns the ledger entry."""
+    private = math.isfinite(epsilon)
+    args.validate(epsilon)
+    p_ids, p_mask, _ = encode(tokenizer, prompts, max_prompt=args.max_prompt)
+    n, k = len(prompts), args.minibatches
+    q = min(1.0, args.batch_size / n)
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                 steps=args.steps) if private else 0.0
+    params = trainable(policy)
+    if ckpt is not None and (done := ckpt.finished("ppo", params)) is not None:
+        return done
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
+    loss_fn = ppo_loss(policy, cliprange=args.cliprange, cliprange_value=args.cliprange_value,
+                       vf_coef=args.vf_coef)
+    accountant = ACCOUNTANT()
+    start, extra = ckpt.resume("ppo", params, opt, accountant) if ckpt else (0, {})
+    bar = Progress(args.steps, f"ppo (eps={epsilon:g}, sigma={sigma:.3f})", start=start)
+    nonfinite, baselines = extra.get("nonfinite", 0), {}
+    for it in bar:
+        clock = Stopwatch(device)
+        # 1. Poisson-sample prompts x from D3 (an empty batch still takes its noisy steps).
+        idx = poisson_sample(n, q, generator)
+        prompt_ids, prompt_mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
+        lengths = torch.randint(args.response_min, args.response_max + 1, (len(idx),), generator=generator)
+        # 2. Roll out y ~ pi(. | x), keeping log pi_old, log LM_sft and V_old per response token.
+        ro = rollout(policy, prompt_ids, prompt_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id,
+                     clock=clock)
+        # 3. Score r(x, y), spread Eq. 2 over the tokens, and estimate advantages (GAE).
+        batch_prompts = [prompts[i] for i in idx.tolist()]
+        with clock("reward"):
+            scores = reward_fn(batch_prompts, decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)).to(device).float()
+            # b(x) depends on nothing but this trajectory's own prompt: the policy gradient stays
+            # unbiased and no statistic crosses trajectories (unlike TRL's batch whitening).
+            new = [j for j, i in enumerate(idx.tolist()) if i not in baselines]  # b(x) is fixed: once per prompt
+            if new:
+                rows = torch.tensor(new, dtype=torch.long, device=device)
+                b = prompt_baseline(policy, tokenizer, reward_fn, [batch_prompts[j] for j in new],
+                                    *trim_left(prompt_ids[rows], prompt_mask[rows], mask=prompt_mask[rows]), args, eos_id)
+                baselines.update(zip(idx[new].tolist(), b.tolist()))
+        baseline = torch.tensor([baselines[i] for i in idx.tolist()], device=device)
+        rewards, kl = kl_rewards(scores - baseline, ro.logprobs, ro.ref_logprobs, ro.action_mask, args.kl_coef)
+        advantages, returns = gae(rewards, ro.values, ro.action_mask, gamma=args.gamma, lam=args.lam)
+        if args.whiten == "trajectory":  # within one trajectory: never across the batch
+            mu = masked_mean(advantages, ro.action_mask)[:, None]
+            sd = masked_mean((advantages - mu) ** 2, ro.action_mask)[:, None].sqrt()
+            advantages = (advantages - mu) / (sd + 1e-8) * ro.action_mask
+        # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss: each trajectory goes to one of k
+        #    minibatches, drawn independently of the data, so it is in exactly one noisy update.
+        minibatch_of = torch.randint(k, (len(idx),), generator=generator)
+        r = slice(prompt_ids.shape[1] - 1, None)  # target columns that can hold response tokens
+        batch = (ro.ids, ro.mask, ro.action_mask[:, r], ro.logprobs[:, r], ro.values[:, r], advantages[:, r], returns[:, r])
+        stats = []
+        with clock("update"):
+            for _ in range(args.epochs):
+                for j in range(k):
+                    sel = (minibatch_of == j).nonzero().flatten().to(device)
+                    aux, bad = dp_step(loss_fn, params, tuple(x[sel] for x in batch), opt,
+                                       max_grad_norm=args.max_grad_norm if private else math.inf,
+                                       noise_multiplier=sigma, expected_batch_size=q * n / k,
+                                       chunk_size=args.chunk_size, generator=generator, has_aux=True)
+                    nonfinite += bad
+                    if aux is not None:
+                        stats.append(aux)
+        if private:
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+        eps_now = accountant.get_epsilon(delta) if private else math.inf
+        aux = torch.cat(stats).mean(0).tolist() if stats else [float("nan")] * 3
+        row = {"ppo/step": it, "ppo/batch_size": len(idx), "ppo/reward_mean": scores.mean().item(),
+               "ppo/kl": kl.mean().item(), "ppo/loss_policy": aux[0], "ppo/loss_value": aux[1],
+               "ppo/clip_frac": aux[2], "ppo/response_len": ro.action_mask.sum(-1).mean().item(),
+               "ppo/nonfinite_grads": nonfinite, "privacy/epsilon": eps_now,
+               **{f"time/{phase}": sec for phase, sec in clock.seconds.items()}}
+        bar.set_postfix(reward=f"{row['ppo/reward_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}", eps=f"{eps_now:.2f}")
+        if log is not None:
+            log(row)
+        if ckpt is not None:
+            ckpt.mark("ppo", it + 1, params, opt, accountant, {"nonfinite": nonfinite})
+    entry = ledger_entry(accountant, epsilon, delta, sigma, q, args.steps, n)
+    if ckpt is not None:
+        ckpt.finish("ppo", params, entry)
+    return entry
+
+
+# =============================================================================================
+# PRIVACY LEDGER: what each stage spent, and the total over the three stages
+# =============================================================================================
+# Each stage accounts for its own steps (above); the run composes them. The paper's D1, D2, D3
+# are disjoint, so a user is in one stage and the total is the max (parallel composition).
+
+
+def ledger_entry(accountant, epsilon, delta, sigma, q, steps, n) -> dict:
+    """One stage's line of the privacy ledger; epsilon is what was *spent* (<= the target)."""
+    spent = accountant.get_epsilon(delta) if math.isfinite(epsilon) else math.inf
+    return {"epsilon": spent, "delta": delta, "noise_multiplier": sigma, "sample_rate": q,
+            "steps": steps, "num_private_examples": n}
+
+
+def compose_ledger(stages: dict, delta: float, composition: str) -> float:
+    """Total epsilon. Parallel composition over disjoint D1/D2/D3 (the paper's theorem): the
+    max over stages. Sequential (a user may be in several stages): add the stages' RDP curves,
+    each rebuilt from its ledger entry (sigma, q, steps), and convert once."""
+    if composition == "parallel":
+        return max(s["epsilon"] for s in stages.values())
+    if any(math.isinf(s["epsilon"]) for s in stages.values()):
+        return math.inf
+    accountant = ACCOUNTANT()  # one accountant over every stage's steps: RDP adds them up
+    for s in stages.values():
+        accountant.step(noise_multiplier=s["noise_multiplier"], sample_rate=s["sample_rate"], num_steps=s["steps"])
+    return accountant.get_epsilon(delta)
+
+
+# #############################################################################################
+# PART II: RUNNING IT. Built-in tasks and base model, loaders, evaluation, pipelines, probes,
+# audit, benchmark, CLI. Nothing below changes what Part I computes.
+# #############################################################################################
 
 
 # =============================================================================================
@@ -1048,160 +1543,8 @@ def trim_left(*tensors, mask):
 
 
 # =============================================================================================
-# STAGE 1: DP SFT: LoRA fine-tuning on D1 with DP-SGD
+# PIPELINES: sentiment (SFT -> DPPPO) and rlhf (SFT -> reward model -> DPPPO), evaluation, run dirs
 # =============================================================================================
-
-
-@dataclass
-class SFTArgs:
-    """Stage 1 (DP SFT) hyper-parameters."""
-    epochs: float = arg(3.0, "passes over D1 in expectation; steps = epochs / q")
-    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)")
-    batch_size: int = arg(64, "expected batch size q * |D1| (the paper: 512)")
-    lr: float = arg(3e-3, "AdamW learning rate (the paper: 3e-4 at batch 512, 40 epochs)")
-    max_grad_norm: float = arg(1.0, "per-sample clipping norm C")
-    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
-    max_completion: int = arg(48, "completion tokens kept")
-    chunk_size: int = arg(16, "vectorise this many samples at a time in per-sample gradients (0: all; 16 is fastest on CPU)")
-    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
-
-
-def sft_loss(causal_lm: nn.Module):
-    """loss_fn(params, ids, mask, loss_mask) for one sample: mean NLL over its loss tokens."""
-    def loss_fn(params, ids, mask, loss_mask):
-        logits = functional_call(causal_lm, params, (ids[None], mask[None]))
-        lp = token_logprobs(logits, ids[None])[0]
-        return -(lp * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-    return loss_fn
-
-
-def trainable(module: nn.Module) -> dict:
-    return {n: p for n, p in module.named_parameters() if p.requires_grad}
-
-
-def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, device, generator,
-             log=None, stage: str, aux_name: str | None = None, ckpt: Checkpoint | None = None) -> dict:
-    """Algorithm 2 as a training loop, shared by stages 1 and 2. `data` holds tensors whose first
-    dimension is the private example and data[1] is the attention mask. sigma is calibrated for
-    (epsilon, delta) over the planned steps; each step Poisson-samples, clips, noises and takes an
-    AdamW step, and advances the accountant. epsilon=inf: the same loop, no clipping, no noise."""
-    n = data[0].shape[0]
-    q = min(1.0, args.batch_size / n)
-    steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
-    private = math.isfinite(epsilon)
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                 steps=steps) if private else 0.0
-    params = trainable(module)
-    if ckpt is not None and (done := ckpt.finished(stage, params)) is not None:
-        return done
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
-    accountant = ACCOUNTANT()
-    start, extra = ckpt.resume(stage, params, opt, accountant) if ckpt else (0, {})
-    nonfinite = extra.get("nonfinite", 0)
-    bar = Progress(steps, f"{stage} (eps={epsilon:g}, sigma={sigma:.3f})", start=start)
-    for step in bar:
-        idx = poisson_sample(n, q, generator)
-        batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
-        aux, bad = dp_step(loss_fn, params, tuple(t.to(device) for t in batch), opt,
-                           max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
-                           expected_batch_size=q * n, chunk_size=args.chunk_size, generator=generator,
-                           has_aux=aux_name is not None)
-        nonfinite += bad
-        if private:
-            accountant.step(noise_multiplier=sigma, sample_rate=q)
-        if step % 20 == 0 or step == steps - 1:
-            row = {f"{stage}/step": step, f"{stage}/batch_size": len(idx), f"{stage}/nonfinite_grads": nonfinite,
-                   "privacy/epsilon": accountant.get_epsilon(delta) if private else math.inf}
-            if aux_name is not None:
-                row[f"{stage}/{aux_name}"] = aux.mean().item() if aux is not None else float("nan")
-            bar.set_postfix(eps=f"{row['privacy/epsilon']:.2f}",
-                            **({aux_name: f"{row[f'{stage}/{aux_name}']:.3f}"} if aux_name else {}))
-            if log is not None:
-                log(row)
-        if ckpt is not None:
-            ckpt.mark(stage, step + 1, params, opt, accountant, {"nonfinite": nonfinite})
-    entry = ledger_entry(accountant, epsilon, delta, sigma, q, steps, n)
-    if ckpt is not None:
-        ckpt.finish(stage, params, entry)
-    return entry
-
-
-def dp_sft(lm, tokenizer, prompts, completions, *, epsilon, delta, args: SFTArgs, device,
-           generator, log=None, ckpt=None) -> dict:
-    """Stage 1. Fine-tune LoRA on (prompt, completion) pairs with DP-SGD (Algorithm 2), the loss
-    on the completion only. Returns the ledger entry."""
-    model = CausalLM(lm)
-    data = encode(tokenizer, prompts, completions, max_prompt=args.max_prompt,
-                  max_completion=args.max_completion)
-    return dp_train(model, sft_loss(model), data, epsilon=epsilon, delta=delta, args=args, device=device,
-                    generator=generator, log=log, stage="sft", ckpt=ckpt)
-
-
-def ledger_entry(accountant, epsilon, delta, sigma, q, steps, n) -> dict:
-    """One stage's line of the privacy ledger; epsilon is what was *spent* (<= the target)."""
-    spent = accountant.get_epsilon(delta) if math.isfinite(epsilon) else math.inf
-    return {"epsilon": spent, "delta": delta, "noise_multiplier": sigma, "sample_rate": q,
-            "steps": steps, "num_private_examples": n}
-
-
-# =============================================================================================
-# STAGE 2: DP REWARD MODEL (Eq. 1): Bradley-Terry on D2's comparisons, with DP-SGD
-# =============================================================================================
-
-
-@dataclass
-class RMArgs:
-    """Stage 2 (DP reward model) hyper-parameters."""
-    epochs: float = arg(2.0, "passes over D2 in expectation; steps = epochs / q")
-    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)")
-    batch_size: int = arg(64, "expected batch size q * |D2| in comparisons (the paper: 4096)")
-    lr: float = arg(3e-3, "AdamW learning rate (the paper: 2e-4 at batch 4096, 50 epochs)")
-    max_grad_norm: float = arg(1.0, "per-comparison clipping norm C (LoRA and head together)")
-    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
-    max_completion: int = arg(48, "summary tokens kept")
-    chunk_size: int = arg(16, "vectorise this many comparisons at a time in per-sample gradients (0: all)")
-    head: str = arg("tokens", "'tokens' (mean hidden state, log-likelihood and length of y) or 'last' (the paper's: last token)")
-    lora_rank: int = arg(0, "LoRA rank on q, v (the paper: 4); 0 trains the head alone, which is more accurate under DP here (NOTES.md)")
-    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
-
-
-def encode_comparisons(tokenizer, prompts, chosen, rejected, *, max_prompt, max_completion):
-    """(ids, mask, response_mask) of shape [N, 2, T(-1)]: chosen and rejected of one comparison
-    side by side, padded to one length so that the pair is one sample."""
-    enc = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected), max_prompt=max_prompt,
-                 max_completion=max_completion)
-    n = len(prompts)
-    return tuple(torch.stack([t[:n], t[n:]], 1) for t in enc)
-
-
-def reward_loss(rm: nn.Module):
-    """loss_fn for one comparison, Eq. 1: -log sigma(r(x, y_chosen) - r(x, y_rejected)). Both
-    forward passes are inside one sample, so one comparison is one per-sample gradient."""
-    def loss_fn(params, ids, mask, response_mask):
-        r = functional_call(rm, params, (ids, mask, response_mask))
-        return -nn.functional.logsigmoid(r[0] - r[1]), (r[0] > r[1]).float().detach()
-    return loss_fn
-
-
-def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, *, epsilon, delta,
-                    args: RMArgs, device, generator, log=None, ckpt=None) -> dict:
-    """Stage 2. Train LoRA + the scalar head on comparisons with DP-SGD. Returns the ledger entry."""
-    data = encode_comparisons(tokenizer, prompts, chosen, rejected, max_prompt=args.max_prompt,
-                              max_completion=args.max_completion)
-    return dp_train(rm, reward_loss(rm), data, epsilon=epsilon, delta=delta, args=args, device=device,
-                    generator=generator, log=log, stage="rm", aux_name="accuracy", ckpt=ckpt)
-
-
-@torch.no_grad()
-def reward_model_scores(rm: RewardModel, tokenizer, prompts, completions, *, max_prompt, max_completion,
-                        device, batch: int = 128) -> torch.Tensor:
-    """r(x, y) for each pair, encoded exactly as in training."""
-    out = []
-    for s in range(0, len(prompts), batch):
-        enc = encode(tokenizer, prompts[s:s + batch], completions[s:s + batch], max_prompt=max_prompt,
-                     max_completion=max_completion)
-        out.append(rm(*(t.to(device) for t in enc)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def save_reward_model(rm: RewardModel, tokenizer, path: str):
@@ -1235,162 +1578,13 @@ def load_reward_model(path: str, device: str = "cpu"):
     return rm.to(device).eval(), tokenizer
 
 
-# =============================================================================================
-# STAGE 3: DPPPO (Algorithm 3, Eq. 2)
-# =============================================================================================
-
-
-def sample_categorical(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One index per row of `probs` [B, V] by inverting the CDF at a uniform draw: the same
-    distribution as torch.multinomial, one random number per row instead of V exponentials (which
-    were 40 % of sampling time on CPU)."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
-
-
-@torch.no_grad()
-def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False):
-    """Pure ancestral sampling (no top-k/top-p/min-length, so KL estimates are valid) from
-    `model.lm` with a key/value cache (`greedy`: the argmax instead, for baselines). `max_new_tokens` is an int or a per-row LongTensor; a row
-    also stops after `eos_id`. Returns (ids, mask, action_mask, logprobs, hidden): ids and mask
-    [B, T] with the responses right-padded after the left-padded prompts; the rest over the
-    targets ids[:, 1:]: action_mask [B, T-1] marks the sampled tokens, logprobs their
-    log-probabilities and hidden [B, T-1, d] the last hidden state each was sampled from."""
-    import inspect
-    lm, b, p = model.lm, ids.shape[0], ids.shape[1]
-    limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(b)
-    steps = int(limit.max()) if b else 0
-    alive = torch.ones(b, dtype=torch.bool, device=ids.device)
-    logprobs, hidden = [], []
-    # transformers 5.x renamed the cache argument `past_key_values` -> `cache`
-    cache_arg = ("cache" if "cache" in inspect.signature(inspect.unwrap(type(lm.transformer).forward)).parameters
-                 else "past_key_values")
-    new, cache = ids, None
-    for t in range(steps):
-        out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
-                             attention_mask=additive_mask(mask, new.shape[1], lm.lm_head.weight.dtype),
-                             **{cache_arg: cache})
-        cache = out.get("cache", out.get("past_key_values"))
-        h = out.last_hidden_state[:, -1]
-        logp = lm.lm_head(h).float().log_softmax(-1)
-        nxt = logp.argmax(-1) if greedy else sample_categorical(logp.exp(), generator)
-        alive = alive & (t < limit)
-        logprobs.append(logp.gather(1, nxt[:, None]).squeeze(1) * alive)
-        hidden.append(h * alive[:, None])
-        new = torch.where(alive, nxt, torch.zeros_like(nxt))[:, None]
-        ids, mask = torch.cat([ids, new], 1), torch.cat([mask, alive.long()[:, None]], 1)
-        if eos_id is not None:
-            alive = alive & (nxt != eos_id)
-        if not alive.any():  # every row has stopped: no all-padding columns after this one
-            break
-
-    def by_target(columns, *shape):  # the first response token is predicted at the last prompt position
-        return torch.cat([torch.zeros(b, p - 1, *shape, device=ids.device)] + [c[:, None] for c in columns], 1)
-    return (ids, mask, by_target([m.float() for m in mask[:, p:].T]), by_target(logprobs),
-            by_target(hidden, lm.config.n_embd))
-
-
-def gae(rewards, values, action_mask, *, gamma: float, lam: float):
-    """Generalised advantage estimation along each row, over the action positions only.
-
-    Rows are independent: nothing here mixes trajectories. Returns (advantages, returns)."""
-    adv = torch.zeros_like(rewards)
-    next_adv = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
-    next_value = torch.zeros_like(next_adv)
-    for t in reversed(range(rewards.shape[1])):
-        m = action_mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        a = delta + gamma * lam * next_adv
-        adv[:, t] = a * m
-        next_adv = torch.where(m > 0, a, next_adv)
-        next_value = torch.where(m > 0, values[:, t], next_value)
-    return adv, (adv + values) * action_mask
-
-
-def masked_mean(x, m):
-    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
-
-
-def ppo_loss(policy: nn.Module, *, cliprange: float, cliprange_value: float, vf_coef: float):
-    """loss_fn for one trajectory: clipped surrogate + vf_coef * clipped value loss, each the
-    mean over *its own* response tokens (TRL's per-token losses, without batch statistics)."""
-    def loss_fn(params, ids, mask, action_mask, old_logprobs, old_values, advantages, returns):
-        # The per-token inputs may cover only the last target columns (the response): start is
-        # static (shapes), so vmap sees no data-dependent slicing.
-        start = ids.shape[-1] - 1 - action_mask.shape[-1]
-        logits, values = functional_call(policy, params, (ids[None], mask[None], start))
-        logprobs, values = token_logprobs(logits, ids[None, start:])[0], values[0, :-1]
-        ratio = torch.exp(logprobs - old_logprobs)
-        pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
-        v_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-        vf = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
-        loss_pg, loss_vf = masked_mean(pg, action_mask), masked_mean(vf, action_mask)
-        clipfrac = masked_mean(((ratio - 1).abs() > cliprange).float(), action_mask)
-        return loss_pg + vf_coef * loss_vf, torch.stack([loss_pg, loss_vf, clipfrac]).detach()
-    return loss_fn
-
-
-@dataclass
-class PPOArgs:
-    """Stage 3 (DPPPO) hyper-parameters; defaults are TRL's where the paper says "TRL defaults"."""
-    steps: int = arg(40, "PPO iterations; each Poisson-samples one rollout batch and is one accountant step")
-    batch_size: int = arg(128, "expected rollout batch q * |D3| (the paper: 4096)")
-    minibatches: int = arg(1, "k: each trajectory goes to one of k minibatches, uniformly (the paper: 4096 / 256 = 16); "
-                           "under DP, k updates per iteration cost sqrt(k) in signal-to-noise (NOTES.md)")
-    epochs: int = arg(1, "T_PPO; more than 1 only without privacy (a trajectory must be in one noisy update)")
-    lr: float = arg(1e-2, "AdamW learning rate (the paper: 3e-3 for GPT-2 small, with 16 minibatches)")
-    kl_coef: float = arg(0.1, "beta of Eq. 2, fixed: TRL's adaptive controller would read private batch statistics")
-    gamma: float = arg(1.0, "discount")
-    lam: float = arg(0.95, "GAE lambda")
-    cliprange: float = arg(0.2, "policy ratio clip")
-    cliprange_value: float = arg(0.2, "value clip")
-    vf_coef: float = arg(0.1, "value loss weight")
-    max_grad_norm: float = arg(1.0, "per-trajectory clipping norm C (LoRA and value head together)")
-    baseline: str = arg("empty", "b(x) subtracted from r(x, y), from the trajectory's own prompt only (no bias, no "
-                        "mixing): 'empty' r(x, ''), 'greedy' r(x, the reference model's greedy response), or 'none'")
-    whiten: str = arg("none", "advantage whitening: 'none' or 'trajectory' (within one trajectory; never across the batch)")
-    response_min: int = arg(4, "fewest new tokens (a per-trajectory length is drawn uniformly in [min, max])")
-    response_max: int = arg(16, "most new tokens")
-    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
-    chunk_size: int = arg(64, "vectorise this many trajectories at a time in per-sample gradients (0: all; 64: fastest on CPU)")
-    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
-
-    def validate(self, epsilon: float):
-        if math.isfinite(epsilon) and self.epochs != 1:
-            raise UserError(f"--ppo-epochs {self.epochs} needs --epsilon inf: with privacy each "
-                            "trajectory must land in exactly one noisy update (T_PPO = 1)")
-        if self.baseline not in ("empty", "greedy", "none"):
-            raise UserError(f"--ppo-baseline '{self.baseline}' is not allowed; use empty, greedy or none")
-        if self.whiten not in ("none", "trajectory"):
-            raise UserError(f"--ppo-whiten '{self.whiten}' is not allowed; use 'none' or 'trajectory'")
-        if not 1 <= self.response_min <= self.response_max:
-            raise UserError(f"--ppo-response-min {self.response_min} / --ppo-response-max {self.response_max} "
-                            "are not allowed; need 1 <= min <= max")
-        if self.minibatches < 1:
-            raise UserError(f"--ppo-minibatches {self.minibatches} is not allowed; it must be >= 1")
-        for name in ("kl_coef", "vf_coef", "cliprange", "cliprange_value", "lam", "gamma"):
-            value = getattr(self, name)
-            if not 0 <= value < math.inf or (name in ("lam", "gamma") and value > 1):
-                allowed = "in [0, 1]" if name in ("lam", "gamma") else "a finite number >= 0"
-                raise UserError(f"--ppo-{name.replace('_', '-')} {value} is not allowed; it must be {allowed}")
-
-
-@dataclass
-class Rollout:
-    """A batch of trajectories. ids/mask are [B, T]: prompt (left-padded) + response (right-padded).
-    The rest are [B, T-1], indexed by *target*: column t is about token ids[:, t + 1], predicted
-    from the hidden state at position t. That one-token shift is why a response token's log-prob
-    and the value of the state it was sampled in sit in the same column."""
-    ids: torch.Tensor
-    mask: torch.Tensor
-    action_mask: torch.Tensor   # 1 where ids[:, t + 1] is a response token (an action of the policy)
-    logprobs: torch.Tensor      # log pi_old(a_t | s_t), from the sampler
-    ref_logprobs: torch.Tensor  # log LM_sft(a_t | s_t): the same network with LoRA off
-    values: torch.Tensor        # V_old(s_t), the value head on the sampler's hidden state
-
-    def __len__(self):
-        return self.ids.shape[0]
+def decode_responses(tokenizer, ids, action_mask, eos_id) -> list[str]:
+    """The text of each row's response tokens (action_mask marks targets of ids[:, 1:])."""
+    out = []
+    for row, m in zip(ids[:, 1:].tolist(), action_mask.tolist()):
+        toks = [t for t, keep in zip(row, m) if keep and t != eos_id]
+        out.append(tokenizer.decode(toks, skip_special_tokens=True))
+    return out
 
 
 class Stopwatch:
@@ -1408,152 +1602,6 @@ class Stopwatch:
         yield
         self.sync()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
-
-
-@torch.no_grad()
-def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id,
-            clock: Stopwatch | None = None) -> Rollout:
-    """Sample responses; the sampler's log-probs and hidden states give pi_old and V_old, so only
-    the reference model needs another forward pass."""
-    clock = clock or Stopwatch()
-    policy.eval()
-    with clock("sampling"):
-        ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
-                                                  generator=generator, eos_id=eos_id)
-    p = prompt_ids.shape[1]  # the LM head only where a response token is predicted: columns p-1..
-    with clock("reference"), lora_disabled(policy):  # the frozen SFT model: same network, LoRA off
-        if len(ids):  # (an empty Poisson batch has nothing to score)
-            h = hidden_states(policy.lm, ids, mask)[:, p - 1:]
-            ref_logprobs = torch.cat([torch.zeros_like(logprobs[:, :p - 1]),
-                                      token_logprobs(policy.lm.lm_head(h), ids[:, p - 1:])], 1) * act
-        else:
-            ref_logprobs = logprobs
-    return Rollout(ids, mask, act, logprobs, ref_logprobs, policy.value_head(hidden).squeeze(-1) * act)
-
-
-@torch.no_grad()
-def prompt_baseline(policy, tokenizer, reward_fn, prompts, prompt_ids, prompt_mask, args, eos_id) -> torch.Tensor:
-    """b(x) for each prompt. 'empty': r(x, ""), cheap, and right when the reward mostly reflects the
-    prompt (sentiment). 'greedy': r(x, y*), y* the frozen reference model's greedy response, an
-    in-distribution guess of what x earns (a learned reward model may score "" far off)."""
-    if args.baseline == "none" or not prompts:
-        return torch.zeros(len(prompts))
-    if args.baseline == "empty":
-        return reward_fn(prompts, [""] * len(prompts))
-    with lora_disabled(policy):
-        ids, _, act, _, _ = sample(policy, prompt_ids, prompt_mask, max_new_tokens=args.response_max, generator=None,
-                                   eos_id=eos_id, greedy=True)
-    return reward_fn(prompts, decode_responses(tokenizer, ids, act, eos_id))
-
-
-def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
-    """Eq. 2 per token: R = -beta * (log pi - log pi_sft) on every response token, plus the
-    reward model's score r(x, y) on the last one."""
-    kl = (logprobs - ref_logprobs) * action_mask
-    rewards = -kl_coef * kl
-    last = (torch.arange(action_mask.shape[1], device=action_mask.device) * action_mask).argmax(-1)
-    rewards[torch.arange(len(scores)), last] += scores * (action_mask.sum(-1) > 0)
-    return rewards, kl.sum(-1)
-
-
-def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsilon, delta,
-          args: PPOArgs, device, generator, eos_id=None, log=None, ckpt: Checkpoint | None = None) -> dict:
-    """Stage 3, Algorithm 3. Per iteration: Poisson-sample prompts from D3, roll out, score
-    (Eq. 2), GAE, then one epoch of DP-SGD over k minibatches. Returns the ledger entry."""
-    private = math.isfinite(epsilon)
-    args.validate(epsilon)
-    p_ids, p_mask, _ = encode(tokenizer, prompts, max_prompt=args.max_prompt)
-    n, k = len(prompts), args.minibatches
-    q = min(1.0, args.batch_size / n)
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                 steps=args.steps) if private else 0.0
-    params = trainable(policy)
-    if ckpt is not None and (done := ckpt.finished("ppo", params)) is not None:
-        return done
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
-    loss_fn = ppo_loss(policy, cliprange=args.cliprange, cliprange_value=args.cliprange_value,
-                       vf_coef=args.vf_coef)
-    accountant = ACCOUNTANT()
-    start, extra = ckpt.resume("ppo", params, opt, accountant) if ckpt else (0, {})
-    bar = Progress(args.steps, f"ppo (eps={epsilon:g}, sigma={sigma:.3f})", start=start)
-    nonfinite, baselines = extra.get("nonfinite", 0), {}
-    for it in bar:
-        clock = Stopwatch(device)
-        # 1. Poisson-sample prompts x from D3 (an empty batch still takes its noisy steps).
-        idx = poisson_sample(n, q, generator)
-        prompt_ids, prompt_mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
-        lengths = torch.randint(args.response_min, args.response_max + 1, (len(idx),), generator=generator)
-        # 2. Roll out y ~ pi(. | x), keeping log pi_old, log LM_sft and V_old per response token.
-        ro = rollout(policy, prompt_ids, prompt_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id,
-                     clock=clock)
-        # 3. Score r(x, y), spread Eq. 2 over the tokens, and estimate advantages (GAE).
-        batch_prompts = [prompts[i] for i in idx.tolist()]
-        with clock("reward"):
-            scores = reward_fn(batch_prompts, decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)).to(device).float()
-            # b(x) depends on nothing but this trajectory's own prompt: the policy gradient stays
-            # unbiased and no statistic crosses trajectories (unlike TRL's batch whitening).
-            new = [j for j, i in enumerate(idx.tolist()) if i not in baselines]  # b(x) is fixed: once per prompt
-            if new:
-                rows = torch.tensor(new, dtype=torch.long, device=device)
-                b = prompt_baseline(policy, tokenizer, reward_fn, [batch_prompts[j] for j in new],
-                                    *trim_left(prompt_ids[rows], prompt_mask[rows], mask=prompt_mask[rows]), args, eos_id)
-                baselines.update(zip(idx[new].tolist(), b.tolist()))
-        baseline = torch.tensor([baselines[i] for i in idx.tolist()], device=device)
-        rewards, kl = kl_rewards(scores - baseline, ro.logprobs, ro.ref_logprobs, ro.action_mask, args.kl_coef)
-        advantages, returns = gae(rewards, ro.values, ro.action_mask, gamma=args.gamma, lam=args.lam)
-        if args.whiten == "trajectory":  # within one trajectory: never across the batch
-            mu = masked_mean(advantages, ro.action_mask)[:, None]
-            sd = masked_mean((advantages - mu) ** 2, ro.action_mask)[:, None].sqrt()
-            advantages = (advantages - mu) / (sd + 1e-8) * ro.action_mask
-        # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss: each trajectory goes to one of k
-        #    minibatches, drawn independently of the data, so it is in exactly one noisy update.
-        minibatch_of = torch.randint(k, (len(idx),), generator=generator)
-        r = slice(prompt_ids.shape[1] - 1, None)  # target columns that can hold response tokens
-        batch = (ro.ids, ro.mask, ro.action_mask[:, r], ro.logprobs[:, r], ro.values[:, r], advantages[:, r], returns[:, r])
-        stats = []
-        with clock("update"):
-            for _ in range(args.epochs):
-                for j in range(k):
-                    sel = (minibatch_of == j).nonzero().flatten().to(device)
-                    aux, bad = dp_step(loss_fn, params, tuple(x[sel] for x in batch), opt,
-                                       max_grad_norm=args.max_grad_norm if private else math.inf,
-                                       noise_multiplier=sigma, expected_batch_size=q * n / k,
-                                       chunk_size=args.chunk_size, generator=generator, has_aux=True)
-                    nonfinite += bad
-                    if aux is not None:
-                        stats.append(aux)
-        if private:
-            accountant.step(noise_multiplier=sigma, sample_rate=q)
-        eps_now = accountant.get_epsilon(delta) if private else math.inf
-        aux = torch.cat(stats).mean(0).tolist() if stats else [float("nan")] * 3
-        row = {"ppo/step": it, "ppo/batch_size": len(idx), "ppo/reward_mean": scores.mean().item(),
-               "ppo/kl": kl.mean().item(), "ppo/loss_policy": aux[0], "ppo/loss_value": aux[1],
-               "ppo/clip_frac": aux[2], "ppo/response_len": ro.action_mask.sum(-1).mean().item(),
-               "ppo/nonfinite_grads": nonfinite, "privacy/epsilon": eps_now,
-               **{f"time/{phase}": sec for phase, sec in clock.seconds.items()}}
-        bar.set_postfix(reward=f"{row['ppo/reward_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}", eps=f"{eps_now:.2f}")
-        if log is not None:
-            log(row)
-        if ckpt is not None:
-            ckpt.mark("ppo", it + 1, params, opt, accountant, {"nonfinite": nonfinite})
-    entry = ledger_entry(accountant, epsilon, delta, sigma, q, args.steps, n)
-    if ckpt is not None:
-        ckpt.finish("ppo", params, entry)
-    return entry
-
-
-def decode_responses(tokenizer, ids, action_mask, eos_id) -> list[str]:
-    """The text of each row's response tokens (action_mask marks targets of ids[:, 1:])."""
-    out = []
-    for row, m in zip(ids[:, 1:].tolist(), action_mask.tolist()):
-        toks = [t for t, keep in zip(row, m) if keep and t != eos_id]
-        out.append(tokenizer.decode(toks, skip_special_tokens=True))
-    return out
-
-
-# =============================================================================================
-# PIPELINES: sentiment (SFT -> DPPPO) and rlhf (SFT -> reward model -> DPPPO), ledger, evaluation
-# =============================================================================================
 
 
 def builtin_sentiment_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -1811,20 +1859,6 @@ def save_model(model: nn.Module, tokenizer, path: str):
         tokenizer.save_pretrained(tmp)
 
 
-def compose_ledger(stages: dict, delta: float, composition: str) -> float:
-    """Total epsilon. Parallel composition over disjoint D1/D2/D3 (the paper's theorem): the
-    max over stages. Sequential (a user may be in several stages): add the stages' RDP curves,
-    each rebuilt from its ledger entry (sigma, q, steps), and convert once."""
-    if composition == "parallel":
-        return max(s["epsilon"] for s in stages.values())
-    if any(math.isinf(s["epsilon"]) for s in stages.values()):
-        return math.inf
-    accountant = ACCOUNTANT()  # one accountant over every stage's steps: RDP adds them up
-    for s in stages.values():
-        accountant.step(noise_multiplier=s["noise_multiplier"], sample_rate=s["sample_rate"], num_steps=s["steps"])
-    return accountant.get_epsilon(delta)
-
-
 @dataclass
 class CommonArgs:
     """What every command that trains shares."""
@@ -1895,19 +1929,6 @@ def _setup(args: CommonArgs, task: str):
     torch.manual_seed(args.seed)  # public: initial weights
     seed = args.seed if args.reproducible_noise and not args.resume else None
     return device, out, work, ckpt, private_generator(seed)
-
-
-def private_generator(seed: int | None = None) -> torch.Generator:
-    """The generator of everything the DP guarantee rests on: Poisson samples, Gaussian noise, PPO
-    minibatches and rollouts. Seeded from the OS's entropy, never printed or saved: anyone who
-    knows it can replay training and subtract the noise. `seed` (--reproducible-noise) is for
-    classrooms only; the guarantee then holds only while that seed stays secret."""
-    if seed is not None:
-        print(f"warning: --reproducible-noise: DP noise and sampling come from --seed {seed}; the privacy "
-              "guarantee holds only if that seed is secret", file=sys.stderr)
-        return torch.Generator().manual_seed(seed)
-    import secrets
-    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def normalise(text) -> str:
