@@ -1025,39 +1025,49 @@ ACTORS = ("smith jones garcia chen patel novak rossi kim silva murphy okafor tan
           "dubois moreau lopez khan ward").split()
 
 
+def pick(rng: np.random.Generator, options):
+    """One of `options`, uniformly: the same draw as rng.choice(options), without converting
+    `options` to an array on every call (the generators are a third faster; same data)."""
+    return options[rng.integers(len(options))]
+
+
+REVIEW_KINDS = ("positive", "negative", "mixed", "neutral")
+REVIEW_KIND_CDF = np.cumsum([0.4, 0.4, 0.1, 0.1]) / np.cumsum([0.4, 0.4, 0.1, 0.1])[-1]  # as rng.choice(p=) builds it
+
+
 def _review(rng: np.random.Generator, sentiment: str) -> str:
     """One synthetic movie review; `sentiment` in positive / negative / mixed / neutral."""
     def adj(pol):
-        return rng.choice({1: POSITIVE, -1: NEGATIVE, 0: NEUTRAL}[pol])
+        return pick(rng, {1: POSITIVE, -1: NEGATIVE, 0: NEUTRAL}[pol])
 
     def polarity():
         if sentiment == "mixed":
-            return int(rng.choice([1, -1]))
+            return pick(rng, (1, -1))
         if sentiment == "neutral":
-            return int(rng.choice([0, 0, 1, -1]))
+            return pick(rng, (0, 0, 1, -1))
         base = 1 if sentiment == "positive" else -1
         return base if rng.random() < 0.85 else -base
 
     def sentence():
-        pol, noun, kind = polarity(), rng.choice(NOUNS), rng.integers(9)
-        intens = (rng.choice(INTENSIFIERS) + " ") if rng.random() < 0.4 else ""
+        pol, noun, kind = polarity(), pick(rng, NOUNS), rng.integers(9)
+        intens = (pick(rng, INTENSIFIERS) + " ") if rng.random() < 0.4 else ""
         if kind == 0:
             return f"the {noun} was {intens}{adj(pol)} ."
         if kind == 1 and pol != 0:  # negation: "not bad" is mildly positive, "not great" negative
-            return f"the {noun} was {rng.choice(['not', 'never'])} {adj(-pol)} ."
+            return f"the {noun} was {pick(rng, ('not', 'never'))} {adj(-pol)} ."
         if kind == 2 and pol != 0:
-            return f"i {rng.choice(POS_VERBS if pol > 0 else NEG_VERBS)} the {noun} ."
+            return f"i {pick(rng, POS_VERBS if pol > 0 else NEG_VERBS)} the {noun} ."
         if kind == 3:
-            return f"{rng.choice(ACTORS)} gives a {intens}{adj(pol)} performance ."
+            return f"{pick(rng, ACTORS)} gives a {intens}{adj(pol)} performance ."
         if kind == 4:
-            return f"it is a {adj(pol)} {rng.choice(GENRES)} about {rng.choice(TOPICS)} ."
+            return f"it is a {adj(pol)} {pick(rng, GENRES)} about {pick(rng, TOPICS)} ."
         if kind == 5 and pol != 0:
             return f"i would {'' if pol > 0 else 'not '}recommend it to anyone ."
         if kind == 6:
             return f"but the {noun} felt {intens}{adj(pol)} ."
         if kind == 7:
             return f"watching it was a {adj(pol)} experience ."
-        return f"the {noun} of this {rng.choice(GENRES)} is {intens}{adj(pol)} ."
+        return f"the {noun} of this {pick(rng, GENRES)} is {intens}{adj(pol)} ."
 
     return " ".join(sentence() for _ in range(rng.integers(3, 7)))
 
@@ -1067,7 +1077,7 @@ def make_reviews(n: int, seed: int, exclude: set = frozenset()) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < n:
-        kind = str(rng.choice(["positive", "negative", "mixed", "neutral"], p=[0.4, 0.4, 0.1, 0.1]))
+        kind = REVIEW_KINDS[int(np.searchsorted(REVIEW_KIND_CDF, rng.random(), side="right"))]
         text = _review(rng, kind)
         if text not in exclude:
             out.append({"text": text, "label": kind})
@@ -1110,13 +1120,13 @@ FILLER = ["we have known each other for years .", "it was raining all day .",
 
 def _post(rng: np.random.Generator) -> dict:
     """One synthetic Reddit-style post with its three key facts (who, what, how I feel)."""
-    person, event, feeling = rng.choice(PEOPLE), rng.choice(EVENTS), rng.choice(FEELINGS)
+    person, event, feeling = pick(rng, PEOPLE), pick(rng, EVENTS), pick(rng, FEELINGS)
     filler = list(rng.choice(FILLER, size=rng.integers(1, 4), replace=False))
-    facts = [f"{rng.choice(TIMES)} my {person} {event} .",
+    facts = [f"{pick(rng, TIMES)} my {person} {event} .",
              f"now i feel {feeling} and do not know what to do ."]
     body = [f"i ( {rng.integers(18, 60)} ) need some advice ."] + filler[:1] + facts[:1] + filler[1:] + facts[1:]
     if rng.random() < 0.5:
-        body.append(rng.choice(["should i talk to them ?", "what would you do ?", "am i wrong ?"]))
+        body.append(pick(rng, ("should i talk to them ?", "what would you do ?", "am i wrong ?")))
     return {"post": " ".join(body), "person": str(person), "event": str(event), "feeling": str(feeling)}
 
 
@@ -1126,20 +1136,20 @@ def _summary(rng: np.random.Generator, post: dict, style: str) -> str:
     person, event, feeling = post["person"], post["event"], post["feeling"]
     if style == "candidate":
         if rng.random() < 0.25:
-            person = rng.choice(PEOPLE)  # an invented fact
+            person = pick(rng, PEOPLE)  # an invented fact
         if rng.random() < 0.25:
-            feeling = rng.choice(FEELINGS)
+            feeling = pick(rng, FEELINGS)
     parts = []
     if rng.random() < (0.6 if style == "reference" else 0.4):
-        parts.append(str(rng.choice(["so basically", "long story short ,", "ok so", "well"])))
+        parts.append(pick(rng, ("so basically", "long story short ,", "ok so", "well")))
     parts.append(f"my {person} {event}" if rng.random() < 0.85 else f"my {person} did something")
     if rng.random() < (0.55 if style == "reference" else 0.6):
         parts.append(f"and i feel {feeling}")
     if rng.random() < (0.5 if style == "reference" else 0.4):
-        parts.append(str(rng.choice(["and we have known each other for years", "and it was raining",
-                                     "and my family thinks i am overreacting"])))
+        parts.append(pick(rng, ("and we have known each other for years", "and it was raining",
+                                "and my family thinks i am overreacting")))
     if rng.random() < 0.4:
-        parts.append(str(rng.choice(["what should i do ?", "am i wrong ?", "help ."])))
+        parts.append(pick(rng, ("what should i do ?", "am i wrong ?", "help .")))
     return " ".join(parts) + ("" if parts[-1].endswith(("?", ".")) else " .")
 
 
@@ -2085,15 +2095,17 @@ def rouge(prediction: str, reference: str) -> dict:
 @dataclass
 class RLHFArgs(RunArgs):
     """`rlhf`: the paper's RLHF scenario (Reddit TL;DR): DP SFT -> DP reward model -> DPPPO."""
-    num_sft: int = arg(4000, "examples in D1 (built-in data; real data is split by a keyed hash)")
-    num_ppo: int = arg(4000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
-    num_comparisons: int = arg(8000, "comparisons in D2 (built-in data; real data: all of --comparisons but the held-out tenth)")
+    num_sft: int = arg(16000, "examples in D1 (built-in data; real data is split by a keyed hash)")
+    num_ppo: int = arg(16000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
+    num_comparisons: int = arg(16000, "comparisons in D2 (built-in data; real data: all of --comparisons but the held-out tenth)")
     num_comparisons_test: int = arg(1000, "held-out comparisons for the reward model's accuracy (at most 10 % of real data)")
     comparisons: str | None = arg(None, "D2 when --dataset is not builtin: Hub id or local file with prompt/chosen/rejected")
     reward_base: str | None = arg(None, "base of the reward model: 'builtin', Hub id or dir (default: the SFT model)")
     eval_reward_model: str | None = arg(None, "a non-private sequence classifier to score summaries in evaluation")
-    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
-    rm: RMArgs = field(default_factory=lambda: RMArgs(epochs=1.0, lr=1e-2))
+    # Half an epoch over 16,000 examples: the same 125 steps as 2 epochs over 4,000 at a quarter of
+    # the sample rate, so less noise for the same epsilon (NOTES.md, "More private data, same compute").
+    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=0.5))
+    rm: RMArgs = field(default_factory=lambda: RMArgs(epochs=0.5, lr=1e-2))
     ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, minibatches=4, lr=3e-3, baseline="greedy",
                                                          response_min=32, response_max=32))
 
