@@ -780,6 +780,8 @@ class PPOArgs:
                            "under DP, k updates per iteration cost sqrt(k) in signal-to-noise (NOTES.md)")
     epochs: int = arg(1, "T_PPO; more than 1 only without privacy (a trajectory must be in one noisy update)")
     lr: float = arg(1e-2, "AdamW learning rate (the paper: 3e-3 for GPT-2 small, with 16 minibatches)")
+    lr_schedule: str = arg("constant", "'constant' or 'linear' (annealed towards 0 over the iterations, like CleanRL's PPO: "
+                           "late noisy steps then cannot walk the policy away; a public schedule, no privacy cost)")
     kl_coef: float = arg(0.1, "beta of Eq. 2, fixed: TRL's adaptive controller would read private batch statistics")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
@@ -802,6 +804,8 @@ class PPOArgs:
                             "trajectory must land in exactly one noisy update (T_PPO = 1)")
         if self.baseline not in ("empty", "greedy", "none"):
             raise UserError(f"--ppo-baseline '{self.baseline}' is not allowed; use empty, greedy or none")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise UserError(f"--ppo-lr-schedule '{self.lr_schedule}' is not allowed; use 'constant' or 'linear'")
         if self.whiten not in ("none", "trajectory"):
             raise UserError(f"--ppo-whiten '{self.whiten}' is not allowed; use 'none' or 'trajectory'")
         if not 1 <= self.response_min <= self.response_max:
@@ -902,6 +906,8 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
     nonfinite, baselines = extra.get("nonfinite", 0), {}
     for it in bar:
         clock = Stopwatch(device)
+        for group in opt.param_groups:  # a function of the iteration only: no private data
+            group["lr"] = args.lr * (1 - it / args.steps) if args.lr_schedule == "linear" else args.lr
         # 1. Poisson-sample prompts x from D3 (an empty batch still takes its noisy steps).
         idx = poisson_sample(n, q, generator)
         prompt_ids, prompt_mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
@@ -949,7 +955,7 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
             accountant.step(noise_multiplier=sigma, sample_rate=q)
         eps_now = accountant.get_epsilon(delta) if private else math.inf
         aux = torch.cat(stats).mean(0).tolist() if stats else [float("nan")] * 3
-        row = {"ppo/step": it, "ppo/batch_size": len(idx), "ppo/reward_mean": scores.mean().item(),
+        row = {"ppo/step": it, "ppo/lr": opt.param_groups[0]["lr"], "ppo/batch_size": len(idx), "ppo/reward_mean": scores.mean().item(),
                "ppo/kl": kl.mean().item(), "ppo/loss_policy": aux[0], "ppo/loss_value": aux[1],
                "ppo/clip_frac": aux[2], "ppo/response_len": ro.action_mask.sum(-1).mean().item(),
                "ppo/nonfinite_grads": nonfinite, "privacy/epsilon": eps_now,
@@ -2106,8 +2112,8 @@ class RLHFArgs(RunArgs):
     # the sample rate, so less noise for the same epsilon (NOTES.md, "More private data, same compute").
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=0.5))
     rm: RMArgs = field(default_factory=lambda: RMArgs(epochs=0.5, lr=1e-2))
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, minibatches=4, lr=3e-3, baseline="greedy",
-                                                         response_min=32, response_max=32))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, minibatches=4, lr=3e-3, lr_schedule="linear",
+                                                         baseline="greedy", response_min=32, response_max=32))
 
 
 def rlhf_data(args: RLHFArgs) -> tuple[dict, dict]:
@@ -2844,7 +2850,7 @@ SMOKE_PRESET = {  # every stage for a step or three on a tiny base model: does i
 }
 PAPER_PRESET = {  # App. B, GPT-2 small on a GPU
     "sft_batch_size": 512, "sft_epochs": 40, "sft_lr": 3e-4,
-    "ppo_batch_size": 4096, "ppo_minibatches": 16, "ppo_steps": 100, "ppo_lr": 3e-3,
+    "ppo_batch_size": 4096, "ppo_minibatches": 16, "ppo_steps": 100, "ppo_lr": 3e-3, "ppo_lr_schedule": "constant",
     "rm_batch_size": 4096, "rm_epochs": 50, "rm_lr": 2e-4, "rm_head": "last", "rm_lora_rank": 4,
 }
 

@@ -490,6 +490,18 @@ def test_dpppo_raises_the_reward(tiny):
     assert rows[-1]["privacy/epsilon"] <= 8.0
 
 
+def test_ppo_linear_lr_schedule_anneals_by_iteration(tiny):
+    """--ppo-lr-schedule linear: AdamW's lr at iteration t is lr * (1 - t / T), a function of t only."""
+    import copy
+    lm, tok = tiny
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+    rows = []
+    d.dpppo(policy, tok, ["the film was", "it is a"] * 4, lambda p, r: torch.zeros(len(r)), epsilon=8.0, delta=1e-3,
+            args=d.PPOArgs(steps=4, batch_size=4, lr=1e-2, lr_schedule="linear", response_min=2, response_max=2),
+            device="cpu", generator=torch.Generator().manual_seed(0), log=rows.append)
+    assert [r["ppo/lr"] for r in rows] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+
+
 def test_ppo_per_trajectory_gradient_ignores_the_rest_of_the_batch(tiny):
     """Trajectory 0's clipped gradient is the same whatever trajectory 1 is, including one of a
     different prompt length and response length (different padding on both sides)."""
@@ -664,7 +676,7 @@ def test_sentiment_real_loading_path(tmp_path, tiny):
 
 @pytest.mark.parametrize("bad,word", [
     (["--epsilon", "-2"], "--epsilon"), (["--delta", "2"], "--delta"), (["--model", "/nonexistent/dir"], "/nonexistent/dir"),
-    (["--dataset", "/tmp/nope.jsonl"], "nope.jsonl"), (["--ppo-whiten", "batch"], "whiten"),
+    (["--dataset", "/tmp/nope.jsonl"], "nope.jsonl"), (["--ppo-whiten", "batch"], "whiten"), (["--ppo-lr-schedule", "cosine"], "cosine"),
     (["--ppo-epochs", "4"], "--ppo-epochs"), (["--sft-lr", "-1"], "--sft-lr"),
     (["--ppo-minibatches", "0"], "--ppo-minibatches"), (["--ppo-kl-coef", "-1"], "--ppo-kl-coef"),
     (["--seed", "-1"], "--seed"), (["--device", "tpu"], "--device tpu"),
