@@ -1914,7 +1914,7 @@ class SentimentArgs(RunArgs):
     num_ppo: int = arg(40000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
     num_test: int = arg(2000, "evaluation prompts (real data: from the public test split where the dataset has one)")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=1024))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=1024, kl_coef=0.075))
 
 
 def _setup(args: CommonArgs, task: str):
