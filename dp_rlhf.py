@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import re
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,9 +47,10 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 
-def arg(default, help: str):
-    """A config field with its one-line doc, which also becomes its --help text."""
-    return field(default=default, metadata={"help": help})
+def arg(default, help: str, *, choices: tuple | None = None, limit: str | None = None):
+    """A config field with its one-line doc (also its --help text) and the values it allows:
+    `choices`, or a `limit` such as ">0" or "(0,1)" (LIMITS), checked in one place, `check_config`."""
+    return field(default=default, metadata={"help": help, "choices": choices, "limit": limit})
 
 
 class UserError(Exception):
@@ -492,18 +495,22 @@ class ActorCritic(nn.Module):
 class RewardModel(nn.Module):
     """r(x, y), one scalar from the LM's transformer plus a small head. Two heads:
 
-    `last` (the paper's): w . h at the last real token, i.e. GPT2ForSequenceClassification with one
-    label. `tokens` (our default): r = w . mean_t h_t + c * mean_t log p(y_t | x, y_<t) + b * |y| over
+    `last` (the paper's): w . h at the last token that is not padding, as GPT2ForSequenceClassification
+    with one label reads it (the rightmost id other than `pad_token_id`; GPT-2 pads with eos, so that is
+    the token before the final eos, in training and after saving alike). `tokens` (our default): r = w . mean_t h_t + c * mean_t log p(y_t | x, y_<t) + b * |y| over
     the tokens t of y, reading every token of the response and how well the LM predicted it (the
     mean, not the sum: a sum would make an empty response the likeliest of all, NOTES.md). A small LM keeps what it copied
     from the prompt in its log-probabilities, not linearly in its hidden states (NOTES.md, "The
     reward model reads log-probabilities"), so a head on h alone cannot check y against x."""
 
-    def __init__(self, lm: nn.Module, head: str = "tokens"):
+    def __init__(self, lm: nn.Module, head: str = "tokens", pad_token_id: int | None = None):
         super().__init__()
         if head not in ("tokens", "last"):
             raise UserError(f"--rm-head '{head}' is not allowed; use 'tokens' or 'last'")
         self.lm, self.head = lm, head
+        self.pad_token_id = lm.config.pad_token_id if pad_token_id is None else pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = lm.config.eos_token_id
         self.score = nn.Linear(lm.config.n_embd, 1, bias=False)
         nn.init.normal_(self.score.weight, std=1 / math.sqrt(lm.config.n_embd + 1))
         if head == "tokens":
@@ -517,7 +524,7 @@ class RewardModel(nn.Module):
         h = hidden_states(self.lm, input_ids, attention_mask)
         if self.head == "last":
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-            last = (positions * attention_mask.long()).argmax(-1)  # vmap-safe "last real token"
+            last = (positions * (input_ids != self.pad_token_id).long()).argmax(-1)  # vmap-safe, as HF
             return self.score(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1)
         n = response_mask.sum(-1)
         loglik = (token_logprobs(self.lm.lm_head(h), input_ids) * response_mask).sum(-1) / n.clamp(min=1)
@@ -533,15 +540,15 @@ class RewardModel(nn.Module):
 @dataclass
 class SFTArgs:
     """Stage 1 (DP SFT) hyper-parameters."""
-    epochs: float = arg(3.0, "passes over D1 in expectation; steps = epochs / q")
-    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)")
-    batch_size: int = arg(64, "expected batch size q * |D1| (the paper: 512)")
-    lr: float = arg(3e-3, "AdamW learning rate (the paper: 3e-4 at batch 512, 40 epochs)")
-    max_grad_norm: float = arg(1.0, "per-sample clipping norm C")
-    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
-    max_completion: int = arg(48, "completion tokens kept")
-    chunk_size: int = arg(16, "vectorise this many samples at a time in per-sample gradients (0: all; 16 is fastest on CPU)")
-    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
+    epochs: float = arg(3.0, "passes over D1 in expectation; steps = epochs / q", limit=">0")
+    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)", limit=">=0")
+    batch_size: int = arg(64, "expected batch size q * |D1| (the paper: 512)", limit=">0")
+    lr: float = arg(3e-3, "AdamW learning rate (the paper: 3e-4 at batch 512, 40 epochs)", limit=">0")
+    max_grad_norm: float = arg(1.0, "per-sample clipping norm C", limit=">0")
+    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)", limit=">=0")
+    max_completion: int = arg(48, "completion tokens kept", limit=">=0")
+    chunk_size: int = arg(16, "vectorise this many samples at a time in per-sample gradients (0: all; 16 is fastest on CPU)", limit=">=0")
+    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf", limit=">0")
 
 
 def sft_loss(causal_lm: nn.Module):
@@ -558,17 +565,17 @@ def trainable(module: nn.Module) -> dict:
 
 
 def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, device, generator,
-             log=None, stage: str, aux_name: str | None = None, ckpt: Checkpoint | None = None) -> dict:
+             log=None, stage: str, aux_name: str | None = None, ckpt: Checkpoint | None = None,
+             num_examples: float | None = None) -> dict:
     """Algorithm 2 as a training loop, shared by stages 1 and 2. `data` holds tensors whose first
     dimension is the private example and data[1] is the attention mask. sigma is calibrated for
     (epsilon, delta) over the planned steps; each step Poisson-samples, clips, noises and takes an
-    AdamW step, and advances the accountant. epsilon=inf: the same loop, no clipping, no noise."""
+    AdamW step, and advances the accountant. epsilon=inf: the same loop, no clipping, no noise.
+    `num_examples` (default: the data's size) sets q and the steps: the audit passes its expectation."""
     n = data[0].shape[0]
-    q = min(1.0, args.batch_size / n)
-    steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
+    plan = stage_plan(num_examples or n, args, epsilon, delta)
+    q, steps, sigma = plan["sample_rate"], plan["steps"], plan["noise_multiplier"]
     private = math.isfinite(epsilon)
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                 steps=steps) if private else 0.0
     params = trainable(module)
     if ckpt is not None and (done := ckpt.finished(stage, params)) is not None:
         return done
@@ -582,7 +589,7 @@ def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, d
         batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
         aux, bad = dp_step(loss_fn, params, tuple(t.to(device) for t in batch), opt,
                            max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
-                           expected_batch_size=q * n, chunk_size=args.chunk_size, generator=generator,
+                           expected_batch_size=q * plan["num_private_examples"], chunk_size=args.chunk_size, generator=generator,
                            has_aux=aux_name is not None)
         nonfinite += bad
         if private:
@@ -598,7 +605,7 @@ def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, d
                 log(row)
         if ckpt is not None:
             ckpt.mark(stage, step + 1, params, opt, accountant, {"nonfinite": nonfinite})
-    entry = ledger_entry(accountant, epsilon, delta, sigma, q, steps, n)
+    entry = ledger_entry(accountant, epsilon, delta, sigma, q, steps, plan["num_private_examples"])
     if ckpt is not None:
         ckpt.finish(stage, params, entry)
     return entry
@@ -623,17 +630,17 @@ def dp_sft(lm, tokenizer, prompts, completions, *, epsilon, delta, args: SFTArgs
 @dataclass
 class RMArgs:
     """Stage 2 (DP reward model) hyper-parameters."""
-    epochs: float = arg(2.0, "passes over D2 in expectation; steps = epochs / q")
-    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)")
-    batch_size: int = arg(64, "expected batch size q * |D2| in comparisons (the paper: 4096)")
-    lr: float = arg(3e-3, "AdamW learning rate (the paper: 2e-4 at batch 4096, 50 epochs)")
-    max_grad_norm: float = arg(1.0, "per-comparison clipping norm C (LoRA and head together)")
-    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
-    max_completion: int = arg(48, "summary tokens kept")
-    chunk_size: int = arg(16, "vectorise this many comparisons at a time in per-sample gradients (0: all)")
-    head: str = arg("tokens", "'tokens' (mean hidden state, log-likelihood and length of y) or 'last' (the paper's: last token)")
-    lora_rank: int = arg(0, "LoRA rank on q, v (the paper: 4); 0 trains the head alone, which is more accurate under DP here (NOTES.md)")
-    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
+    epochs: float = arg(2.0, "passes over D2 in expectation; steps = epochs / q", limit=">0")
+    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)", limit=">=0")
+    batch_size: int = arg(64, "expected batch size q * |D2| in comparisons (the paper: 4096)", limit=">0")
+    lr: float = arg(3e-3, "AdamW learning rate (the paper: 2e-4 at batch 4096, 50 epochs)", limit=">0")
+    max_grad_norm: float = arg(1.0, "per-comparison clipping norm C (LoRA and head together)", limit=">0")
+    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)", limit=">=0")
+    max_completion: int = arg(48, "summary tokens kept", limit=">=0")
+    chunk_size: int = arg(16, "vectorise this many comparisons at a time in per-sample gradients (0: all)", limit=">=0")
+    head: str = arg("tokens", "'tokens' (mean hidden state, log-likelihood and length of y) or 'last' (the paper's: last token)", choices=("tokens", "last"))
+    lora_rank: int = arg(0, "LoRA rank on q, v (the paper: 4); 0 trains the head alone, which is more accurate under DP here (NOTES.md)", limit=">=0")
+    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf", limit=">0")
 
 
 def encode_comparisons(tokenizer, prompts, chosen, rejected, *, max_prompt, max_completion):
@@ -680,13 +687,14 @@ def reward_model_scores(rm: RewardModel, tokenizer, prompts, completions, *, max
 # =============================================================================================
 
 
-def sample_categorical(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One index per row of `probs` [B, V] by inverting the CDF at a uniform draw: the same
-    distribution as torch.multinomial, one random number per row instead of V exponentials (which
-    were 40 % of sampling time on CPU)."""
+def sample_categorical(probs: torch.Tensor, generator=None, u: torch.Tensor | None = None) -> torch.Tensor:
+    """One index per row of `probs` [B, V] by inverting the CDF at a uniform draw u [B] (drawn from
+    `generator` if not given): the same distribution as torch.multinomial, one random number per row
+    instead of V exponentials (which were 40 % of sampling time on CPU)."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+    u = torch.rand(probs.shape[0], generator=generator) if u is None else u
+    return torch.searchsorted(cdf, u.to(probs.device)[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp(
+        max=probs.shape[1] - 1)
 
 
 @torch.no_grad()
@@ -707,6 +715,9 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
     cache_arg = ("cache" if "cache" in inspect.signature(inspect.unwrap(type(lm.transformer).forward)).parameters
                  else "past_key_values")
     new, cache = ids, None
+    # Every step's uniforms at once (the same numbers as drawing them step by step): a row's draws
+    # do not depend on which other rows share its batch, or on when the batch stops.
+    uniforms = torch.rand(steps, b, generator=generator) if not greedy else None
     for t in range(steps):
         out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
                              attention_mask=additive_mask(mask, new.shape[1], lm.lm_head.weight.dtype),
@@ -714,7 +725,7 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
         cache = out.get("cache", out.get("past_key_values"))
         h = out.last_hidden_state[:, -1]
         logp = lm.lm_head(h).float().log_softmax(-1)
-        nxt = logp.argmax(-1) if greedy else sample_categorical(logp.exp(), generator)
+        nxt = logp.argmax(-1) if greedy else sample_categorical(logp.exp(), u=uniforms[t])
         alive = alive & (t < limit)
         logprobs.append(logp.gather(1, nxt[:, None]).squeeze(1) * alive)
         hidden.append(h * alive[:, None])
@@ -774,50 +785,38 @@ def ppo_loss(policy: nn.Module, *, cliprange: float, cliprange_value: float, vf_
 @dataclass
 class PPOArgs:
     """Stage 3 (DPPPO) hyper-parameters; defaults are TRL's where the paper says "TRL defaults"."""
-    steps: int = arg(40, "PPO iterations; each Poisson-samples one rollout batch and is one accountant step")
-    batch_size: int = arg(128, "expected rollout batch q * |D3| (the paper: 4096)")
+    steps: int = arg(40, "PPO iterations; each Poisson-samples one rollout batch and is one accountant step", limit=">=0")
+    batch_size: int = arg(128, "expected rollout batch q * |D3| (the paper: 4096)", limit=">0")
     minibatches: int = arg(1, "k: each trajectory goes to one of k minibatches, uniformly (the paper: 4096 / 256 = 16); "
-                           "under DP, k updates per iteration cost sqrt(k) in signal-to-noise (NOTES.md)")
-    epochs: int = arg(1, "T_PPO; more than 1 only without privacy (a trajectory must be in one noisy update)")
-    lr: float = arg(1e-2, "AdamW learning rate (the paper: 3e-3 for GPT-2 small, with 16 minibatches)")
+                           "under DP, k updates per iteration cost sqrt(k) in signal-to-noise (NOTES.md)", limit=">=1")
+    epochs: int = arg(1, "T_PPO; more than 1 only without privacy (a trajectory must be in one noisy update)", limit=">=1")
+    lr: float = arg(1e-2, "AdamW learning rate (the paper: 3e-3 for GPT-2 small, with 16 minibatches)", limit=">0")
     lr_schedule: str = arg("constant", "'constant' or 'linear' (annealed towards 0 over the iterations, like CleanRL's PPO: "
-                           "late noisy steps then cannot walk the policy away; a public schedule, no privacy cost)")
-    kl_coef: float = arg(0.1, "beta of Eq. 2, fixed: TRL's adaptive controller would read private batch statistics")
-    gamma: float = arg(1.0, "discount")
-    lam: float = arg(0.95, "GAE lambda")
-    cliprange: float = arg(0.2, "policy ratio clip")
-    cliprange_value: float = arg(0.2, "value clip")
-    vf_coef: float = arg(0.1, "value loss weight")
-    max_grad_norm: float = arg(1.0, "per-trajectory clipping norm C (LoRA and value head together)")
+                           "late noisy steps then cannot walk the policy away; a public schedule, no privacy cost)", choices=("constant", "linear"))
+    kl_coef: float = arg(0.1, "beta of Eq. 2, fixed: TRL's adaptive controller would read private batch statistics", limit="finite>=0")
+    gamma: float = arg(1.0, "discount", limit="[0,1]")
+    lam: float = arg(0.95, "GAE lambda", limit="[0,1]")
+    cliprange: float = arg(0.2, "policy ratio clip", limit="finite>=0")
+    cliprange_value: float = arg(0.2, "value clip", limit="finite>=0")
+    vf_coef: float = arg(0.1, "value loss weight", limit="finite>=0")
+    max_grad_norm: float = arg(1.0, "per-trajectory clipping norm C (LoRA and value head together)", limit=">0")
     baseline: str = arg("empty", "b(x) subtracted from r(x, y), from the trajectory's own prompt only (no bias, no "
-                        "mixing): 'empty' r(x, ''), 'greedy' r(x, the reference model's greedy response), or 'none'")
-    whiten: str = arg("none", "advantage whitening: 'none' or 'trajectory' (within one trajectory; never across the batch)")
-    response_min: int = arg(4, "fewest new tokens (a per-trajectory length is drawn uniformly in [min, max])")
-    response_max: int = arg(16, "most new tokens")
-    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)")
-    chunk_size: int = arg(64, "vectorise this many trajectories at a time in per-sample gradients (0: all; 64: fastest on CPU)")
-    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf")
+                        "mixing): 'empty' r(x, ''), 'greedy' r(x, the reference model's greedy response), or 'none'", choices=("empty", "greedy", "none"))
+    whiten: str = arg("none", "advantage whitening: 'none' or 'trajectory' (within one trajectory; never across the batch)", choices=("none", "trajectory"))
+    response_min: int = arg(4, "fewest new tokens (a per-trajectory length is drawn uniformly in [min, max])", limit=">=1")
+    response_max: int = arg(16, "most new tokens", limit=">=1")
+    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)", limit=">=0")
+    chunk_size: int = arg(64, "vectorise this many trajectories at a time in per-sample gradients (0: all; 64: fastest on CPU)", limit=">=0")
+    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf", limit=">0")
 
     def validate(self, epsilon: float):
+        """The rules between fields (each field's own limits: `check_config`)."""
         if math.isfinite(epsilon) and self.epochs != 1:
             raise UserError(f"--ppo-epochs {self.epochs} needs --epsilon inf: with privacy each "
                             "trajectory must land in exactly one noisy update (T_PPO = 1)")
-        if self.baseline not in ("empty", "greedy", "none"):
-            raise UserError(f"--ppo-baseline '{self.baseline}' is not allowed; use empty, greedy or none")
-        if self.lr_schedule not in ("constant", "linear"):
-            raise UserError(f"--ppo-lr-schedule '{self.lr_schedule}' is not allowed; use 'constant' or 'linear'")
-        if self.whiten not in ("none", "trajectory"):
-            raise UserError(f"--ppo-whiten '{self.whiten}' is not allowed; use 'none' or 'trajectory'")
-        if not 1 <= self.response_min <= self.response_max:
+        if self.response_min > self.response_max:
             raise UserError(f"--ppo-response-min {self.response_min} / --ppo-response-max {self.response_max} "
                             "are not allowed; need 1 <= min <= max")
-        if self.minibatches < 1:
-            raise UserError(f"--ppo-minibatches {self.minibatches} is not allowed; it must be >= 1")
-        for name in ("kl_coef", "vf_coef", "cliprange", "cliprange_value", "lam", "gamma"):
-            value = getattr(self, name)
-            if not 0 <= value < math.inf or (name in ("lam", "gamma") and value > 1):
-                allowed = "in [0, 1]" if name in ("lam", "gamma") else "a finite number >= 0"
-                raise UserError(f"--ppo-{name.replace('_', '-')} {value} is not allowed; it must be {allowed}")
 
 
 @dataclass
@@ -891,9 +890,8 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
     args.validate(epsilon)
     p_ids, p_mask, _ = encode(tokenizer, prompts, max_prompt=args.max_prompt)
     n, k = len(prompts), args.minibatches
-    q = min(1.0, args.batch_size / n)
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                 steps=args.steps) if private else 0.0
+    plan = stage_plan(n, args, epsilon, delta)
+    q, sigma = plan["sample_rate"], plan["noise_multiplier"]
     params = trainable(policy)
     if ckpt is not None and (done := ckpt.finished("ppo", params)) is not None:
         return done
@@ -976,6 +974,17 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
 # =============================================================================================
 # Each stage accounts for its own steps (above); the run composes them. The paper's D1, D2, D3
 # are disjoint, so a user is in one stage and the total is the max (parallel composition).
+
+
+def stage_plan(num_examples: float, args, epsilon: float, delta: float) -> dict:
+    """Algorithm 2's inputs for a stage, fixed before it starts: N, q = B / N, the steps (given, or
+    epochs / q) and the sigma that spends at most `epsilon` at `delta` over them."""
+    q = min(1.0, args.batch_size / num_examples)
+    steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                 steps=steps) if math.isfinite(epsilon) else 0.0
+    return {"num_private_examples": num_examples, "sample_rate": q, "steps": steps, "noise_multiplier": sigma,
+            "epsilon": epsilon, "delta": delta}
 
 
 def ledger_entry(accountant, epsilon, delta, sigma, q, steps, n) -> dict:
@@ -1173,31 +1182,25 @@ def true_preference(post: dict, summary: str) -> float:
 TLDR_PROMPT = "post : {post} tl;dr :"
 
 
-def make_tldr(n_sft: int, n_comparisons: int, n_ppo: int, n_test: int, seed: int, exclude: set = frozenset()) -> dict:
-    """Disjoint D1 (post + reference summary), D2 (post, chosen, rejected), D3 (posts), test;
-    no post in `exclude`."""
+def make_tldr(n_posts: int, n_comparisons: int, seed: int, exclude: set = frozenset()) -> tuple[list, list]:
+    """The built-in TL;DR task as two files, like a user's: `n_posts` rows (prompt, label: a reference
+    summary) and `n_comparisons` comparisons (prompt, chosen, rejected) of other posts; each record
+    keeps its post's key facts in `meta` (for `true_preference`); no post in `exclude`."""
     rng = np.random.default_rng(seed)
-    posts = []
-    while len(posts) < n_sft + n_comparisons + n_ppo + n_test:
+    rows, cmps = [], []
+    while len(rows) + len(cmps) < n_posts + n_comparisons:
         p = _post(rng)
-        if p["post"] not in exclude:
-            posts.append(p)
-    d1, d2, d3, test = np.split(np.arange(len(posts)), np.cumsum([n_sft, n_comparisons, n_ppo]))
-    out = {"sft": [], "comparisons": [], "ppo": [], "test": []}
-    for i in d1:
-        p = posts[i]
-        out["sft"].append({"prompt": TLDR_PROMPT.format(post=p["post"]), "completion": " " + _summary(rng, p, "reference"), "meta": p})
-    for i in d2:
-        p = posts[i]
+        if p["post"] in exclude:
+            continue
+        prompt = TLDR_PROMPT.format(post=p["post"])
+        if len(rows) < n_posts:
+            rows.append({"prompt": prompt, "label": _summary(rng, p, "reference"), "meta": p})
+            continue
         y0, y1 = _summary(rng, p, "candidate"), _summary(rng, p, "candidate")
         p1 = 1 / (1 + math.exp(-2.0 * (true_preference(p, y1) - true_preference(p, y0))))  # Bradley-Terry
         chosen, rejected = (y1, y0) if rng.random() < p1 else (y0, y1)
-        out["comparisons"].append({"prompt": TLDR_PROMPT.format(post=p["post"]), "chosen": " " + chosen, "rejected": " " + rejected, "meta": p})
-    for split, idx in (("ppo", d3), ("test", test)):
-        for i in idx:
-            p = posts[i]
-            out[split].append({"prompt": TLDR_PROMPT.format(post=p["post"]), "completion": " " + _summary(rng, p, "reference"), "meta": p})
-    return out
+        cmps.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "meta": p})
+    return rows, cmps
 
 
 @dataclass
@@ -1206,19 +1209,19 @@ class BaseModelArgs:
 
     The recipe is what made a model this small copy from its prompt (NOTES.md, "The built-in base
     model"): no dropout, one document per row, and a copy curriculum of random repeated sequences."""
-    n_layer: int = arg(2, "transformer blocks")
-    n_embd: int = arg(128, "hidden size")
-    n_head: int = arg(4, "attention heads")
-    vocab_size: int = arg(1024, "byte-level BPE vocabulary trained on the public corpus")
-    corpus_size: int = arg(12000, "public documents per domain (reviews, posts), generated from `seed`")
-    steps: int = arg(600, "pre-training steps")
-    batch_size: int = arg(32, "pre-training rows per step (one document per row)")
-    seq_len: int = arg(96, "tokens per row: [eos] + document + [eos], cut here")
-    lr: float = arg(3e-3, "AdamW learning rate (one-cycle schedule, 5 % warm-up)")
-    copy_steps: int = arg(50, "first steps train only on copy rows ([eos] s s, loss on the second s)")
-    copy_rows: int = arg(8, "copy rows in every batch after that")
-    copy_len: int = arg(24, "tokens in the random sequence s of a copy row")
-    seed: int = arg(1234, "seed of the public corpus and of the initial weights; private data never uses it")
+    n_layer: int = arg(2, "transformer blocks", limit=">=1")
+    n_embd: int = arg(128, "hidden size", limit=">=1")
+    n_head: int = arg(4, "attention heads", limit=">=1")
+    vocab_size: int = arg(1024, "byte-level BPE vocabulary trained on the public corpus", limit=">=1")
+    corpus_size: int = arg(12000, "public documents per domain (reviews, posts), generated from `seed`", limit=">=1")
+    steps: int = arg(600, "pre-training steps", limit=">=1")
+    batch_size: int = arg(32, "pre-training rows per step (one document per row)", limit=">=1")
+    seq_len: int = arg(96, "tokens per row: [eos] + document + [eos], cut here", limit=">=1")
+    lr: float = arg(3e-3, "AdamW learning rate (one-cycle schedule, 5 % warm-up)", limit=">0")
+    copy_steps: int = arg(50, "first steps train only on copy rows ([eos] s s, loss on the second s)", limit=">=0")
+    copy_rows: int = arg(8, "copy rows in every batch after that", limit=">=0")
+    copy_len: int = arg(24, "tokens in the random sequence s of a copy row", limit=">=1")
+    seed: int = arg(1234, "seed of the public corpus and of the initial weights; private data never uses it", limit=">=0")
 
 
 def public_corpus(args: BaseModelArgs) -> tuple[list[str], list[str]]:
@@ -1522,14 +1525,10 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user
     return rows
 
 
-def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
-           max_prompt: int, max_completion: int = 0):
-    """Left-padded (input_ids, attention_mask, loss_mask), each [N, T].
-
-    A row is [bos] + prompt (its last `max_prompt` tokens) + completion + [eos]; `loss_mask`
-    marks the targets of ids[:, 1:] that are completion tokens or that final eos. Left padding
-    puts every prompt's end at the same column, which generation and reward reading rely on.
-    """
+def encode_rows(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
+                max_prompt: int, max_completion: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Unpadded rows [bos] + prompt (its last `max_prompt` tokens) + completion (its first
+    `max_completion`) + [eos], and their loss targets: each a function of its own example alone."""
     bos, eos = tokenizer.bos_token_id or tokenizer.eos_token_id, tokenizer.eos_token_id
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"] if completions else None
@@ -1539,6 +1538,15 @@ def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, 
         completion = (c_ids[i][:max_completion] + [eos]) if c_ids is not None else []
         rows.append(prompt + completion)
         targets.append([0] * (len(prompt) - 1) + [1] * len(completion))
+    return rows, targets
+
+
+def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
+           max_prompt: int, max_completion: int = 0):
+    """Left-padded (input_ids, attention_mask, loss_mask), each [N, T], of `encode_rows`' rows;
+    `loss_mask` marks the targets of ids[:, 1:] that are completion tokens or the final eos. Left
+    padding puts every prompt's end at the same column, which generation and reward reading rely on."""
+    rows, targets = encode_rows(tokenizer, prompts, completions, max_prompt=max_prompt, max_completion=max_completion)
     t = max(len(r) for r in rows)
     ids = torch.full((len(rows), t), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), t), dtype=torch.long)
@@ -1680,10 +1688,11 @@ def evaluate(model: nn.Module, tokenizer, prompts: list[str], reward_fn, *, leng
 
 
 def prefix_prompts(tokenizer, texts: list[str], lo: int, hi: int, seed: int) -> list[str]:
-    """The first 2-8 tokens of each review, as in TRL's gpt2-sentiment (seeded per run)."""
-    rng = np.random.default_rng(seed)
+    """The first lo..hi tokens of each review, as in TRL's gpt2-sentiment. Each review's length is
+    drawn from a keyed hash of that review alone, so it is the same whatever else is in the data."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [tokenizer.decode(t[:int(rng.integers(lo, hi + 1))]) for t in ids]
+    return [tokenizer.decode(t[:lo + int(keyed_uniform(text, seed, "prompt") * (hi - lo + 1))])
+            for text, t in zip(texts, ids)]
 
 
 class Progress:
@@ -1879,14 +1888,14 @@ def save_model(model: nn.Module, tokenizer, path: str):
 class CommonArgs:
     """What every command that trains shares."""
     model: str = arg("builtin", "policy base: 'builtin', a Hub id (gpt2, gpt2-medium, gpt2-large) or a local dir")
-    epsilon: float = arg(4.0, "target epsilon of every stage ('inf': the same loops without clipping or noise)")
-    delta: float | None = arg(None, "target delta (default 1/|D|, D = all private examples of the run)")
-    seed: int = arg(0, "public seed: data split, initial weights, evaluation (DP noise and sampling use secret entropy)")
+    epsilon: float = arg(4.0, "target epsilon of every stage ('inf': the same loops without clipping or noise)", limit=">0")
+    delta: float | None = arg(None, "target delta (default 1/|D|, D = all private examples of the run)", limit="(0,1)")
+    seed: int = arg(0, "public seed: data split, initial weights, evaluation (DP noise and sampling use secret entropy)", limit=">=0")
     reproducible_noise: bool = arg(False, "draw DP noise and sampling from --seed too (classrooms; the guarantee then assumes the seed is secret)")
     out: str | None = arg(None, "output directory (default runs/<task>-eps<epsilon>-seed<seed>); written as <out>.partial, renamed when done")
     overwrite: bool = arg(False, "replace an existing --out (whole, once the new run has finished); without it a non-empty --out is refused")
     resume: str | None = arg(None, "continue an interrupted run from its <out>.partial directory, with the settings it was started with")
-    checkpoint_every: int = arg(10, "write a checkpoint to <out>.partial every N iterations of a stage (also on Ctrl-C or a crash; 0: only then)")
+    checkpoint_every: int = arg(10, "write a checkpoint to <out>.partial every N iterations of a stage (also on Ctrl-C or a crash; 0: only then)", limit=">=0")
     device: str | None = arg(None, "'cpu' or 'cuda' (default: cuda when available)")
     base: BaseModelArgs = field(default_factory=BaseModelArgs)
 
@@ -1895,12 +1904,18 @@ class CommonArgs:
 class RunArgs(CommonArgs):
     """What every pipeline shares."""
     dataset: str = arg("builtin", "private data: 'builtin', a Hub id, or a local .jsonl/.csv/.parquet file")
-    num_sft: int = arg(10000, "examples in D1 (built-in data; real data is split by a keyed hash)")
-    num_ppo: int = arg(10000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
-    num_test: int = arg(256, "evaluation prompts (real data: from the public test split where the dataset has one)")
-    num_samples: int = arg(4, "generations shown side by side at the end")
+    num_sft: int = arg(10000, "expected examples in D1 (built-in data; real data is split by a keyed hash)", limit=">=1")
+    num_ppo: int = arg(10000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)", limit=">=1")
+    num_test: int = arg(256, "evaluation prompts: the built-in task's public test set, or the first of a Hub "
+                        "dataset's public test split", limit=">=1")
+    test_fraction: float = arg(0.1, "real data without a public test split: the fraction held out (by the keyed "
+                               "hash) for evaluation", limit="(0,1)")
+    num_samples: int = arg(4, "generations shown side by side at the end", limit=">=0")
+    dry_run: bool = arg(False, "load and split the data and calibrate sigma for every stage, train nothing: "
+                        "print the plan, write plan.json and inputs/<stage>.jsonl")
     user_column: str | None = arg(None, "real data: a column naming each record's user; records are split into stages by it (default: by the text)")
-    composition: str = arg("parallel", "'parallel' (disjoint D1/D2/D3, the paper) or 'sequential' (a user may be in several stages)")
+    given: tuple = field(default=(), metadata={"cli": False})  # the flags the command line gave (no-effect checks)
+    composition: str = arg("parallel", "'parallel' (disjoint D1/D2/D3, the paper) or 'sequential' (a user may be in several stages)", choices=("parallel", "sequential"))
 
 
 @dataclass
@@ -1908,24 +1923,18 @@ class SentimentArgs(RunArgs):
     """`sentiment`: the paper's no-human-in-the-loop scenario (IMDb positive reviews)."""
     reward_model: str | None = arg(None, "public reward: a Hub id or local dir of a sequence classifier (default: the built-in lexicon scorer)")
     reward_label: str | None = arg(None, "its label to score (name or index; default: one named like 'positive', else 1)")
-    prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)")
-    prompt_max: int = arg(8, "most prompt tokens")
-    num_sft: int = arg(5000, "examples in D1 (built-in data; real data is split by a keyed hash)")
-    num_ppo: int = arg(40000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
-    num_test: int = arg(2000, "evaluation prompts (real data: from the public test split where the dataset has one)")
+    prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)", limit=">=1")
+    prompt_max: int = arg(8, "most prompt tokens", limit=">=1")
+    num_sft: int = arg(5000, "expected examples in D1 (built-in data; real data is split by a keyed hash)", limit=">=1")
+    num_ppo: int = arg(40000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)", limit=">=1")
+    num_test: int = arg(2000, "evaluation prompts: the built-in task's public test set, or the first of a Hub "
+                        "dataset's public test split", limit=">=1")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
     ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=1024, kl_coef=0.075))
 
 
 def _setup(args: CommonArgs, task: str):
-    if not args.epsilon > 0:
-        raise UserError(f"--epsilon {args.epsilon} is not allowed; use a number > 0 or 'inf'")
-    if args.delta is not None and not 0 < args.delta < 1:
-        raise UserError(f"--delta {args.delta} is not allowed; it must be in (0, 1)")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed} is not allowed; it must be an integer >= 0")
-    if getattr(args, "composition", "parallel") not in ("parallel", "sequential"):
-        raise UserError(f"--composition '{args.composition}' is not allowed; use parallel or sequential")
+    check_config(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise UserError(f"--device {device} is not allowed; use cpu, cuda or cuda:<index>")
@@ -1951,18 +1960,38 @@ def normalise(text) -> str:
     return " ".join(str(text).lower().split())
 
 
+def keyed_digest(text: str, seed: int, purpose: str) -> bytes:
+    return hashlib.blake2b(text.encode(), key=f"dp-rlhf-{purpose}-{seed}".encode(), digest_size=8).digest()
+
+
+def keyed_uniform(text: str, seed: int, purpose: str) -> float:
+    """u in [0, 1) from a BLAKE2b hash of `text` alone, keyed with the public seed and `purpose`.
+    A record's stage and its prompt length are drawn from it, so neither depends on another record:
+    a draw from a stream consumed record by record would move every later record when one is added."""
+    return int.from_bytes(keyed_digest(text, seed, purpose), "big") / 2.0**64
+
+
+def unit_key(unit: str, seed: int) -> str:
+    """The dry run's name for a protected unit: the keyed hash its stage is drawn from, in hex."""
+    return keyed_digest(unit, seed, "split").hex()
+
+
 def hash_split(records: list, key, fractions: list[float], seed: int) -> list[list]:
-    """Disjoint parts by a keyed hash of each record's key alone (its normalised post or review, or
-    its user id). A record's part never depends on the other records, so adding or removing one
-    record moves no other record between stages: what parallel composition needs (a permutation
-    of row numbers would move many)."""
-    import hashlib
-    bounds, parts = np.cumsum(fractions), [[] for _ in fractions]
+    """Disjoint parts, in proportion to `fractions`, by a keyed hash of each record's normalised
+    `key(record)` (its protected unit: the post or review, or the user) alone. Adding or removing a
+    record moves no other record between stages, which parallel composition needs (a permutation
+    of row numbers, or a cap on a part's size, would move many)."""
+    bounds, parts = np.cumsum(fractions) / sum(fractions), [[] for _ in fractions]
     for r in records:
-        digest = hashlib.blake2b(normalise(key(r)).encode(), key=f"dp-rlhf-split-{seed}".encode(), digest_size=8)
-        u = int.from_bytes(digest.digest(), "big") / 2.0**64
+        u = keyed_uniform(normalise(key(r)), seed, "split")
         parts[min(int(np.searchsorted(bounds, u, side="right")), len(parts) - 1)].append(r)
     return parts
+
+
+def with_units(records: list[dict], args, column: str) -> list[dict]:
+    """Each record with `_unit`, the unit the guarantee protects: its --user-column, else `column`."""
+    col = getattr(args, "user_column", None) or column
+    return [{**r, "_unit": normalise(r[col] if col in r else r[column])} for r in records]
 
 
 def public_test_split(spec: str, columns: tuple[str, ...]) -> list[dict] | None:
@@ -1975,49 +2004,142 @@ def public_test_split(spec: str, columns: tuple[str, ...]) -> list[dict] | None:
         return None
 
 
-def user_key(args: RunArgs, column: str):
-    """(the extra columns to load, the key naming a record's user): --user-column, else `column`."""
-    if args.user_column:
-        return (args.user_column,), lambda r: r[args.user_column]
-    return (), lambda r: r[column]
+def private_fractions(args, public) -> list[float]:
+    """D1 : D3 (: held-out test). Built-in: the --num-* sizes (its test set is public, generated);
+    real: halves, less --test-fraction held out when the dataset has no public test split."""
+    if args.dataset == "builtin":
+        return [args.num_sft, args.num_ppo]
+    given = getattr(args, "given", ())
+    if public is None and "num_test" in given:
+        raise UserError(f"--num-test is not allowed here: '{args.dataset}' has no public test split; its test set "
+                        "is the --test-fraction held out")
+    if public is not None and "test_fraction" in given:
+        raise UserError(f"--test-fraction is not allowed here: '{args.dataset}' has a public test split, which is "
+                        "the test set (--num-test caps it)")
+    return [0.5, 0.5] if public else [(1 - args.test_fraction) / 2, (1 - args.test_fraction) / 2, args.test_fraction]
 
 
-def records_per_user(parts: dict, key) -> dict:
-    """The most records one user (key) has in each part: above 1, that user's guarantee is the
-    group-privacy one for that many records."""
-    from collections import Counter
-    return {name: max(Counter(normalise(key(r)) for r in rows).values(), default=0) for name, rows in parts.items()}
+def records_per_unit(parts: dict) -> dict:
+    """The most records one unit (post, review or user) has in each private part: above 1, that
+    unit's guarantee is the group-privacy one for that many records."""
+    return {name: max(Counter(r["_unit"] for r in rows).values(), default=0) for name, rows in parts.items()}
 
 
 def report_split(report: dict):
     """One line on stderr per thing a user of real data must know about its split."""
-    for name, n in report.items():
-        if name.startswith("dropped") and n:
-            print(f"data: {name.replace('_', ' ')}: {n} records", file=sys.stderr)
-    for part, n in report.get("max_records_per_user", {}).items():
+    if report.get("dropped_tldr_rows_with_comparisons"):
+        print(f"data: {report['dropped_tldr_rows_with_comparisons']} TL;DR rows dropped: their {report['unit']} also "
+              "has comparisons (one unit, one stage)", file=sys.stderr)
+    for part, n in report["max_records_per_unit"].items():
         if n > 1:
-            print(f"warning: a user has {n} records in {part}; their guarantee is that of {n} records "
+            print(f"warning: a {report['unit']} has {n} records in {part}; its guarantee is that of {n} records "
                   f"(group privacy), not one", file=sys.stderr)
 
 
-def sentiment_data(args: SentimentArgs) -> tuple[list[str], list[str], list[str], dict]:
-    """Disjoint D1 (reviews for SFT), D3 (reviews whose first tokens are PPO prompts), test, and a
-    report of the split. Real data is split by a keyed hash of the review (or --user-column)."""
+def check_sizes(data: dict, report: dict, what: str):
+    """Refuse a split with a part of fewer than 2 records, saying which part and why."""
+    empty = [f"{name} ({len(part)})" for name, part in data.items() if len(part) < 2]
+    if empty:
+        dropped = report.get("dropped_tldr_rows_with_comparisons")
+        why = (f"; {dropped} TL;DR rows were dropped because their {report['unit']} also has comparisons "
+               "(one unit, one stage)" if dropped else "")
+        raise UserError(f"too few records for {', '.join(empty)}: {what}{why}")
+
+
+def split_report(args, data: dict, public, unit: str) -> dict:
+    return {"split": f"keyed hash of {unit}", "unit": unit, "public_test": public is not None,
+            "sizes": {k: len(v) for k, v in data.items()},
+            "max_records_per_unit": records_per_unit({k: v for k, v in data.items() if "test" not in k})}
+
+
+def sentiment_records(args) -> tuple[list[dict], list[dict] | None]:
+    """(private reviews, public test reviews or None): generated from the seed, or loaded."""
     if args.dataset == "builtin":  # generated; none is a document of the public corpus
-        texts = [r["text"] for r in make_reviews(args.num_sft + args.num_ppo + args.num_test, seed=10_000 + args.seed,
-                                                 exclude=set(public_corpus(args.base)[1]))]
-        d1, d3, test = np.split(np.array(texts, dtype=object), np.cumsum([args.num_sft, args.num_ppo]))
-        return list(d1), list(d3), list(test), {"split": "generated"}
-    user, key = user_key(args, "text")
-    rows = load_records(args.dataset, ("text",), user_columns=user)
-    public = public_test_split(args.dataset, ("text",))
-    d1, d3, *held = hash_split(rows, key, [0.5, 0.5] if public else [0.45, 0.45, 0.1], args.seed)
-    test = (public or held[0])[:args.num_test]
-    if min(len(d1), len(d3), len(test)) < 2:
-        raise UserError(f"dataset '{args.dataset}' has {len(rows)} rows: too few for D1, D3 and a test set")
-    report = {"split": f"keyed hash of {args.user_column or 'the text'}", "public_test": public is not None,
-              "max_records_per_user": records_per_user({"sft": d1, "ppo": d3}, key)}
-    return [r["text"] for r in d1], [r["text"] for r in d3], [r["text"] for r in test], report
+        exclude = set(public_corpus(args.base)[1])
+        return ([{"text": r["text"]} for r in make_reviews(args.num_sft + args.num_ppo, 10_000 + args.seed, exclude)],
+                [{"text": r["text"]} for r in make_reviews(args.num_test, 15_000 + args.seed, exclude)])
+    user = (args.user_column,) if args.user_column else ()
+    return load_records(args.dataset, ("text",), user_columns=user), public_test_split(args.dataset, ("text",))
+
+
+def split_sentiment(records, public, args) -> tuple[dict, dict]:
+    """D1 (reviews for SFT), D3 (reviews whose first tokens are PPO prompts) and test. A review's
+    part is drawn from its unit's keyed hash alone (its text, or --user-column)."""
+    d1, d3, *held = hash_split(with_units(records, args, "text"), lambda r: r["_unit"], private_fractions(args, public),
+                               args.seed)
+    test = with_units(public, args, "text")[:args.num_test] if public else held[0]
+    data = {"sft": d1, "ppo": d3, "test": test}
+    report = split_report(args, data, public, "user" if args.user_column else "review")
+    check_sizes(data, report, f"{len(records)} records in '{args.dataset}'")
+    return data, report
+
+
+def sentiment_data(args) -> tuple[dict, dict]:
+    return split_sentiment(*sentiment_records(args), args)
+
+
+def stage_inputs(task: str, data: dict, tok, args, rm_tok=None) -> dict[str, list[dict]]:
+    """What each stage is given, one line per example: {"key": its unit's keyed hash, "input": the
+    texts, "tokens": the exact token ids the stage encodes, unpadded}. The pipelines train on these
+    texts, --dry-run writes these lines, and the property tests compare them between neighbours."""
+    def rows(tokenizer, prompts, completions, a):
+        return encode_rows(tokenizer, prompts, completions, max_prompt=a.max_prompt,
+                           max_completion=getattr(a, "max_completion", 0))[0]
+
+    def lines(part, inputs, tokens):
+        return [{"key": unit_key(r["_unit"], args.seed), "input": x, "tokens": t}
+                for r, x, t in zip(data[part], inputs, tokens)]
+
+    def prompts_only(part, prompts, extra=None):  # PPO prompts, evaluation prompts
+        return lines(part, [{"prompt": p, **(e or {})} for p, e in zip(prompts, extra or [None] * len(prompts))],
+                     rows(tok, prompts, None, args.ppo))
+
+    def pairs(part, prompts, completions):  # SFT
+        return lines(part, [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)],
+                     rows(tok, prompts, completions, args.sft))
+
+    def comparisons(part):  # the reward model's, chosen and rejected side by side
+        cs, t = data[part], rm_tok or tok
+        p = [c["prompt"] for c in cs]
+        both = zip(rows(t, p, [c["chosen"] for c in cs], args.rm), rows(t, p, [c["rejected"] for c in cs], args.rm))
+        return lines(part, [{k: c[k] for k in ("prompt", "chosen", "rejected")} for c in cs], [list(x) for x in both])
+
+    if task == "sentiment":
+        texts = {k: [r["text"] for r in v] for k, v in data.items()}
+        prefix = lambda k: prefix_prompts(tok, texts[k], args.prompt_min, args.prompt_max, args.seed)
+        return {"sft": pairs("sft", [""] * len(texts["sft"]), texts["sft"]), "ppo": prompts_only("ppo", prefix("ppo")),
+                "test": prompts_only("test", prefix("test"))}
+    col = lambda part, f: [r[f] for r in data[part]]
+    return {"sft": pairs("sft", col("sft", "prompt"), col("sft", "completion")), "rm": comparisons("comparisons"),
+            "ppo": prompts_only("ppo", col("ppo", "prompt")),
+            "test": prompts_only("test", col("test", "prompt"), [{"completion": c} for c in col("test", "completion")]),
+            "rm_test": comparisons("comparisons_test")}
+
+
+def dry_run(work: str, task: str, args, plans: dict, inputs: dict, report: dict):
+    """--dry-run: print the plan (per stage N, q, steps, sigma, epsilon, delta), write plan.json and
+    inputs/<stage>.jsonl, train nothing. Diff two dry runs to see what one record changes."""
+    print(f"plan ({task}, nothing trained):", file=sys.stderr)
+    for name, p in plans.items():
+        print(f"  {name:4s} N={p['num_private_examples']} q={p['sample_rate']:.4f} steps={p['steps']} "
+              f"sigma={p['noise_multiplier']:.3f} epsilon={p['epsilon_spent']:.3f} (target {p['epsilon']:g}) "
+              f"delta={p['delta']:.2e}", file=sys.stderr)
+    write_json(os.path.join(work, "plan.json"), {"task": task, "config": config_of(args), "data": report,
+                                                 "stages": plans})
+    os.makedirs(os.path.join(work, "inputs"))
+    for name, rows in inputs.items():
+        write_text(os.path.join(work, "inputs", f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plan_stages(args, sizes: dict, delta: float) -> dict:
+    """Each stage's plan (stage_plan) and the epsilon its sigma spends, as the stage will compute it."""
+    plans = {}
+    for name, n in sizes.items():
+        plan = stage_plan(n, getattr(args, name), stage_epsilon(args, name), delta)
+        accountant = ACCOUNTANT()
+        accountant.step(noise_multiplier=plan["noise_multiplier"], sample_rate=plan["sample_rate"], num_steps=plan["steps"])
+        plans[name] = {**plan, "epsilon_spent": accountant.get_epsilon(delta) if plan["noise_multiplier"] else math.inf}
+    return plans
 
 
 def run_sentiment(args: SentimentArgs) -> dict:
@@ -2026,16 +2148,24 @@ def run_sentiment(args: SentimentArgs) -> dict:
     t0 = time.time()
     device, out, work, ckpt, private = _setup(args, "sentiment")
     check_model_spec(args.model, "--model")
-    check_model_spec(args.reward_model, "--reward-model")
-    d1, d3, test, data_report = sentiment_data(args)
+    if not args.dry_run:
+        check_model_spec(args.reward_model, "--reward-model")
+    data, data_report = sentiment_data(args)
     report_split(data_report)
-    delta = args.delta if args.delta is not None else 1 / (len(d1) + len(d3))
+    n1, n3 = len(data["sft"]), len(data["ppo"])
+    delta = args.delta if args.delta is not None else 1 / (n1 + n3)
     base_lm, tok = load_lm(args.model, device, args.base)
     check_fits(base_lm, args)
+    inputs = stage_inputs("sentiment", data, tok, args)
+    if args.dry_run:
+        dry_run(work, "sentiment", args, plan_stages(args, {"sft": n1, "ppo": n3}, delta), inputs, data_report)
+        finish_run(work, out)
+        print(f"wrote {out}/plan.json and inputs/")
+        return {}
     reward_fn = (hub_sentiment_reward(args.reward_model, args.reward_label, device)
                  if args.reward_model else builtin_sentiment_reward)
-    ppo_prompts = prefix_prompts(tok, d3, args.prompt_min, args.prompt_max, args.seed + 1)
-    test_prompts = prefix_prompts(tok, test, args.prompt_min, args.prompt_max, args.seed + 2)
+    ppo_prompts = [x["input"]["prompt"] for x in inputs["ppo"]]
+    test_prompts = [x["input"]["prompt"] for x in inputs["test"]]
     lengths = torch.randint(args.ppo.response_min, args.ppo.response_max + 1, (len(test_prompts),),
                             generator=torch.Generator().manual_seed(args.seed + 3))
     log = RunLog(work)
@@ -2044,13 +2174,15 @@ def run_sentiment(args: SentimentArgs) -> dict:
         return evaluate(model, tok, test_prompts, reward_fn, lengths=lengths, eos_id=None,
                         max_prompt=args.ppo.max_prompt, seed=args.seed + 4, device=device)
 
-    print(f"sentiment: |D1|={len(d1)} |D3|={len(d3)} |test|={len(test)}  "
+    print(f"sentiment: |D1|={n1} |D3|={n3} |test|={len(test_prompts)}  "
           f"epsilon={args.epsilon:g} delta={delta:.2e}  device={device}", file=sys.stderr)
     pre_scores, pre_text = evaluate_model(CausalLM(base_lm))
     # STAGE 1: DP SFT on D1 (whole reviews), then merge its LoRA: LM_sft.
     sft_lm = add_lora(copy.deepcopy(base_lm))
-    ledger = {"sft": dp_sft(sft_lm, tok, [""] * len(d1), d1, epsilon=stage_epsilon(args, "sft"), delta=delta,
-                            args=args.sft, device=device, generator=private, log=log, ckpt=ckpt)}
+    sft = [x["input"] for x in inputs["sft"]]
+    ledger = {"sft": dp_sft(sft_lm, tok, [x["prompt"] for x in sft], [x["completion"] for x in sft],
+                            epsilon=stage_epsilon(args, "sft"), delta=delta, args=args.sft, device=device,
+                            generator=private, log=log, ckpt=ckpt)}
     merge_lora(sft_lm)
     sft_scores, sft_text = evaluate_model(CausalLM(sft_lm))
     # STAGE 3: DPPPO on D3 from LM_sft, with a fresh LoRA and value head.
@@ -2101,10 +2233,12 @@ def rouge(prediction: str, reference: str) -> dict:
 @dataclass
 class RLHFArgs(RunArgs):
     """`rlhf`: the paper's RLHF scenario (Reddit TL;DR): DP SFT -> DP reward model -> DPPPO."""
-    num_sft: int = arg(16000, "examples in D1 (built-in data; real data is split by a keyed hash)")
-    num_ppo: int = arg(16000, "prompts in D3 (built-in data; real data is split by a keyed hash)")
-    num_comparisons: int = arg(16000, "comparisons in D2 (built-in data; real data: all of --comparisons but the held-out tenth)")
-    num_comparisons_test: int = arg(1000, "held-out comparisons for the reward model's accuracy (at most 10 % of real data)")
+    num_sft: int = arg(16000, "expected examples in D1 (built-in data; real data is split by a keyed hash)", limit=">=1")
+    num_ppo: int = arg(16000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)", limit=">=1")
+    num_comparisons: int = arg(16000, "comparisons in D2 (built-in data; real data: all of --comparisons but the "
+                               "held-out tenth)", limit=">=1")
+    num_comparisons_test: int = arg(1000, "the built-in task's public test comparisons, for the reward model's accuracy "
+                                    "(real data: the held-out tenth of --comparisons)", limit=">=1")
     comparisons: str | None = arg(None, "D2 when --dataset is not builtin: Hub id or local file with prompt/chosen/rejected")
     reward_base: str | None = arg(None, "base of the reward model: 'builtin', Hub id or dir (default: the SFT model)")
     eval_reward_model: str | None = arg(None, "a non-private sequence classifier to score summaries in evaluation")
@@ -2116,42 +2250,50 @@ class RLHFArgs(RunArgs):
                                                          baseline="greedy", response_min=32, response_max=32))
 
 
-def rlhf_data(args: RLHFArgs) -> tuple[dict, dict]:
-    """Disjoint D1 (prompt, completion), D2 comparisons (+ held out), D3 prompts and test, and a
-    report of the split. Real data: one user, one stage. The SFT file gives D1, D3 and test, the
-    comparisons file D2, each by a keyed hash of the post (or --user-column); a post that is also
-    in the comparisons is dropped from D1 and D3, and one of D1 from D3."""
+def rlhf_records(args) -> tuple[list[dict], list[dict], list[dict] | None, list[dict] | None]:
+    """(private TL;DR rows, private comparisons, public test rows, public test comparisons; None
+    where there are none): generated from the seed, or loaded from --dataset and --comparisons."""
     if args.dataset == "builtin":
         exclude = set(public_corpus(args.base)[1])
-        t = make_tldr(args.num_sft, args.num_comparisons + args.num_comparisons_test, args.num_ppo, args.num_test,
-                      20_000 + args.seed, exclude=exclude)
-        data = {"sft": t["sft"], "comparisons": t["comparisons"][:args.num_comparisons],
-                "comparisons_test": t["comparisons"][args.num_comparisons:], "ppo": t["ppo"], "test": t["test"]}
-        return data, {"split": "generated"}
+        rows, cmps = make_tldr(args.num_sft + args.num_ppo, args.num_comparisons, 20_000 + args.seed, exclude)
+        return (rows, cmps, *make_tldr(args.num_test, args.num_comparisons_test, 25_000 + args.seed, exclude))
     if args.comparisons is None:
         raise UserError("--comparisons is required with a real --dataset (a Hub id or a local file with "
                         "prompt/chosen/rejected columns)")
-    user, key = user_key(args, "prompt")
-    rows = [{**r, "completion": " " + str(r["label"]).strip()} for r in load_records(args.dataset, ("prompt", "label"), user_columns=user)]
-    cmps = [{**r, "chosen": " " + str(r["chosen"]).strip(), "rejected": " " + str(r["rejected"]).strip()}
-            for r in load_records(args.comparisons, ("prompt", "chosen", "rejected"), user_columns=user)]
-    public = public_test_split(args.dataset, ("prompt", "label"))
-    d2, d2_test = hash_split(cmps, key, [0.9, 0.1], args.seed)
-    in_d2 = {normalise(c["prompt"]) for c in cmps} | {normalise(key(c)) for c in cmps}
-    kept = [r for r in rows if normalise(r["prompt"]) not in in_d2 and normalise(key(r)) not in in_d2]
-    d1, d3, *held = hash_split(kept, key, [0.5, 0.5] if public else [0.45, 0.45, 0.1], args.seed)
-    in_d1 = {normalise(r["prompt"]) for r in d1}
-    d3_kept = [r for r in d3 if normalise(r["prompt"]) not in in_d1]
-    test = [{**r, "completion": " " + str(r["label"]).strip()} for r in public] if public else held[0]
-    data = {"sft": d1, "comparisons": d2, "comparisons_test": d2_test[:args.num_comparisons_test], "ppo": d3_kept,
-            "test": test[:args.num_test]}
-    if min(len(d1), len(d2), len(d3_kept), len(data["test"]), len(data["comparisons_test"])) < 2:
-        raise UserError(f"too few rows: {len(rows)} in '{args.dataset}', {len(cmps)} in '{args.comparisons}'")
-    report = {"split": f"keyed hash of {args.user_column or 'the post'}", "public_test": public is not None,
-              "dropped_from_sft_and_ppo_in_comparisons": len(rows) - len(kept),
-              "dropped_from_ppo_in_sft": len(d3) - len(d3_kept),
-              "max_records_per_user": records_per_user({"sft": d1, "comparisons": d2, "ppo": d3_kept}, key)}
+    user = (args.user_column,) if args.user_column else ()
+    return (load_records(args.dataset, ("prompt", "label"), user_columns=user),
+            load_records(args.comparisons, ("prompt", "chosen", "rejected"), user_columns=user),
+            public_test_split(args.dataset, ("prompt", "label")), None)
+
+
+def split_rlhf(rows, cmps, public, public_cmps, args) -> tuple[dict, dict]:
+    """D1 (post, reference summary), D2 (post, chosen, rejected) and its held-out tenth, D3 (posts)
+    and test. One unit, one stage, where the unit is the post (or the user, --user-column): a unit
+    with any comparison goes to D2 or its held-out part by its keyed hash, and its TL;DR rows are
+    dropped; every other unit goes to D1, D3 or test. Each decision reads the unit's own records
+    only, never another unit's: a post two users share may sit in two stages under --user-column."""
+    def summaries(rs):
+        return with_units([{**r, "completion": " " + r["label"].strip()} for r in rs], args, "prompt")
+    cmps = with_units([{**c, "chosen": " " + c["chosen"].strip(), "rejected": " " + c["rejected"].strip()}
+                       for c in cmps], args, "prompt")
+    with_comparisons = {c["_unit"] for c in cmps}
+    kept = [r for r in summaries(rows) if r["_unit"] not in with_comparisons]
+    by_unit = lambda r: r["_unit"]
+    d1, d3, *held = hash_split(kept, by_unit, private_fractions(args, public), args.seed)
+    if public_cmps is not None:  # the built-in task's test comparisons are public, generated apart
+        d2, d2_test = cmps, with_units(public_cmps, args, "prompt")
+    else:
+        d2, d2_test = hash_split(cmps, by_unit, [0.9, 0.1], args.seed)
+    data = {"sft": d1, "comparisons": d2, "comparisons_test": d2_test, "ppo": d3,
+            "test": summaries(public)[:args.num_test] if public else held[0]}
+    report = split_report(args, data, public, "user" if args.user_column else "post")
+    report["dropped_tldr_rows_with_comparisons"] = len(rows) - len(kept)
+    check_sizes(data, report, f"{len(rows)} rows in '{args.dataset}', {len(cmps)} in '{args.comparisons}'")
     return data, report
+
+
+def rlhf_data(args) -> tuple[dict, dict]:
+    return split_rlhf(*rlhf_records(args), args)
 
 
 def run_rlhf(args: RLHFArgs) -> dict:
@@ -2169,22 +2311,31 @@ def run_rlhf(args: RLHFArgs) -> dict:
     base_lm, tok = load_lm(args.model, device, args.base)
     check_fits(base_lm, args)
     rm_base = load_lm(args.reward_base, device, args.base) if args.reward_base else None
+    inputs = stage_inputs("rlhf", data, tok, args, rm_base[1] if rm_base else None)
+    if args.dry_run:
+        sizes = {"sft": len(data["sft"]), "rm": len(data["comparisons"]), "ppo": len(data["ppo"])}
+        dry_run(work, "rlhf", args, plan_stages(args, sizes, delta), inputs, data_report)
+        finish_run(work, out)
+        print(f"wrote {out}/plan.json and inputs/")
+        return {}
     eval_rm = hub_sentiment_reward(args.eval_reward_model, "0", device) if args.eval_reward_model else None
     log = RunLog(work)
     print(f"rlhf: |D1|={len(data['sft'])} |D2|={len(data['comparisons'])} |D3|={len(data['ppo'])} "
           f"|test|={len(data['test'])}  epsilon={args.epsilon:g} delta={delta:.2e}  device={device}", file=sys.stderr)
-    test_prompts = [r["prompt"] for r in data["test"]]
+    test_prompts = [x["input"]["prompt"] for x in inputs["test"]]
     lengths = torch.full((len(test_prompts),), args.ppo.response_max)
     # STAGE 1: DP SFT on D1 (loss on the summary only), then merge: LM_sft.
     sft_lm = add_lora(copy.deepcopy(base_lm))
-    ledger = {"sft": dp_sft(sft_lm, tok, [r["prompt"] for r in data["sft"]], [r["completion"] for r in data["sft"]],
+    sft = [x["input"] for x in inputs["sft"]]
+    ledger = {"sft": dp_sft(sft_lm, tok, [x["prompt"] for x in sft], [x["completion"] for x in sft],
                             epsilon=stage_epsilon(args, "sft"), delta=delta, args=args.sft, device=device,
                             generator=private, log=log, ckpt=ckpt)}
     merge_lora(sft_lm)
     # STAGE 2: DP reward model on D2, from LM_sft (or --reward-base) with a fresh LoRA and head.
     rm_lm, rm_tok = rm_base if rm_base else (copy.deepcopy(sft_lm), tok)
-    rm = RewardModel(add_lora(rm_lm, rank=args.rm.lora_rank), head=args.rm.head).to(device).eval()
-    cmp = data["comparisons"]
+    rm = RewardModel(add_lora(rm_lm, rank=args.rm.lora_rank), head=args.rm.head,
+                     pad_token_id=rm_tok.pad_token_id).to(device).eval()
+    cmp = [x["input"] for x in inputs["rm"]]
     ledger["rm"] = dp_reward_model(rm, rm_tok, [c["prompt"] for c in cmp], [c["chosen"] for c in cmp],
                                    [c["rejected"] for c in cmp], epsilon=stage_epsilon(args, "rm"), delta=delta, args=args.rm,
                                    device=device, generator=private, log=log, ckpt=ckpt)
@@ -2198,7 +2349,7 @@ def run_rlhf(args: RLHFArgs) -> dict:
                    rm_reward(prompts_h, [c["rejected"] for c in held])).float().mean().item()
     # STAGE 3: DPPPO on D3 from LM_sft, rewarded by the DP reward model.
     policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(device)
-    ledger["ppo"] = dpppo(policy, tok, [r["prompt"] for r in data["ppo"]], rm_reward, epsilon=stage_epsilon(args, "ppo"),
+    ledger["ppo"] = dpppo(policy, tok, [x["input"]["prompt"] for x in inputs["ppo"]], rm_reward, epsilon=stage_epsilon(args, "ppo"),
                           delta=delta, args=args.ppo, device=device, generator=private, eos_id=tok.eos_token_id, log=log,
                           ckpt=ckpt)
     log.close()
@@ -2337,7 +2488,7 @@ def plot_sweep(results: dict, task: str, path: str) -> bool:
 def config_of(args) -> dict:
     """The run's settings as JSON would store them (inf as a float survives json with allow_nan)."""
     return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-            if k not in ("overwrite", "resume", "checkpoint_every")}  # how a run is kept, not what it computes
+            if k not in ("overwrite", "resume", "checkpoint_every", "dry_run", "given")}  # how a run is kept
 
 
 def args_from_config(cls, config: dict):
@@ -2439,8 +2590,8 @@ def cmd_probe(args: "ProbeArgs"):
     print(f"copy probe ({args.model}, 500 public held-out posts): "
           + ", ".join(f"{k} top-1 {v:.3f}" for k, v in copy_probe(lm, tok, public_probe_posts(args.base)).items())
           + f" (chance {1 / len(PEOPLE):.3f}, {1 / len(FEELINGS):.3f})")
-    cmps = make_tldr(0, args.num_comparisons + 1000, 0, 0, seed=50_000 + args.seed)["comparisons"]
-    feats = [tuple(reward_features(lm, tok, [c["prompt"] for c in part], [c[w] for c in part]) for w in ("chosen", "rejected"))
+    cmps = make_tldr(0, args.num_comparisons + 1000, seed=50_000 + args.seed)[1]
+    feats = [tuple(reward_features(lm, tok, [c["prompt"] for c in part], [" " + c[w] for c in part]) for w in ("chosen", "rejected"))
              for part in (cmps[:args.num_comparisons], cmps[args.num_comparisons:])]
     tp = lambda c, w: true_preference(c["meta"], c[w])
     ceiling = np.mean([(tp(c, "chosen") > tp(c, "rejected")) + 0.5 * (tp(c, "chosen") == tp(c, "rejected"))
@@ -2457,8 +2608,8 @@ def cmd_probe(args: "ProbeArgs"):
 class ProbeArgs:
     """`probe`: the copy probe and the reward-feature probe of a base model (no private data)."""
     model: str = arg("builtin", "'builtin', a Hub id or a local dir")
-    num_comparisons: int = arg(4000, "built-in comparisons to fit the linear probes on")
-    seed: int = arg(0, "seed of the probe's comparisons")
+    num_comparisons: int = arg(4000, "built-in comparisons to fit the linear probes on", limit=">=1")
+    seed: int = arg(0, "seed of the probe's comparisons", limit=">=0")
     device: str | None = arg(None, "'cpu' or 'cuda'")
     base: BaseModelArgs = field(default_factory=BaseModelArgs)
 
@@ -2525,12 +2676,12 @@ def canary_sft_loss(model: CanaryLM, max_grad_norm: float):
 @dataclass
 class AuditArgs(CommonArgs):
     """`audit`: a one-run audit of DP SFT: is the claimed epsilon at least what an attack shows?"""
-    delta: float | None = arg(1e-5, "target delta (small next to 1/canaries, or the delta term swamps the bound)")
-    num_sft: int = arg(2000, "real D1 examples (built-in reviews) beside the canaries")
-    canaries: int = arg(1000, "m: canaries, each in D1 with probability 1/2")
+    delta: float | None = arg(1e-5, "target delta (small next to 1/canaries, or the delta term swamps the bound)", limit="(0,1)")
+    num_sft: int = arg(2000, "real D1 examples (built-in reviews) beside the canaries", limit=">=1")
+    canaries: int = arg(1000, "m: canaries, each in D1 with probability 1/2", limit=">=1")
     guesses: str = arg("50,100,200", "numbers k of membership guesses tried (the k top-scored canaries); "
                        "the confidence is split over them (Bonferroni)")
-    confidence: float = arg(0.95, "confidence of the lower bound")
+    confidence: float = arg(0.95, "confidence of the lower bound", limit="(0,1)")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
 
 
@@ -2539,7 +2690,7 @@ def run_audit(args: AuditArgs) -> dict:
     t0 = time.time()
     device, out, work, ckpt, private = _setup(args, "audit")
     check_model_spec(args.model, "--model")
-    ks = [int(k) for k in args.guesses.split(",")]
+    ks = _parse_list("guesses", args.guesses, int, "numbers of guesses like 50,100,200")
     if args.canaries < 1 or not all(0 < k <= args.canaries for k in ks):
         raise UserError(f"--guesses {args.guesses} is not allowed with --canaries {args.canaries}: each k must be in [1, canaries]")
     if not 0 < args.confidence < 1:
@@ -2558,7 +2709,8 @@ def run_audit(args: AuditArgs) -> dict:
     print(f"audit: {len(texts)} reviews + {len(members)} of {args.canaries} canaries in D1, epsilon={args.epsilon:g} "
           f"delta={args.delta:g}", file=sys.stderr)
     entry = dp_train(model, canary_sft_loss(model, args.sft.max_grad_norm), data, epsilon=stage_epsilon(args, "sft"),
-                     delta=args.delta, args=args.sft, device=device, generator=private, stage="sft")
+                     delta=args.delta, args=args.sft, device=device, generator=private, stage="sft",
+                     num_examples=args.num_sft + args.canaries / 2)  # q and T from E[n], not the secret coins
     scores = -model.canary.detach().cpu()  # a member's coordinate went down when it was sampled
     order = torch.argsort(scores, descending=True, stable=True)
     alpha = (1 - args.confidence) / len(ks)
@@ -2744,8 +2896,9 @@ def cmd_bench(ns):
         torch.set_num_threads(ns.threads)
     ns.model = ns.model or ("builtin" if ns.what == "ppo" else "small")
     ns.batch = ns.batch or (64 if ns.what == "ppo" else 8)
-    for name in ("batch", "response", "repeats"):
-        _positive(name, getattr(ns, name))
+    for name in ("batch", "response", "repeats", "seq_len"):
+        _positive(name.replace("_", "-"), getattr(ns, name))
+    _positive("warmup", ns.warmup, allow_zero=True)
     if ns.what == "step" and ns.model == "builtin":
         raise UserError("bench step --model builtin is not allowed; use tiny, small, medium or large (or 'bench ppo')")
     if ns.variant == "ppo":
@@ -2820,6 +2973,8 @@ def _add_dataclass_args(parser, config, prefix: str = ""):
         if _nested(f) is not None:
             _add_dataclass_args(parser, _nested(f), prefix + f.name + "_")
             continue
+        if f.metadata.get("cli") is False:
+            continue
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         conv = (_parse_bool if "bool" in kind else _parse_float if "float" in kind else int if "int" in kind
                 else str)
@@ -2827,6 +2982,7 @@ def _add_dataclass_args(parser, config, prefix: str = ""):
         text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
         parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, type=conv,
                             default=None, help=text.replace("%", "%%"),
+                            metavar="{" + ",".join(f.metadata["choices"]) + "}" if f.metadata.get("choices") else None,
                             **({"nargs": "?", "const": True} if conv is _parse_bool else {}))
 
 
@@ -2853,6 +3009,30 @@ PAPER_PRESET = {  # App. B, GPT-2 small on a GPU
     "ppo_batch_size": 4096, "ppo_minibatches": 16, "ppo_steps": 100, "ppo_lr": 3e-3, "ppo_lr_schedule": "constant",
     "rm_batch_size": 4096, "rm_epochs": 50, "rm_lr": 2e-4, "rm_head": "last", "rm_lora_rank": 4,
 }
+
+
+LIMITS = {  # a field's `limit` -> (the test, what the one-line refusal says); nan fails every test
+    ">0": (lambda v: v > 0, "it must be > 0"), ">=0": (lambda v: v >= 0, "it must be >= 0"),
+    ">=1": (lambda v: v >= 1, "it must be >= 1"), "(0,1)": (lambda v: 0 < v < 1, "it must be in (0, 1)"),
+    "(0,1]": (lambda v: 0 < v <= 1, "it must be in (0, 1]"), "[0,1]": (lambda v: 0 <= v <= 1, "it must be in [0, 1]"),
+    "finite>=0": (lambda v: 0 <= v < math.inf, "it must be a finite number >= 0"),
+}
+
+
+def check_config(config, prefix: str = ""):
+    """Every field's own limit and choices (declared with `arg`), nested configs too: one line
+    naming the flag, the value and what is allowed."""
+    for f in dataclasses.fields(config):
+        value, flag = getattr(config, f.name), "--" + (prefix + f.name).replace("_", "-")
+        if dataclasses.is_dataclass(value):
+            check_config(value, prefix + f.name + "_")
+        elif value is not None and f.metadata.get("choices") and value not in f.metadata["choices"]:
+            raise UserError(f"{flag} '{value}' is not allowed; use {' or '.join(map(repr, f.metadata['choices']))}")
+        elif value is not None and f.metadata.get("limit") and not LIMITS[f.metadata["limit"]][0](value):
+            raise UserError(f"{flag} {value} is not allowed; {LIMITS[f.metadata['limit']][1]}")
+    if isinstance(config, BaseModelArgs) and config.n_embd % config.n_head:
+        raise UserError(f"--base-n-embd {config.n_embd} is not allowed with --base-n-head {config.n_head}: "
+                        "the width must be a multiple of the heads")
 
 
 def _positive(name, value, allow_zero=False):
@@ -2900,14 +3080,42 @@ def _pipeline_args(cls, ns):
             if hasattr(ns, k) and getattr(ns, k) is None:
                 setattr(ns, k, ns.batch_size)
     args = _build_dataclass(cls(), ns)
-    for name in ("sft", "rm", "ppo"):
-        stage = getattr(args, name, None)
-        if stage is None:
-            continue
-        for f in ("steps", "batch_size", "lr", "max_grad_norm"):
-            _positive(f"{name}-{f.replace('_', '-')}", getattr(stage, f, None), allow_zero=(f == "steps"))
+    check_config(args)
     check_privacy_settings(args, args.epsilon)
     return args
+
+
+def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] | None):
+    """A flag that would have no effect here is refused, in one line saying why: a user who gave it
+    must not believe it was used. `given`: the flags on the command line; `epsilons`: a sweep's."""
+    builtin, stages = getattr(args, "dataset", "builtin") == "builtin", [s for s in ("sft", "rm", "ppo") if hasattr(args, s)]
+    finite = {s: any(math.isfinite(e) for e in ([getattr(args, s).epsilon] if getattr(args, s).epsilon is not None
+                                                else epsilons or [args.epsilon])) for s in stages}
+    uses_base = "builtin" in (args.model, getattr(args, "dataset", "builtin"), getattr(args, "reward_base", None))
+    rules = [  # (flag, it has no effect when, why)
+        ("comparisons", builtin, "the built-in task generates its comparisons; give a real --dataset too"),
+        ("user_column", builtin, "the built-in data has no users"),
+        ("test_fraction", builtin, "the built-in task's test set is public and generated (--num-test)"),
+        *[(f, not builtin, "real data is split by fractions of a keyed hash, not by counts")
+          for f in ("num_sft", "num_ppo", "num_comparisons", "num_comparisons_test")],
+        ("num_test", not builtin and _is_local(getattr(args, "dataset", "")),
+         "a local file has no public test split: its test set is the --test-fraction held out"),
+        ("reward_label", getattr(args, "reward_model", "") is None, "it picks a label of --reward-model, not given"),
+        ("delta", not any(finite.values()), "no noise is calibrated when every stage runs at epsilon inf"),
+        *[(f"{s}_max_grad_norm", not finite[s], "the epsilon = inf loop does not clip") for s in stages],
+        *[(f"{s}_epochs", f"{s}_steps" in given, f"--{s}-steps sets the number of steps") for s in ("sft", "rm")],
+        ("batch_size", all(f"{s}_batch_size" in given for s in stages), "every stage's batch size is given"),
+        ("epsilon", epsilons is not None, "--sweep sets each run's epsilon"),
+        ("seed", "seeds" in given, "--seeds sets each run's seed"),
+        ("plot", not {"sweep", "seeds"} & given, "it draws a sweep's table; add --sweep or --seeds"),
+        ("dry_run", bool({"sweep", "seeds"} & given), "a dry run plans one run; drop --sweep and --seeds"),
+        ("checkpoint_every", command == "audit" or getattr(args, "dry_run", False), "this run is not checkpointed"),
+        *[(f"base_{f.name}", not uses_base, "the built-in base model is not used by this run")
+          for f in dataclasses.fields(BaseModelArgs)],
+    ]
+    for name, ignored, why in rules:
+        if name in given and ignored:
+            raise UserError(f"--{name.replace('_', '-')} is not allowed here: {why}")
 
 
 def resume_args(cls, task: str, work: str):
@@ -3003,13 +3211,26 @@ def main(argv=None):
         if ns.command in ("sentiment", "rlhf", "audit"):
             cls, run = {"sentiment": (SentimentArgs, run_sentiment), "rlhf": (RLHFArgs, run_rlhf),
                         "audit": (AuditArgs, run_audit)}[ns.command]
+            given = {k for k, v in vars(ns).items() if v is not None and v is not False and k != "command"}
             if ns.resume:
+                others = sorted(given - {"resume", "checkpoint_every"})
+                if others:
+                    raise UserError(f"--{others[0].replace('_', '-')} is not allowed with --resume: the run continues "
+                                    "with the settings it was started with")
                 return run(resume_args(cls, ns.command, ns.resume))
             args = _pipeline_args(cls, ns)
+            epsilons = _parse_list("sweep", ns.sweep, float, "epsilons like 1,2,4,8,inf") if ns.sweep else None
+            seeds = _parse_list("seeds", ns.seeds, int, "seeds like 0,1,2") if ns.seeds else [args.seed]
+            for name, values in (("sweep", epsilons or []), ("seeds", seeds)):
+                if len(set(values)) < len(values):
+                    raise UserError(f"--{name} {getattr(ns, name)} is not allowed: a value twice would count one "
+                                    "run twice in the confidence interval")
+            refuse_ignored_flags(args, given, ns.command, epsilons)
+            if hasattr(args, "given"):
+                args = dataclasses.replace(args, given=tuple(sorted(given)))
             if ns.sweep is None and ns.seeds is None:
                 return run(args)
-            epsilons = _parse_list("sweep", ns.sweep, float, "epsilons like 1,2,4,8,inf") if ns.sweep else [args.epsilon]
-            seeds = _parse_list("seeds", ns.seeds, int, "seeds like 0,1,2") if ns.seeds else [args.seed]
+            epsilons = epsilons or [args.epsilon]
             for e in epsilons:
                 _positive("sweep epsilon", e)
                 check_privacy_settings(args, e)

@@ -573,6 +573,7 @@ def test_cli_privacy_bad_values(bad, word, capsys):
 
 TINY_SENTIMENT = ["--num-sft", "200", "--num-ppo", "200", "--num-test", "16", "--sft-steps", "3", "--sft-batch-size", "20",
                   "--ppo-steps", "2", "--ppo-batch-size", "16", "--ppo-minibatches", "2", *TINY_BASE]
+TINY_REAL = TINY_SENTIMENT[6:]  # without the built-in task's sizes, which real data refuses
 
 
 def test_sentiment_end_to_end(tmp_path):
@@ -663,7 +664,7 @@ def test_sentiment_real_loading_path(tmp_path, tiny):
             f.write(json.dumps({"text": r["text"], "label": int(r["label"] == "positive")}) + "\n")
     out = tmp_path / "run"
     r = run_cli("sentiment", "--model", str(model_dir), "--dataset", str(data), "--reward-model", str(clf_dir),
-                "--out", str(out), "--sft-steps", "2", "--ppo-steps", "2", "--batch-size", "8", "--num-test", "8")
+                "--out", str(out), "--sft-steps", "2", "--ppo-steps", "2", "--batch-size", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["model"] == str(model_dir)
@@ -671,7 +672,7 @@ def test_sentiment_real_loading_path(tmp_path, tiny):
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     d1, d3, held = d.hash_split(rows, lambda r: r["text"], [0.45, 0.45, 0.1], seed=0)
     assert s["stages"]["sft"]["num_private_examples"] == len(d1) and s["stages"]["ppo"]["num_private_examples"] == len(d3)
-    assert s["data"]["public_test"] is False and len(held) > 0
+    assert s["data"]["public_test"] is False and s["data"]["sizes"]["test"] == len(held) > 0
 
 
 @pytest.mark.parametrize("bad,word", [
@@ -687,7 +688,8 @@ def test_sentiment_real_loading_path(tmp_path, tiny):
 def test_sentiment_bad_values_one_line_nothing_written(tmp_path, bad, word, capsys, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    code, err = run_main(capsys, "sentiment", "--out", str(out), *TINY_SENTIMENT, *bad)
+    code, err = run_main(capsys, "sentiment", "--out", str(out), *(TINY_REAL if "--dataset" in bad else TINY_SENTIMENT),
+                         *bad)
     assert code == 2
     lines = [x for x in err.strip().splitlines() if not x.startswith(("pre-training", "built-in base model"))]
     assert len(lines) == 1 and word in lines[0], err[-2000:]  # (the first test to run builds the base model)
@@ -725,7 +727,7 @@ def _bad_jsonl(path, text):
 ])
 def test_bad_dataset_files_one_line(tmp_path, content, word, capsys):
     data = _bad_jsonl(tmp_path / "data.jsonl", content)
-    code, err = run_main(capsys, "sentiment", "--dataset", data, "--out", str(tmp_path / "run"), *TINY_SENTIMENT)
+    code, err = run_main(capsys, "sentiment", "--dataset", data, "--out", str(tmp_path / "run"), *TINY_REAL)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and word in lines[0] and "data.jsonl" in lines[0], err[-2000:]
 
@@ -770,7 +772,8 @@ def test_hub_unreachable_is_one_line_and_fast(tmp_path):
     env["HF_HOME"] = str(tmp_path / "empty_hf_home")
     for flags, word in ((["--model", "gpt2"], "gpt2"), (["--dataset", "stanfordnlp/imdb"], "stanfordnlp/imdb")):
         t = time.time()
-        r = subprocess.run([sys.executable, os.path.join(HERE, "dp_rlhf.py"), "sentiment", *flags, *TINY_SENTIMENT,
+        r = subprocess.run([sys.executable, os.path.join(HERE, "dp_rlhf.py"), "sentiment", *flags,
+                            *(TINY_REAL if "--dataset" in flags else TINY_SENTIMENT),
                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and word in lines[0] and "builtin" in lines[0], r.stderr[-2000:]
@@ -846,13 +849,17 @@ def test_one_comparison_is_one_per_sample_gradient(tiny):
 
 
 def test_builtin_rlhf_splits_are_disjoint():
-    data, _ = d.rlhf_data(d.RLHFArgs(num_sft=300, num_comparisons=300, num_ppo=300, num_test=50, num_comparisons_test=50))
+    data, report = d.rlhf_data(d.RLHFArgs(num_sft=300, num_comparisons=300, num_ppo=300, num_test=50,
+                                          num_comparisons_test=50))
     posts = {k: {r["prompt"] for r in v} for k, v in data.items()}
     names = list(posts)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not posts[a] & posts[b], (a, b)
-    assert len(data["sft"]) == 300 and len(data["comparisons"]) == 300 and len(data["ppo"]) == 300
+    # D1 and D3 are drawn by the keyed hash, 1/2 each of 600 posts: within 4 standard deviations
+    assert abs(len(data["sft"]) - 300) < 4 * math.sqrt(150) and len(data["sft"]) + len(data["ppo"]) == 600
+    assert len(data["comparisons"]) == 300 and len(data["test"]) == 50 and len(data["comparisons_test"]) == 50
+    assert report["sizes"] == {k: len(v) for k, v in data.items()}
 
 
 def test_ledger_parallel_and_sequential_against_hand_composition():
@@ -918,12 +925,12 @@ def test_saved_reward_model_scores_like_ours(tmp_path, tiny, head):
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
         return
     clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
-    for i in range(2):  # unpadded, one at a time: the HF class reads the last token
+    for i in range(2):  # as training encodes it, ending with eos (= pad): HF reads the last non-pad token
         ids, mask, _ = d.encode(tok, prompts[i:i + 1], summaries[i:i + 1], max_prompt=32, max_completion=16)
+        assert ids[0, -1] == tok.eos_token_id == tok.pad_token_id
         with torch.no_grad():
-            theirs = clf(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits[0, 0]
-            mine = rm(ids[:, :-1], mask[:, :-1], None)[0]
-        torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-4)
+            theirs = clf(input_ids=ids, attention_mask=mask).logits[0, 0]
+        torch.testing.assert_close(theirs, ours[i], atol=1e-5, rtol=1e-4)  # ours: scored in a left-padded batch
 
 
 def test_rlhf_real_loading_path(tmp_path, tiny):
@@ -931,17 +938,15 @@ def test_rlhf_real_loading_path(tmp_path, tiny):
     model_dir = tmp_path / "gpt2"
     lm.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    t = d.make_tldr(60, 40, 0, 0, seed=9)
+    rows, cmps = d.make_tldr(60, 40, seed=9)
     with open(tmp_path / "tldr.jsonl", "w") as f:
-        for r in t["sft"]:
-            f.write(json.dumps({"prompt": r["prompt"], "label": r["completion"].strip()}) + "\n")
+        f.writelines(json.dumps({"prompt": r["prompt"], "label": r["label"]}) + "\n" for r in rows)
     with open(tmp_path / "cmp.jsonl", "w") as f:
-        for r in t["comparisons"]:
-            f.write(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"].strip(), "rejected": r["rejected"].strip()}) + "\n")
+        f.writelines(json.dumps({k: c[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for c in cmps)
     out = tmp_path / "run"
     r = run_cli("rlhf", "--model", str(model_dir), "--dataset", str(tmp_path / "tldr.jsonl"), "--comparisons",
                 str(tmp_path / "cmp.jsonl"), "--out", str(out), "--sft-steps", "2", "--rm-steps", "2", "--ppo-steps",
-                "2", "--batch-size", "8", "--num-test", "6", "--ppo-response-min", "6", "--ppo-response-max", "6")
+                "2", "--batch-size", "8", "--ppo-response-min", "6", "--ppo-response-max", "6")
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert "true_preference" not in s["eval"]["aligned"]
@@ -1081,8 +1086,8 @@ def test_builtin_private_data_shares_no_text_with_the_public_corpus():
     docs, texts = d.public_corpus(base)
     public = set(texts)
     assert len(public) > 20_000 and len(docs) == len(texts)
-    d1, d3, test, _ = d.sentiment_data(d.SentimentArgs(seed=0))
-    clash = [t for t in d1 + d3 + test if t in public]
+    data, _ = d.sentiment_data(d.SentimentArgs(seed=0))
+    clash = [r["text"] for part in data.values() for r in part if r["text"] in public]
     assert not clash, clash[:3]
     data, _ = d.rlhf_data(d.RLHFArgs(seed=0, num_sft=500, num_comparisons=500, num_ppo=500, num_test=50,
                                      num_comparisons_test=50))
@@ -1090,8 +1095,7 @@ def test_builtin_private_data_shares_no_text_with_the_public_corpus():
 
 
 def _records(n, seed=0):
-    t = d.make_tldr(n, 0, 0, 0, seed=seed)
-    return [{"prompt": r["prompt"], "label": r["completion"].strip()} for r in t["sft"]]
+    return [{"prompt": r["prompt"], "label": r["label"]} for r in d.make_tldr(n, 0, seed=seed)[0]]
 
 
 def test_hash_split_moves_no_other_record_when_one_is_added_or_removed():
@@ -1128,7 +1132,7 @@ def test_real_rlhf_data_one_user_one_stage(tmp_path):
     d2 = posts["comparisons"] | posts["comparisons_test"]
     assert not (posts["sft"] | posts["ppo"] | posts["test"]) & d2
     assert not posts["sft"] & posts["ppo"]
-    assert report["dropped_from_sft_and_ppo_in_comparisons"] == 60
+    assert report["dropped_tldr_rows_with_comparisons"] == 60
     assert len(data["sft"]) + len(data["ppo"]) + len(data["test"]) == 140
     # by user: 35 users wrote 4 posts each; every user lands in exactly one of D1 / D3 / test
     with open(tmp_path / "sft_u.jsonl", "w") as f:
@@ -1140,7 +1144,187 @@ def test_real_rlhf_data_one_user_one_stage(tmp_path):
     data, report = d.rlhf_data(args)
     users = {k: {r["user"] for r in v} for k, v in data.items() if k in ("sft", "ppo", "test")}
     assert not users["sft"] & users["ppo"] and not users["sft"] & users["test"] and not users["ppo"] & users["test"]
-    assert report["max_records_per_user"]["sft"] == 4  # reported: group privacy for 4 records
+    assert report["max_records_per_unit"]["sft"] == 4  # reported: group privacy for 4 records
+
+
+# ------------------------------------------------------------------------------------ neighbouring datasets
+# Parallel composition and each stage's sensitivity argument need every stage input to be a function
+# of its own record (or unit) alone. These tests add or remove one record (one user with a user
+# column) and assert that no other unit's stage membership or exact input changes.
+
+
+def _by_unit(inputs: dict) -> dict:
+    """unit key -> the sorted (stage, input, tokens) of all its records: what each unit gives each stage."""
+    out = {}
+    for stage, lines in inputs.items():
+        for x in lines:
+            out.setdefault(x["key"], []).append((stage, json.dumps(x["input"], sort_keys=True), json.dumps(x["tokens"])))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _assert_only_changed(task, tok, args, split, records, neighbour, changed_units):
+    """`split(*records)` and `split(*neighbour)` give the same inputs for every unit but `changed_units`."""
+    a = _by_unit(d.stage_inputs(task, split(*records, args)[0], tok, args))
+    b = _by_unit(d.stage_inputs(task, split(*neighbour, args)[0], tok, args))
+    changed = {d.unit_key(d.normalise(u), args.seed) for u in changed_units}
+    assert len(a) > 20 and len(set(a) ^ set(b)) <= len(changed)
+    moved = [k for k in set(a) & set(b) if a[k] != b[k] and k not in changed]
+    assert not moved, f"{len(moved)} other units' inputs moved, e.g. {str(a[moved[0]])[:200]}"
+    assert {k for k in set(a) | set(b) if a.get(k) != b.get(k)} <= changed
+
+
+def _new_review(i):
+    return {"text": d.make_reviews(1, seed=900 + i)[0]["text"] + f" extra {i} ."}
+
+
+@pytest.mark.parametrize("path", ["builtin", "file", "file-users"])
+def test_sentiment_inputs_move_only_for_the_added_or_removed_record(tiny, path):
+    lm, tok = tiny
+    kw = {"builtin": {}, "file": {"dataset": "reviews.jsonl"},
+          "file-users": {"dataset": "reviews.jsonl", "user_column": "user"}}[path]
+    args = d.SentimentArgs(num_sft=150, num_ppo=150, num_test=30, base=TINY_BASE_ARGS, **kw)
+    if path == "builtin":
+        records, public = d.sentiment_records(args)
+    else:
+        records, public = [{"text": r["text"], "user": f"u{i % 60}"} for i, r in enumerate(d.make_reviews(300, 5))], None
+    unit = (lambda r: r["user"]) if path == "file-users" else (lambda r: r["text"])
+    for j in (0, 7, 150):  # remove one record (with a user column: one user, all of their records)
+        gone = unit(records[j])
+        _assert_only_changed("sentiment", tok, args, d.split_sentiment, (records, public),
+                             ([r for r in records if unit(r) != gone], public), [gone])
+    new = [{**_new_review(i), "user": "newcomer"} for i in range(3 if path == "file-users" else 1)]
+    for at in (0, 151):  # add one (a new user with three reviews), anywhere in the file
+        _assert_only_changed("sentiment", tok, args, d.split_sentiment, (records, public),
+                             (records[:at] + new + records[at:], public), [unit(new[0])])
+
+
+def test_a_positional_prompt_length_draw_would_fail_the_neighbour_test(tiny, monkeypatch):
+    """The break-it check: the prompt-length draw these tests replaced (one seeded stream consumed
+    review by review) moves most prompts when one review is removed, and the test catches it."""
+    def positional(tokenizer, texts, lo, hi, seed):
+        rng = np.random.default_rng(seed)
+        return [tokenizer.decode(t[:int(rng.integers(lo, hi + 1))])
+                for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    monkeypatch.setattr(d, "prefix_prompts", positional)
+    with pytest.raises(AssertionError, match="other units' inputs moved"):
+        test_sentiment_inputs_move_only_for_the_added_or_removed_record(tiny, "file")
+
+
+def _tldr_files(users: bool):
+    """TL;DR rows and comparisons that share posts (and, with users, users who share post texts)."""
+    rows, cmps = d.make_tldr(240, 120, seed=11)
+    rows = [{"prompt": r["prompt"], "label": r["label"]} for r in rows]
+    cmps = [{k: c[k] for k in ("prompt", "chosen", "rejected")} for c in cmps]
+    cmps += [{"prompt": r["prompt"], "chosen": r["label"], "rejected": "no ."} for r in rows[:40]]  # shared posts
+    if users:
+        rows = [{**r, "user": f"u{i % 50}"} for i, r in enumerate(rows)]
+        rows += [{**r, "user": f"w{i % 20}"} for i, r in enumerate(rows[100:160])]  # two users, one post text
+        cmps = [{**c, "user": f"v{i % 30}"} for i, c in enumerate(cmps)]
+    return rows, cmps
+
+
+@pytest.mark.parametrize("path", ["builtin", "file", "file-users"])
+def test_rlhf_inputs_move_only_for_the_added_or_removed_unit(tiny, path):
+    lm, tok = tiny
+    users = path == "file-users"
+    kw = {"builtin": {}, "file": {"dataset": "tldr.jsonl", "comparisons": "cmp.jsonl"},
+          "file-users": {"dataset": "tldr.jsonl", "comparisons": "cmp.jsonl", "user_column": "user"}}[path]
+    args = d.RLHFArgs(num_sft=120, num_ppo=120, num_comparisons=120, num_test=20, num_comparisons_test=20,
+                      base=TINY_BASE_ARGS, **kw)
+    if path == "builtin":
+        rows, cmps, public, public_cmps = d.rlhf_records(args)
+    else:
+        (rows, cmps), public, public_cmps = _tldr_files(users), None, None
+    unit = (lambda r: r["user"]) if users else (lambda r: r["prompt"])
+    records = (rows, cmps, public, public_cmps)
+    for gone in (unit(rows[0]), unit(rows[130]), unit(cmps[5]), unit(cmps[-1])):  # a unit with all its records
+        _assert_only_changed("rlhf", tok, args, d.split_rlhf, records,
+                             ([r for r in rows if unit(r) != gone], [c for c in cmps if unit(c) != gone],
+                              public, public_cmps), [gone])
+    # Add a unit whose one comparison is on a post other units have TL;DR rows for, and a unit with
+    # TL;DR rows on posts other units have in another stage: nobody else moves.
+    new = {"user": "newcomer"} if users else {}
+    post = rows[120]["prompt"] if users else "post : a brand new post tl;dr :"
+    added_cmp = [{"prompt": post, "chosen": " a", "rejected": " b", **new}]
+    added_rows = [{"prompt": r["prompt"] if users else r["prompt"] + " again", "label": "x .", **new}
+                  for r in rows[60:63]]
+    for more_rows, more_cmps in ((added_rows, []), ([], added_cmp), (added_rows, added_cmp)):
+        key = "newcomer" if users else (more_cmps or more_rows)[0]["prompt"]
+        changed = [key] if users else {r["prompt"] for r in more_rows + more_cmps}
+        _assert_only_changed("rlhf", tok, args, d.split_rlhf, records,
+                             (rows[:10] + more_rows + rows[10:], more_cmps + cmps, public, public_cmps), changed)
+
+
+def test_a_disjointness_refusal_says_what_was_dropped(tmp_path):
+    rows = _records(50)
+    cmps = [{"prompt": r["prompt"], "chosen": r["label"], "rejected": "no ."} for r in rows]  # every post
+    for name, recs in (("tldr.jsonl", rows), ("cmp.jsonl", cmps)):
+        with open(tmp_path / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    args = d.RLHFArgs(dataset=str(tmp_path / "tldr.jsonl"), comparisons=str(tmp_path / "cmp.jsonl"))
+    with pytest.raises(d.UserError) as e:
+        d.rlhf_data(args)
+    msg = str(e.value)
+    assert "sft (0)" in msg and "ppo (0)" in msg and "50 TL;DR rows were dropped" in msg and "\n" not in msg
+
+
+TINY_SMOKE = ["--num-sft", "200", "--num-ppo", "200", "--num-test", "16", "--sft-steps", "3", "--sft-batch-size", "20",
+              "--ppo-steps", "2", "--ppo-batch-size", "16", "--ppo-response-min", "8", "--ppo-response-max", "8"]
+
+
+@pytest.mark.parametrize("bad,word", [
+    (["rlhf", "--comparisons", "cmp.jsonl"], "--comparisons"),  # the built-in task would never read it
+    (["sentiment", "--num-sft", "0"], "--num-sft 0"), (["sentiment", "--num-test", "0"], "--num-test 0"),
+    (["sentiment", "--sweep", "4", "--seeds", "0,0"], "--seeds 0,0"), (["sentiment", "--sweep", "4,4"], "--sweep 4,4"),
+    (["sentiment", "--reward-label", "positive"], "--reward-label"), (["sentiment", "--user-column", "u"], "--user-column"),
+    (["sentiment", "--sft-steps", "2", "--sft-epochs", "3"], "--sft-epochs"), (["sentiment", "--plot"], "--plot"),
+    (["sentiment", "--dry-run", "--sweep", "4,inf"], "--dry-run"), (["sentiment", "--test-fraction", "0.2"], "--test-fraction"),
+    (["sentiment", "--epsilon", "inf", "--delta", "1e-6"], "--delta"),
+    (["sentiment", "--epsilon", "inf", "--ppo-max-grad-norm", "2"], "--ppo-max-grad-norm"),
+    (["sentiment", "--sweep", "2,4", "--epsilon", "3"], "--epsilon"), (["sentiment", "--seeds", "1,2", "--seed", "3"], "--seed"),
+    (["sentiment", "--dataset", "x.jsonl", "--num-sft", "100"], "--num-sft"),
+    (["sentiment", "--dataset", "x.jsonl", "--num-test", "100"], "--num-test"),
+    (["sentiment", "--ppo-chunk-size", "-1"], "--ppo-chunk-size -1"), (["sentiment", "--prompt-min", "0"], "--prompt-min 0"),
+    (["sentiment", "--checkpoint-every", "-1"], "--checkpoint-every"), (["rlhf", "--rm-lora-rank", "-1"], "--rm-lora-rank"),
+    (["sentiment", "--base-n-embd", "65", "--base-n-head", "2"], "--base-n-embd 65"),
+    (["sentiment", "--resume", "somewhere.partial", "--sft-lr", "1"], "--sft-lr"),
+    (["audit", "--checkpoint-every", "5"], "--checkpoint-every"), (["rlhf", "--rm-head", "mean"], "--rm-head 'mean'"),
+    (["rlhf", "--batch-size", "8", "--sft-batch-size", "8", "--rm-batch-size", "8", "--ppo-batch-size", "8"],
+     "--batch-size"),
+])
+def test_flags_with_no_effect_or_bad_values_are_refused_in_one_line(tmp_path, bad, word, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    drop = set(bad) | ({"--num-sft", "--num-ppo", "--num-test"} if "--dataset" in bad else set())
+    pairs = [] if bad[0] == "audit" or "--resume" in bad else [*TINY_BASE, *TINY_SMOKE]  # --flag value pairs
+    extra = [x for flag, value in zip(pairs[::2], pairs[1::2]) if flag not in drop for x in (flag, value)]
+    out = [] if "--resume" in bad else ["--out", str(tmp_path / "run")]
+    code, err = run_main(capsys, bad[0], *extra, *out, *bad[1:])
+    lines = [x for x in err.strip().splitlines() if not x.startswith(("pre-training", "built-in base model"))]
+    assert code == 2 and len(lines) == 1 and word in lines[0], err[-2000:]
+    assert not list(tmp_path.glob("run*"))
+
+
+def test_dry_run_plans_what_the_run_then_does(tmp_path, capsys):
+    """--dry-run trains nothing, writes plan.json and inputs/<stage>.jsonl; the plan is the ledger
+    the real run then writes (same N, q, steps, sigma), and the inputs are what it trains on."""
+    flags = ["rlhf", *TINY_RLHF]
+    code, err = run_main(capsys, *flags, "--out", str(tmp_path / "plan"), "--dry-run")
+    assert code in (0, None) and "plan (rlhf, nothing trained)" in err
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert not (tmp_path / "plan" / "policy").exists() and not (tmp_path / "plan" / "summary.json").exists()
+    lines = {s: [json.loads(x) for x in (tmp_path / "plan" / "inputs" / f"{s}.jsonl").read_text().splitlines()]
+             for s in ("sft", "rm", "ppo", "test", "rm_test")}
+    assert {len(lines[s]) for s in ("sft", "rm", "ppo")} and all(set(x) == {"key", "input", "tokens"} for x in lines["rm"])
+    assert set(lines["rm"][0]["input"]) == {"prompt", "chosen", "rejected"} and len(lines["rm"][0]["tokens"]) == 2
+    assert not {x["key"] for x in lines["sft"]} & {x["key"] for x in lines["ppo"]} & {x["key"] for x in lines["rm"]}
+    r = run_cli(*flags, "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for name, p in plan["stages"].items():
+        for k in ("num_private_examples", "sample_rate", "steps", "noise_multiplier", "delta"):
+            assert s["stages"][name][k] == p[k], (name, k)
+        assert s["stages"][name]["epsilon"] == pytest.approx(p["epsilon_spent"]) and p["epsilon_spent"] <= 4
+        assert p["num_private_examples"] == len(lines[name])
 
 
 # ------------------------------------------------------------------------------------ audit
@@ -1168,6 +1352,8 @@ TINY_AUDIT = dict(num_sft=120, canaries=200, guesses="25,50", sft=d.SFTArgs(epoc
 def test_audit_passes_an_honest_run_and_catches_noise_switched_off(tmp_path, monkeypatch):
     honest = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "honest"), **TINY_AUDIT))
     assert honest["stages"]["sft"]["epsilon"] <= 1.0 and honest["epsilon_lower_bound"] <= 1.0
+    # q and T from the expected D1 (120 reviews + 200 / 2 canaries), not from the secret coins
+    assert honest["stages"]["sft"]["sample_rate"] == 16 / 220 and honest["stages"]["sft"]["steps"] == math.ceil(2 * 220 / 16)
     real = d.privatize
     monkeypatch.setattr(d, "privatize", lambda grads, **kw: real(grads, **{**kw, "noise_multiplier": 0.0}))
     broken = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "broken"), **TINY_AUDIT))
