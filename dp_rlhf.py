@@ -1,26 +1,28 @@
 """dp_rlhf.py: differentially private RLHF in one file.
 
 A readable reference for Wu et al., "Privately Aligning Language Models with Reinforcement
-Learning" (ICLR 2024, arXiv 2310.16960). The file has two parts; search for these banners:
+Learning" (ICLR 2024, arXiv 2310.16960). Search for these banners:
 
-    PART I: THE METHOD, in the paper's order (read it beside the paper)
+    PART I: THE METHOD, in the paper's order; it runs, and reads, without the rest of the file
       PRIVACY ACCOUNTING        the moments (RDP) accountant, Opacus-compatible names
-      DP-SGD (Algorithm 2)      Poisson sampling, per-sample gradients (torch.func), clip + noise
+      DP-SGD (Algorithm 2)      Poisson sampling, per-sample gradients (torch.func), clip + noise, the loop
       MODELS                    LoRA on GPT-2's query/value, a vmap-safe forward, value and reward heads
       STAGE 1: DP SFT
       STAGE 2: DP REWARD MODEL (Eq. 1)
       STAGE 3: DPPPO (Algorithm 3, Eq. 2)
       PRIVACY LEDGER            each stage's spent epsilon; parallel or sequential composition
     PART II: RUNNING IT
-      DATA                      built-in synthetic tasks and base model, Hub/local loaders
-      PIPELINES                 sentiment, rlhf, evaluation, run directories and checkpoints
-      PROBES, AUDIT, BENCHMARK, CLI
+      DATA                      built-in synthetic tasks and base model, loaders, the split by protected unit
+      PIPELINES                 one pipeline for both tasks, run directories, checkpoints, sweeps
+    PART III: TOOLS             probes, the privacy audit, the benchmark
+    CLI
 
 Everything runs offline by default (a tiny built-in GPT-2 and synthetic private data):
 
     python dp_rlhf.py privacy --noise-multiplier 1.0 --sample-rate 0.01 --steps 1000
     python dp_rlhf.py sentiment --epsilon 4        # IMDb-style, public reward, SFT -> DPPPO
     python dp_rlhf.py rlhf --epsilon 4             # TL;DR-style, SFT -> DP reward model -> DPPPO
+    python dp_rlhf.py rlhf --dry-run               # the plan and every stage's inputs, nothing trained
     python dp_rlhf.py bench                        # cost of DP-SGD against a non-private step
     python dp_rlhf.py bench ppo                    # one DPPPO iteration by phase (beside TRL with --trl)
 """
@@ -29,36 +31,52 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import re
+import resource
+import secrets
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
 import torch
 import torch.nn as nn
+from huggingface_hub import try_to_load_from_cache
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model,
+                          PreTrainedTokenizerFast)
+from transformers.utils import logging as hf_logging
 
 
-def arg(default, help: str, *, choices: tuple | None = None, limit: str | None = None):
+def arg(default, help: str, *, choices: tuple | None = None, limit: str | None = None, required: bool = False):
     """A config field with its one-line doc (also its --help text) and the values it allows:
-    `choices`, or a `limit` such as ">0" or "(0,1)" (LIMITS), checked in one place, `check_config`."""
-    return field(default=default, metadata={"help": help, "choices": choices, "limit": limit})
-
-
-class UserError(Exception):
-    """A bad value from the user: the CLI prints it as one line and exits 2."""
+    `choices`, or a `limit` such as ">0" or "(0,1)" (LIMITS), checked in one place (`check_config`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "limit": limit, "required": required})
 
 
 # #############################################################################################
-# PART I: THE METHOD, in the paper's order. Read this part beside the paper; Part II only runs it.
+# PART I: THE METHOD, in the paper's order. It uses nothing defined in Parts II and III; its loops
+# report to a `Hooks` object whose default does nothing, and its errors are ValueErrors in the
+# words of its own fields.
 # #############################################################################################
 
 
@@ -68,6 +86,7 @@ class UserError(Exception):
 # Mironov, Talwar, Zhang (2019), "Renyi Differential Privacy of the Sampled Gaussian Mechanism".
 # RDP of one step at order a is log(A_a) / (a - 1); steps compose by adding RDP. Names follow
 # Opacus (compute_rdp, get_privacy_spent, get_noise_multiplier) so the two are interchangeable.
+
 
 # Opacus's orders plus a few large ones, which only matter (and only help) at very small epsilon.
 DEFAULT_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512]
@@ -161,9 +180,9 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
         return 0.0
     floor = accountant.epsilon_floor(target_delta)
     if target_epsilon <= floor:  # infinite noise still pays the conversion's delta term
-        raise UserError(f"epsilon {target_epsilon:g} is not allowed at delta {target_delta:g}: even infinite noise "
-                        f"spends {floor:.4f} in the {accountant.mechanism.upper()}-to-(epsilon, delta) conversion; "
-                        "ask for a larger epsilon or delta")
+        raise ValueError(f"epsilon={target_epsilon:g} is not allowed at delta={target_delta:g}: even infinite noise "
+                         f"spends {floor:.4f} in the {accountant.mechanism.upper()}-to-(epsilon, delta) conversion; "
+                         "ask for a larger epsilon or delta")
 
     def eps(sigma):
         acc = accountant()
@@ -175,8 +194,8 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
     while eps_hi > target_epsilon:
         lo, hi = hi, 2 * hi
         if hi > 1e6:
-            raise UserError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon:g} in {steps} steps "
-                            f"at q={sample_rate:g}; ask for a larger epsilon or fewer steps")
+            raise ValueError(f"epsilon={target_epsilon:g} is not allowed: no noise multiplier up to 1e6 reaches it in "
+                             f"steps={steps} at sample_rate={sample_rate:g}; ask for a larger epsilon or fewer steps")
         eps_hi = eps(hi)
     while target_epsilon - eps_hi > epsilon_tolerance and hi - lo > 1e-6:
         mid = (lo + hi) / 2
@@ -243,7 +262,7 @@ ACCOUNTANT = MomentsAccountant  # the accountant every stage uses; swap it here 
 
 
 # =============================================================================================
-# DP-SGD (Algorithm 2): Poisson sampling, per-sample gradients, clipping, noise
+# DP-SGD (Algorithm 2): Poisson sampling, per-sample gradients, clipping, noise, and the loop
 # =============================================================================================
 
 
@@ -308,28 +327,6 @@ def privatize(grads: dict, *, max_grad_norm: float, noise_multiplier: float,
     return out
 
 
-def dp_step(loss_fn, params: dict, batch: tuple, optimizer, *, max_grad_norm: float,
-            noise_multiplier: float, expected_batch_size: float, chunk_size=None, generator=None,
-            has_aux: bool = False):
-    """One DP-SGD update: per-sample grads -> privatize -> .grad -> AdamW. Returns the per-sample
-    aux outputs of `loss_fn` (with has_aux; for logging) and the number of non-finite gradients."""
-    aux = None
-    if batch[0].shape[0] > 0:
-        grads = per_sample_grads(loss_fn, {k: p.detach() for k, p in params.items()}, *batch,
-                                 chunk_size=chunk_size, has_aux=has_aux)
-        if has_aux:
-            grads, aux = grads
-    else:
-        grads = {k: p.new_zeros((0,) + p.shape) for k, p in params.items()}
-    noisy = privatize(grads, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
-                      expected_batch_size=expected_batch_size, generator=generator)
-    for name, p in params.items():
-        p.grad = noisy[name].to(p.dtype)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return aux, int((~finite_rows(grads)).sum())
-
-
 def private_generator(seed: int | None = None) -> torch.Generator:
     """The generator of everything the DP guarantee rests on: Poisson samples, Gaussian noise, PPO
     minibatches and rollouts. Seeded from the OS's entropy, never printed or saved: anyone who
@@ -339,8 +336,125 @@ def private_generator(seed: int | None = None) -> torch.Generator:
         print(f"warning: --reproducible-noise: DP noise and sampling come from --seed {seed}; the privacy "
               "guarantee holds only if that seed is secret", file=sys.stderr)
         return torch.Generator().manual_seed(seed)
-    import secrets
     return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+@dataclass
+class StagePlan:
+    """Algorithm 2's inputs for one stage, fixed before it starts (what --dry-run prints)."""
+    epsilon: float               # the target
+    delta: float
+    num_private_examples: float  # N; q = B / N (the audit passes the expected N)
+    sample_rate: float           # q
+    steps: int                   # T
+    noise_multiplier: float      # sigma: the smallest that spends at most epsilon in T steps at rate q
+    max_grad_norm: float         # C; inf at epsilon = inf: the same loop, no clipping, no noise
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.num_private_examples
+
+
+def plan_stage(args, num_private_examples: float, epsilon: float, delta: float) -> StagePlan:
+    """The plan of a stage whose config `args` has batch_size, max_grad_norm and steps (or epochs):
+    q = B / N, T = steps or epochs / q, sigma calibrated for (epsilon, delta) over T steps."""
+    q = min(1.0, args.batch_size / num_private_examples)
+    steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
+    private = math.isfinite(epsilon)
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                 steps=steps) if private else 0.0
+    return StagePlan(epsilon, delta, num_private_examples, q, steps, sigma,
+                     args.max_grad_norm if private else math.inf)
+
+
+def trainable(module: nn.Module) -> dict:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class TrainState:
+    """What a stage carries from step to step, and what a checkpoint saves."""
+    params: dict
+    optimizer: torch.optim.Optimizer
+    accountant: object
+    step: int = 0       # the next step
+    nonfinite: int = 0  # per-sample gradients that were not finite, counted as zero
+
+    @classmethod
+    def new(cls, module: nn.Module, lr: float) -> TrainState:
+        params = trainable(module)
+        return cls(params, torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.01), ACCOUNTANT())
+
+    def account(self, plan: StagePlan):
+        """The step is done: one Poisson-subsampled Gaussian with (sigma, q) in the accountant."""
+        if plan.private:
+            self.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+        self.step += 1
+
+
+class Hooks:
+    """How a run watches a stage (progress, log, checkpoint, timing). This default does nothing, so
+    the loops below run, and read, with none of it; Part II's `RunHooks` does all four."""
+
+    def restore(self, stage: str, state: TrainState, plan: StagePlan) -> TrainState:
+        return state  # a run: load a checkpoint into `state`
+
+    def phase(self, name: str):
+        return contextlib.nullcontext()  # a run: time this part of the iteration
+
+    def step(self, stage: str, state: TrainState, plan: StagePlan, **stats):
+        pass  # a run: log `stats`, show progress, checkpoint (state.step is the next step)
+
+    def finish(self, stage: str, state: TrainState, entry: dict):
+        pass  # a run: save the finished stage
+
+
+NO_HOOKS = Hooks()
+
+
+def dp_step(state: TrainState, loss_fn, batch: tuple, plan: StagePlan, *, expected_batch_size: float,
+            chunk_size=None, generator=None, has_aux: bool = False):
+    """One DP-SGD update: per-sample grads -> privatize -> .grad -> AdamW. Returns the noisy update
+    and the per-sample aux outputs of `loss_fn` (with has_aux; for logging)."""
+    aux = None
+    if batch[0].shape[0] > 0:
+        grads = per_sample_grads(loss_fn, {k: p.detach() for k, p in state.params.items()}, *batch,
+                                 chunk_size=chunk_size, has_aux=has_aux)
+        grads, aux = grads if has_aux else (grads, None)
+    else:
+        grads = {k: p.new_zeros((0,) + p.shape) for k, p in state.params.items()}
+    noisy = privatize(grads, max_grad_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier,
+                      expected_batch_size=expected_batch_size, generator=generator)
+    state.nonfinite += int((~finite_rows(grads)).sum())
+    for name, p in state.params.items():
+        p.grad = noisy[name].to(p.dtype)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return noisy, aux
+
+
+def dp_train(stage: str, module: nn.Module, loss_fn, data: tuple, plan: StagePlan, args, *, generator,
+             hooks: Hooks = NO_HOOKS, has_aux: bool = False) -> dict:
+    """Algorithm 2 as a loop, shared by stages 1 and 2: each step Poisson-samples, clips, noises,
+    takes an AdamW step and advances the accountant. `data`: tensors whose first dimension is the
+    private example, data[1] the attention mask. Returns the stage's ledger entry."""
+    state = hooks.restore(stage, TrainState.new(module, args.lr), plan)
+    device = next(iter(state.params.values())).device
+    for _ in range(state.step, plan.steps):
+        idx = poisson_sample(len(data[0]), plan.sample_rate, generator)  # B: each example with prob. q
+        batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
+        update, aux = dp_step(state, loss_fn, tuple(t.to(device) for t in batch), plan, generator=generator,
+                              expected_batch_size=plan.expected_batch_size, chunk_size=args.chunk_size,
+                              has_aux=has_aux)  # sum of clipped g_i + N(0, sigma^2 C^2), / qN, AdamW
+        state.account(plan)
+        hooks.step(stage, state, plan, batch_size=len(idx), aux=aux, update=update)
+    entry = ledger_entry(state.accountant, plan)
+    hooks.finish(stage, state, entry)
+    return entry
 
 
 # =============================================================================================
@@ -390,8 +504,8 @@ class LoRAQueryValue(nn.Module):
 def _attn_blocks(model: nn.Module):
     blocks = [m for m in model.modules() if hasattr(m, "c_attn")]
     if not blocks:
-        raise UserError(f"model {type(model).__name__} has no GPT-2 attention (c_attn); "
-                        "only GPT-2-architecture checkpoints are supported")
+        raise ValueError(f"model {type(model).__name__} has no GPT-2 attention (c_attn); "
+                         "only GPT-2-architecture checkpoints are supported")
     return blocks
 
 
@@ -429,6 +543,47 @@ def lora_disabled(model: nn.Module):
 
 def lora_parameters(model: nn.Module) -> dict:
     return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def encode_rows(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
+                max_prompt: int, max_completion: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Unpadded rows [bos] + prompt (its last `max_prompt` tokens) + completion (its first
+    `max_completion`) + [eos], and their loss targets: each a function of its own example alone."""
+    bos, eos = tokenizer.bos_token_id or tokenizer.eos_token_id, tokenizer.eos_token_id
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"] if completions else None
+    rows, targets = [], []
+    for i, p in enumerate(p_ids):
+        prompt = [bos] + p[-max_prompt:] if max_prompt else [bos]
+        completion = (c_ids[i][:max_completion] + [eos]) if c_ids is not None else []
+        rows.append(prompt + completion)
+        targets.append([0] * (len(prompt) - 1) + [1] * len(completion))
+    return rows, targets
+
+
+def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
+           max_prompt: int, max_completion: int = 0):
+    """Left-padded (input_ids, attention_mask, loss_mask), each [N, T], of `encode_rows`' rows;
+    `loss_mask` marks the targets of ids[:, 1:] that are completion tokens or the final eos. Left
+    padding puts every prompt's end at the same column, which generation and reward reading rely on."""
+    rows, targets = encode_rows(tokenizer, prompts, completions, max_prompt=max_prompt, max_completion=max_completion)
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), t - 1), dtype=torch.float32)
+    for i, (r, tg) in enumerate(zip(rows, targets)):
+        ids[i, t - len(r):], mask[i, t - len(r):] = torch.tensor(r), 1
+        loss_mask[i, t - len(r):] = torch.tensor(tg, dtype=torch.float32)
+    return ids, mask, loss_mask
+
+
+def trim_left(*tensors, mask):
+    """Drop the columns that are padding in every sequence of this batch (exact: padding is
+    masked). Works for [N, T] and [N, 2, T] (comparison pairs) alike."""
+    if mask.shape[0] == 0:
+        return tensors
+    first = int(mask.flatten(0, -2).any(0).float().argmax())
+    return tuple(t[..., first:] for t in tensors)  # loss_mask[..., j] targets ids[..., j + 1]: same shift
 
 
 def additive_mask(attention_mask: torch.Tensor, query_len: int, dtype) -> torch.Tensor:
@@ -506,7 +661,7 @@ class RewardModel(nn.Module):
     def __init__(self, lm: nn.Module, head: str = "tokens", pad_token_id: int | None = None):
         super().__init__()
         if head not in ("tokens", "last"):
-            raise UserError(f"--rm-head '{head}' is not allowed; use 'tokens' or 'last'")
+            raise ValueError(f"head={head!r} is not allowed; use 'tokens' or 'last'")
         self.lm, self.head = lm, head
         self.pad_token_id = lm.config.pad_token_id if pad_token_id is None else pad_token_id
         if self.pad_token_id is None:
@@ -560,66 +715,13 @@ def sft_loss(causal_lm: nn.Module):
     return loss_fn
 
 
-def trainable(module: nn.Module) -> dict:
-    return {n: p for n, p in module.named_parameters() if p.requires_grad}
-
-
-def dp_train(module: nn.Module, loss_fn, data: tuple, *, epsilon, delta, args, device, generator,
-             log=None, stage: str, aux_name: str | None = None, ckpt: Checkpoint | None = None,
-             num_examples: float | None = None) -> dict:
-    """Algorithm 2 as a training loop, shared by stages 1 and 2. `data` holds tensors whose first
-    dimension is the private example and data[1] is the attention mask. sigma is calibrated for
-    (epsilon, delta) over the planned steps; each step Poisson-samples, clips, noises and takes an
-    AdamW step, and advances the accountant. epsilon=inf: the same loop, no clipping, no noise.
-    `num_examples` (default: the data's size) sets q and the steps: the audit passes its expectation."""
-    n = data[0].shape[0]
-    plan = stage_plan(num_examples or n, args, epsilon, delta)
-    q, steps, sigma = plan["sample_rate"], plan["steps"], plan["noise_multiplier"]
-    private = math.isfinite(epsilon)
-    params = trainable(module)
-    if ckpt is not None and (done := ckpt.finished(stage, params)) is not None:
-        return done
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
-    accountant = ACCOUNTANT()
-    start, extra = ckpt.resume(stage, params, opt, accountant) if ckpt else (0, {})
-    nonfinite = extra.get("nonfinite", 0)
-    bar = Progress(steps, f"{stage} (eps={epsilon:g}, sigma={sigma:.3f})", start=start)
-    for step in bar:
-        idx = poisson_sample(n, q, generator)
-        batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
-        aux, bad = dp_step(loss_fn, params, tuple(t.to(device) for t in batch), opt,
-                           max_grad_norm=args.max_grad_norm if private else math.inf, noise_multiplier=sigma,
-                           expected_batch_size=q * plan["num_private_examples"], chunk_size=args.chunk_size, generator=generator,
-                           has_aux=aux_name is not None)
-        nonfinite += bad
-        if private:
-            accountant.step(noise_multiplier=sigma, sample_rate=q)
-        if step % 20 == 0 or step == steps - 1:
-            row = {f"{stage}/step": step, f"{stage}/batch_size": len(idx), f"{stage}/nonfinite_grads": nonfinite,
-                   "privacy/epsilon": accountant.get_epsilon(delta) if private else math.inf}
-            if aux_name is not None:
-                row[f"{stage}/{aux_name}"] = aux.mean().item() if aux is not None else float("nan")
-            bar.set_postfix(eps=f"{row['privacy/epsilon']:.2f}",
-                            **({aux_name: f"{row[f'{stage}/{aux_name}']:.3f}"} if aux_name else {}))
-            if log is not None:
-                log(row)
-        if ckpt is not None:
-            ckpt.mark(stage, step + 1, params, opt, accountant, {"nonfinite": nonfinite})
-    entry = ledger_entry(accountant, epsilon, delta, sigma, q, steps, plan["num_private_examples"])
-    if ckpt is not None:
-        ckpt.finish(stage, params, entry)
-    return entry
-
-
-def dp_sft(lm, tokenizer, prompts, completions, *, epsilon, delta, args: SFTArgs, device,
-           generator, log=None, ckpt=None) -> dict:
+def dp_sft(lm, tokenizer, prompts, completions, plan: StagePlan, args: SFTArgs, *, generator,
+           hooks: Hooks = NO_HOOKS) -> dict:
     """Stage 1. Fine-tune LoRA on (prompt, completion) pairs with DP-SGD (Algorithm 2), the loss
     on the completion only. Returns the ledger entry."""
     model = CausalLM(lm)
-    data = encode(tokenizer, prompts, completions, max_prompt=args.max_prompt,
-                  max_completion=args.max_completion)
-    return dp_train(model, sft_loss(model), data, epsilon=epsilon, delta=delta, args=args, device=device,
-                    generator=generator, log=log, stage="sft", ckpt=ckpt)
+    data = encode(tokenizer, prompts, completions, max_prompt=args.max_prompt, max_completion=args.max_completion)
+    return dp_train("sft", model, sft_loss(model), data, plan, args, generator=generator, hooks=hooks)
 
 
 # =============================================================================================
@@ -661,13 +763,12 @@ def reward_loss(rm: nn.Module):
     return loss_fn
 
 
-def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, *, epsilon, delta,
-                    args: RMArgs, device, generator, log=None, ckpt=None) -> dict:
+def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, plan: StagePlan, args: RMArgs, *,
+                    generator, hooks: Hooks = NO_HOOKS) -> dict:
     """Stage 2. Train LoRA + the scalar head on comparisons with DP-SGD. Returns the ledger entry."""
     data = encode_comparisons(tokenizer, prompts, chosen, rejected, max_prompt=args.max_prompt,
                               max_completion=args.max_completion)
-    return dp_train(rm, reward_loss(rm), data, epsilon=epsilon, delta=delta, args=args, device=device,
-                    generator=generator, log=log, stage="rm", aux_name="accuracy", ckpt=ckpt)
+    return dp_train("rm", rm, reward_loss(rm), data, plan, args, generator=generator, hooks=hooks, has_aux=True)
 
 
 @torch.no_grad()
@@ -697,23 +798,23 @@ def sample_categorical(probs: torch.Tensor, generator=None, u: torch.Tensor | No
         max=probs.shape[1] - 1)
 
 
+# transformers 5.x renamed GPT-2's cache argument `past_key_values` -> `cache`
+_CACHE_ARG = "cache" if "cache" in inspect.signature(inspect.unwrap(GPT2Model.forward)).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False):
     """Pure ancestral sampling (no top-k/top-p/min-length, so KL estimates are valid) from
-    `model.lm` with a key/value cache (`greedy`: the argmax instead, for baselines). `max_new_tokens` is an int or a per-row LongTensor; a row
-    also stops after `eos_id`. Returns (ids, mask, action_mask, logprobs, hidden): ids and mask
+    `model.lm` with a key/value cache (`greedy`: the argmax instead, for baselines). `max_new_tokens`
+    is an int or a per-row LongTensor; a row also stops after `eos_id`. Returns (ids, mask, action_mask, logprobs, hidden): ids and mask
     [B, T] with the responses right-padded after the left-padded prompts; the rest over the
     targets ids[:, 1:]: action_mask [B, T-1] marks the sampled tokens, logprobs their
     log-probabilities and hidden [B, T-1, d] the last hidden state each was sampled from."""
-    import inspect
     lm, b, p = model.lm, ids.shape[0], ids.shape[1]
     limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(b)
     steps = int(limit.max()) if b else 0
     alive = torch.ones(b, dtype=torch.bool, device=ids.device)
     logprobs, hidden = [], []
-    # transformers 5.x renamed the cache argument `past_key_values` -> `cache`
-    cache_arg = ("cache" if "cache" in inspect.signature(inspect.unwrap(type(lm.transformer).forward)).parameters
-                 else "past_key_values")
     new, cache = ids, None
     # Every step's uniforms at once (the same numbers as drawing them step by step): a row's draws
     # do not depend on which other rows share its batch, or on when the batch stops.
@@ -721,7 +822,7 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
     for t in range(steps):
         out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
                              attention_mask=additive_mask(mask, new.shape[1], lm.lm_head.weight.dtype),
-                             **{cache_arg: cache})
+                             **{_CACHE_ARG: cache})
         cache = out.get("cache", out.get("past_key_values"))
         h = out.last_hidden_state[:, -1]
         logp = lm.lm_head(h).float().log_softmax(-1)
@@ -810,27 +911,28 @@ class PPOArgs:
     epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf", limit=">0")
 
     def validate(self, epsilon: float):
-        """The rules between fields (each field's own limits: `check_config`)."""
+        """The rules between fields (each field's own limits are on the field)."""
         if math.isfinite(epsilon) and self.epochs != 1:
-            raise UserError(f"--ppo-epochs {self.epochs} needs --epsilon inf: with privacy each "
-                            "trajectory must land in exactly one noisy update (T_PPO = 1)")
+            raise ValueError(f"epochs={self.epochs} needs epsilon=inf: with privacy each trajectory must land in "
+                             "exactly one noisy update (T_PPO = 1)")
         if self.response_min > self.response_max:
-            raise UserError(f"--ppo-response-min {self.response_min} / --ppo-response-max {self.response_max} "
-                            "are not allowed; need 1 <= min <= max")
+            raise ValueError(f"response_min={self.response_min} is not allowed with response_max={self.response_max}; "
+                             "need min <= max")
 
 
 @dataclass
 class Rollout:
-    """A batch of trajectories. ids/mask are [B, T]: prompt (left-padded) + response (right-padded).
-    The rest are [B, T-1], indexed by *target*: column t is about token ids[:, t + 1], predicted
-    from the hidden state at position t. That one-token shift is why a response token's log-prob
-    and the value of the state it was sampled in sit in the same column."""
+    """A batch of trajectories. ids/mask are [B, T]: prompt (left-padded to `prompt_len`) + response
+    (right-padded). The rest are [B, T-1], indexed by *target*: column t is about token ids[:, t + 1],
+    predicted from the hidden state at position t. That one-token shift is why a response token's
+    log-prob and the value of the state it was sampled in sit in the same column."""
     ids: torch.Tensor
     mask: torch.Tensor
     action_mask: torch.Tensor   # 1 where ids[:, t + 1] is a response token (an action of the policy)
     logprobs: torch.Tensor      # log pi_old(a_t | s_t), from the sampler
     ref_logprobs: torch.Tensor  # log LM_sft(a_t | s_t): the same network with LoRA off
     values: torch.Tensor        # V_old(s_t), the value head on the sampler's hidden state
+    prompt_len: int             # responses are predicted from column prompt_len - 1 on
 
     def __len__(self):
         return self.ids.shape[0]
@@ -838,38 +940,64 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id,
-            clock: Stopwatch | None = None) -> Rollout:
+            phase=NO_HOOKS.phase) -> Rollout:
     """Sample responses; the sampler's log-probs and hidden states give pi_old and V_old, so only
-    the reference model needs another forward pass."""
-    clock = clock or Stopwatch()
+    the reference model needs another forward pass (`phase` times the two parts)."""
     policy.eval()
-    with clock("sampling"):
+    with phase("sampling"):
         ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
                                                   generator=generator, eos_id=eos_id)
     p = prompt_ids.shape[1]  # the LM head only where a response token is predicted: columns p-1..
-    with clock("reference"), lora_disabled(policy):  # the frozen SFT model: same network, LoRA off
+    with phase("reference"), lora_disabled(policy):  # the frozen SFT model: same network, LoRA off
         if len(ids):  # (an empty Poisson batch has nothing to score)
             h = hidden_states(policy.lm, ids, mask)[:, p - 1:]
             ref_logprobs = torch.cat([torch.zeros_like(logprobs[:, :p - 1]),
                                       token_logprobs(policy.lm.lm_head(h), ids[:, p - 1:])], 1) * act
         else:
             ref_logprobs = logprobs
-    return Rollout(ids, mask, act, logprobs, ref_logprobs, policy.value_head(hidden).squeeze(-1) * act)
+    return Rollout(ids, mask, act, logprobs, ref_logprobs, policy.value_head(hidden).squeeze(-1) * act, p)
 
 
-@torch.no_grad()
-def prompt_baseline(policy, tokenizer, reward_fn, prompts, prompt_ids, prompt_mask, args, eos_id) -> torch.Tensor:
-    """b(x) for each prompt. 'empty': r(x, ""), cheap, and right when the reward mostly reflects the
-    prompt (sentiment). 'greedy': r(x, y*), y* the frozen reference model's greedy response, an
-    in-distribution guess of what x earns (a learned reward model may score "" far off)."""
-    if args.baseline == "none" or not prompts:
-        return torch.zeros(len(prompts))
-    if args.baseline == "empty":
-        return reward_fn(prompts, [""] * len(prompts))
-    with lora_disabled(policy):
-        ids, _, act, _, _ = sample(policy, prompt_ids, prompt_mask, max_new_tokens=args.response_max, generator=None,
-                                   eos_id=eos_id, greedy=True)
-    return reward_fn(prompts, decode_responses(tokenizer, ids, act, eos_id))
+def decode_responses(tokenizer, ids, action_mask, eos_id) -> list[str]:
+    """The text of each row's response tokens (action_mask marks targets of ids[:, 1:])."""
+    out = []
+    for row, m in zip(ids[:, 1:].tolist(), action_mask.tolist()):
+        toks = [t for t, keep in zip(row, m) if keep and t != eos_id]
+        out.append(tokenizer.decode(toks, skip_special_tokens=True))
+    return out
+
+
+class PromptBaseline:
+    """b(x), from the trajectory's own prompt alone, so the policy gradient stays unbiased and no
+    statistic crosses trajectories (unlike TRL's batch whitening); fixed, so computed once per prompt.
+    'empty': r(x, ""), cheap, right when the reward mostly reflects the prompt (sentiment). 'greedy':
+    r(x, y*), y* the frozen reference model's greedy response (a learned reward model may score "" far
+    off). 'none': 0."""
+
+    def __init__(self, policy, tokenizer, reward_fn, prompts, args, eos_id):
+        self.policy, self.tokenizer, self.reward_fn, self.prompts = policy, tokenizer, reward_fn, prompts
+        self.kind, self.max_new_tokens, self.eos_id, self.cache = args.baseline, args.response_max, eos_id, {}
+
+    @torch.no_grad()
+    def scores(self, prompts, ids, mask) -> torch.Tensor:
+        if self.kind == "none" or not prompts:
+            return torch.zeros(len(prompts))
+        if self.kind == "empty":
+            return self.reward_fn(prompts, [""] * len(prompts))
+        with lora_disabled(self.policy):
+            out, _, act, _, _ = sample(self.policy, ids, mask, max_new_tokens=self.max_new_tokens, generator=None,
+                                       eos_id=self.eos_id, greedy=True)
+        return self.reward_fn(prompts, decode_responses(self.tokenizer, out, act, self.eos_id))
+
+    def __call__(self, idx, prompt_ids, prompt_mask) -> torch.Tensor:
+        """b(x) of the prompts `idx` (their ids and mask, as batched), the new ones scored now."""
+        new = [j for j, i in enumerate(idx.tolist()) if i not in self.cache]
+        if new:
+            rows = torch.tensor(new, dtype=torch.long, device=prompt_ids.device)
+            b = self.scores([self.prompts[i] for i in idx[new].tolist()],
+                            *trim_left(prompt_ids[rows], prompt_mask[rows], mask=prompt_mask[rows]))
+            self.cache.update(zip(idx[new].tolist(), b.tolist()))
+        return torch.tensor([self.cache[i] for i in idx.tolist()], device=prompt_ids.device)
 
 
 def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
@@ -882,90 +1010,69 @@ def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
     return rewards, kl.sum(-1)
 
 
-def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsilon, delta,
-          args: PPOArgs, device, generator, eos_id=None, log=None, ckpt: Checkpoint | None = None) -> dict:
-    """Stage 3, Algorithm 3. Per iteration: Poisson-sample prompts from D3, roll out, score
-    (Eq. 2), GAE, then one epoch of DP-SGD over k minibatches. Returns the ledger entry."""
-    private = math.isfinite(epsilon)
-    args.validate(epsilon)
+def whiten_trajectory(advantages, action_mask):
+    """Advantages standardised within each trajectory, never across the batch."""
+    mu = masked_mean(advantages, action_mask)[:, None]
+    sd = masked_mean((advantages - mu) ** 2, action_mask)[:, None].sqrt()
+    return (advantages - mu) / (sd + 1e-8) * action_mask
+
+
+def ppo_update(state: TrainState, loss_fn, ro: Rollout, advantages, returns, plan: StagePlan, args, generator):
+    """Algorithm 3's update: each trajectory goes to one of k minibatches, drawn independently of the
+    data, so with T_PPO = 1 it is in exactly one noisy update (normalised by the expected minibatch
+    size qN / k). Returns each trajectory's (policy loss, value loss, clip fraction)."""
+    k = args.minibatches
+    minibatch_of = torch.randint(k, (len(ro),), generator=generator)
+    r = slice(ro.prompt_len - 1, None)  # target columns that can hold response tokens
+    batch = (ro.ids, ro.mask, ro.action_mask[:, r], ro.logprobs[:, r], ro.values[:, r], advantages[:, r], returns[:, r])
+    stats = []
+    for _ in range(args.epochs):
+        for j in range(k):
+            sel = (minibatch_of == j).nonzero().flatten().to(ro.ids.device)
+            _, aux = dp_step(state, loss_fn, tuple(x[sel] for x in batch), plan, generator=generator,
+                             expected_batch_size=plan.expected_batch_size / k, chunk_size=args.chunk_size,
+                             has_aux=True)
+            stats += [aux] if aux is not None else []
+    return torch.cat(stats) if stats else torch.zeros(0, 3)
+
+
+def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: StagePlan, args: PPOArgs, *,
+          generator, eos_id=None, hooks: Hooks = NO_HOOKS) -> dict:
+    """Stage 3, Algorithm 3: PPO on D3's prompts with DP-SGD, `reward_fn(prompts, responses)` the
+    reward (public, or the DP reward model). Returns the ledger entry."""
+    args.validate(plan.epsilon)
+    state = hooks.restore("ppo", TrainState.new(policy, args.lr), plan)
+    device = next(iter(state.params.values())).device
     p_ids, p_mask, _ = encode(tokenizer, prompts, max_prompt=args.max_prompt)
-    n, k = len(prompts), args.minibatches
-    plan = stage_plan(n, args, epsilon, delta)
-    q, sigma = plan["sample_rate"], plan["noise_multiplier"]
-    params = trainable(policy)
-    if ckpt is not None and (done := ckpt.finished("ppo", params)) is not None:
-        return done
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
-    loss_fn = ppo_loss(policy, cliprange=args.cliprange, cliprange_value=args.cliprange_value,
-                       vf_coef=args.vf_coef)
-    accountant = ACCOUNTANT()
-    start, extra = ckpt.resume("ppo", params, opt, accountant) if ckpt else (0, {})
-    bar = Progress(args.steps, f"ppo (eps={epsilon:g}, sigma={sigma:.3f})", start=start)
-    nonfinite, baselines = extra.get("nonfinite", 0), {}
-    for it in bar:
-        clock = Stopwatch(device)
-        for group in opt.param_groups:  # a function of the iteration only: no private data
-            group["lr"] = args.lr * (1 - it / args.steps) if args.lr_schedule == "linear" else args.lr
+    loss_fn = ppo_loss(policy, cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=args.vf_coef)
+    baseline = PromptBaseline(policy, tokenizer, reward_fn, prompts, args, eos_id)
+    for it in range(state.step, plan.steps):
+        for group in state.optimizer.param_groups:  # a function of the iteration only: no private data
+            group["lr"] = args.lr * (1 - it / plan.steps) if args.lr_schedule == "linear" else args.lr
         # 1. Poisson-sample prompts x from D3 (an empty batch still takes its noisy steps).
-        idx = poisson_sample(n, q, generator)
-        prompt_ids, prompt_mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
-        lengths = torch.randint(args.response_min, args.response_max + 1, (len(idx),), generator=generator)
+        idx = poisson_sample(len(prompts), plan.sample_rate, generator)
+        x_ids, x_mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
         # 2. Roll out y ~ pi(. | x), keeping log pi_old, log LM_sft and V_old per response token.
-        ro = rollout(policy, prompt_ids, prompt_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id,
-                     clock=clock)
-        # 3. Score r(x, y), spread Eq. 2 over the tokens, and estimate advantages (GAE).
-        batch_prompts = [prompts[i] for i in idx.tolist()]
-        with clock("reward"):
-            scores = reward_fn(batch_prompts, decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)).to(device).float()
-            # b(x) depends on nothing but this trajectory's own prompt: the policy gradient stays
-            # unbiased and no statistic crosses trajectories (unlike TRL's batch whitening).
-            new = [j for j, i in enumerate(idx.tolist()) if i not in baselines]  # b(x) is fixed: once per prompt
-            if new:
-                rows = torch.tensor(new, dtype=torch.long, device=device)
-                b = prompt_baseline(policy, tokenizer, reward_fn, [batch_prompts[j] for j in new],
-                                    *trim_left(prompt_ids[rows], prompt_mask[rows], mask=prompt_mask[rows]), args, eos_id)
-                baselines.update(zip(idx[new].tolist(), b.tolist()))
-        baseline = torch.tensor([baselines[i] for i in idx.tolist()], device=device)
-        rewards, kl = kl_rewards(scores - baseline, ro.logprobs, ro.ref_logprobs, ro.action_mask, args.kl_coef)
+        lengths = torch.randint(args.response_min, args.response_max + 1, (len(idx),), generator=generator)
+        ro = rollout(policy, x_ids, x_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id,
+                     phase=hooks.phase)
+        # 3. Score r(x, y) - b(x), spread Eq. 2 over the tokens, and estimate advantages (GAE).
+        with hooks.phase("reward"):
+            responses = decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)
+            scores = reward_fn([prompts[i] for i in idx.tolist()], responses).to(device).float()
+            centred = scores - baseline(idx, x_ids, x_mask)
+        rewards, kl = kl_rewards(centred, ro.logprobs, ro.ref_logprobs, ro.action_mask, args.kl_coef)
         advantages, returns = gae(rewards, ro.values, ro.action_mask, gamma=args.gamma, lam=args.lam)
-        if args.whiten == "trajectory":  # within one trajectory: never across the batch
-            mu = masked_mean(advantages, ro.action_mask)[:, None]
-            sd = masked_mean((advantages - mu) ** 2, ro.action_mask)[:, None].sqrt()
-            advantages = (advantages - mu) / (sd + 1e-8) * ro.action_mask
-        # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss: each trajectory goes to one of k
-        #    minibatches, drawn independently of the data, so it is in exactly one noisy update.
-        minibatch_of = torch.randint(k, (len(idx),), generator=generator)
-        r = slice(prompt_ids.shape[1] - 1, None)  # target columns that can hold response tokens
-        batch = (ro.ids, ro.mask, ro.action_mask[:, r], ro.logprobs[:, r], ro.values[:, r], advantages[:, r], returns[:, r])
-        stats = []
-        with clock("update"):
-            for _ in range(args.epochs):
-                for j in range(k):
-                    sel = (minibatch_of == j).nonzero().flatten().to(device)
-                    aux, bad = dp_step(loss_fn, params, tuple(x[sel] for x in batch), opt,
-                                       max_grad_norm=args.max_grad_norm if private else math.inf,
-                                       noise_multiplier=sigma, expected_batch_size=q * n / k,
-                                       chunk_size=args.chunk_size, generator=generator, has_aux=True)
-                    nonfinite += bad
-                    if aux is not None:
-                        stats.append(aux)
-        if private:
-            accountant.step(noise_multiplier=sigma, sample_rate=q)
-        eps_now = accountant.get_epsilon(delta) if private else math.inf
-        aux = torch.cat(stats).mean(0).tolist() if stats else [float("nan")] * 3
-        row = {"ppo/step": it, "ppo/lr": opt.param_groups[0]["lr"], "ppo/batch_size": len(idx), "ppo/reward_mean": scores.mean().item(),
-               "ppo/kl": kl.mean().item(), "ppo/loss_policy": aux[0], "ppo/loss_value": aux[1],
-               "ppo/clip_frac": aux[2], "ppo/response_len": ro.action_mask.sum(-1).mean().item(),
-               "ppo/nonfinite_grads": nonfinite, "privacy/epsilon": eps_now,
-               **{f"time/{phase}": sec for phase, sec in clock.seconds.items()}}
-        bar.set_postfix(reward=f"{row['ppo/reward_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}", eps=f"{eps_now:.2f}")
-        if log is not None:
-            log(row)
-        if ckpt is not None:
-            ckpt.mark("ppo", it + 1, params, opt, accountant, {"nonfinite": nonfinite})
-    entry = ledger_entry(accountant, epsilon, delta, sigma, q, args.steps, n)
-    if ckpt is not None:
-        ckpt.finish("ppo", params, entry)
+        if args.whiten == "trajectory":
+            advantages = whiten_trajectory(advantages, ro.action_mask)
+        # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss, over k minibatches of the trajectories.
+        with hooks.phase("update"):
+            stats = ppo_update(state, loss_fn, ro, advantages, returns, plan, args, generator)
+        state.account(plan)  # k disjoint minibatches of one Poisson sample: one subsampled Gaussian
+        hooks.step("ppo", state, plan, batch_size=len(idx), reward=scores, kl=kl, aux=stats,
+                   response_len=ro.action_mask.sum(-1), lr=state.optimizer.param_groups[0]["lr"])
+    entry = ledger_entry(state.accountant, plan)
+    hooks.finish("ppo", state, entry)
     return entry
 
 
@@ -976,22 +1083,11 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, *, epsi
 # are disjoint, so a user is in one stage and the total is the max (parallel composition).
 
 
-def stage_plan(num_examples: float, args, epsilon: float, delta: float) -> dict:
-    """Algorithm 2's inputs for a stage, fixed before it starts: N, q = B / N, the steps (given, or
-    epochs / q) and the sigma that spends at most `epsilon` at `delta` over them."""
-    q = min(1.0, args.batch_size / num_examples)
-    steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                 steps=steps) if math.isfinite(epsilon) else 0.0
-    return {"num_private_examples": num_examples, "sample_rate": q, "steps": steps, "noise_multiplier": sigma,
-            "epsilon": epsilon, "delta": delta}
-
-
-def ledger_entry(accountant, epsilon, delta, sigma, q, steps, n) -> dict:
+def ledger_entry(accountant, plan: StagePlan) -> dict:
     """One stage's line of the privacy ledger; epsilon is what was *spent* (<= the target)."""
-    spent = accountant.get_epsilon(delta) if math.isfinite(epsilon) else math.inf
-    return {"epsilon": spent, "delta": delta, "noise_multiplier": sigma, "sample_rate": q,
-            "steps": steps, "num_private_examples": n}
+    spent = accountant.get_epsilon(plan.delta) if plan.private else math.inf
+    return {"epsilon": spent, "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate, "steps": plan.steps, "num_private_examples": plan.num_private_examples}
 
 
 def compose_ledger(stages: dict, delta: float, composition: str) -> float:
@@ -1009,9 +1105,20 @@ def compose_ledger(stages: dict, delta: float, composition: str) -> float:
 
 
 # #############################################################################################
-# PART II: RUNNING IT. Built-in tasks and base model, loaders, evaluation, pipelines, probes,
-# audit, benchmark, CLI. Nothing below changes what Part I computes.
+# PART II: RUNNING IT. Built-in tasks and base model, loaders, the split, one pipeline for both
+# tasks, run directories, checkpoints, sweeps. Nothing here changes what Part I computes.
 # #############################################################################################
+
+
+class UserError(Exception):
+    """A bad value from the user: the CLI prints it as one line and exits 2."""
+
+
+def flag_words(error: ValueError, prefix: str = "", **flags) -> UserError:
+    """Part I's ValueError, worded with its field names (`epochs=4`), in the CLI's flag names
+    (`--ppo-epochs 4`): `flags` maps a field to its flag, others get `--<prefix><field>`."""
+    return UserError(re.sub(r"\b([a-z_]+)=", lambda m: flags.get(m[1], "--" + (prefix + m[1]).replace("_", "-")) + " ",
+                            str(error)))
 
 
 # =============================================================================================
@@ -1251,8 +1358,6 @@ def cache_dir() -> str:
 
 def _atomic_dir(final: str):
     """A temporary sibling directory, renamed to `final` only if the block succeeds."""
-    import shutil
-    import tempfile
 
     @contextlib.contextmanager
     def ctx():
@@ -1270,8 +1375,6 @@ def _atomic_dir(final: str):
 
 def public_tokenizer(corpus: list[str], vocab_size: int):
     """A byte-level BPE (GPT-2's kind) trained on the public corpus; eos doubles as bos and pad."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -1284,8 +1387,6 @@ def public_tokenizer(corpus: list[str], vocab_size: int):
 
 def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu") -> str:
     """Path of the built-in base model, pre-training it on the public corpus once (cached)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     key = "-".join(f"{v}" for v in dataclasses.astuple(args))
     path = os.path.join(cache_dir(), f"builtin-v3-{key}")
     if os.path.exists(os.path.join(path, "model.safetensors")):
@@ -1345,45 +1446,6 @@ def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu
     return path
 
 
-def public_probe_posts(args: BaseModelArgs, n: int = 500) -> list[dict]:
-    """Held-out *public* posts for the copy probe (their own seed: not in the corpus, not private)."""
-    rng = np.random.default_rng(args.seed + 2)
-    return [_post(rng) for _ in range(n)]
-
-
-@torch.no_grad()
-def copy_probe(lm: nn.Module, tokenizer, posts: list[dict], device: str = "cpu", batch: int = 250) -> dict:
-    """Does the model read its prompt? Top-1 accuracy of the post's person among all PEOPLE after
-    "post : ... tl;dr : my", and of its feeling among all FEELINGS after "... my <person> <event>
-    and i feel". A model that ignores the post scores about chance (1/16, 1/12); one that copies, 1.
-    A candidate's score is the log-probability of all its tokens."""
-    model = CausalLM(lm)
-
-    def top1(prompts, candidates, answers):
-        words = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates]
-        scores = []
-        for s in range(0, len(prompts), batch):
-            chunk = prompts[s:s + batch]
-            if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution
-                ids, mask, _ = encode(tokenizer, chunk, max_prompt=512)
-                logits = model(ids.to(device), mask.to(device))[:, -1].float()
-                scores.append(logits.log_softmax(-1)[:, [w[0] for w in words]].cpu())
-                continue
-            columns = []
-            for c in candidates:
-                ids, mask, targets = encode(tokenizer, chunk, [" " + c] * len(chunk), max_prompt=512, max_completion=16)
-                targets[:, -1] = 0  # the word only, not the closing eos
-                columns.append((token_logprobs(model(ids.to(device), mask.to(device)).cpu(), ids) * targets).sum(-1))
-            scores.append(torch.stack(columns, 1))
-        best = torch.cat(scores).argmax(-1).tolist()
-        return float(np.mean([candidates[i] == a for i, a in zip(best, answers)]))
-
-    prompts = [TLDR_PROMPT.format(post=p["post"]) + " my" for p in posts]
-    feel = [TLDR_PROMPT.format(post=p["post"]) + f" my {p['person']} {p['event']} and i feel" for p in posts]
-    return {"person": top1(prompts, PEOPLE, [p["person"] for p in posts]),
-            "feeling": top1(feel, FEELINGS, [p["feeling"] for p in posts])}
-
-
 DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -1396,7 +1458,6 @@ def _is_local(spec: str) -> bool:
 def _hub_guard(spec: str):
     """If `spec` needs the Hugging Face Hub and it is unreachable, switch the Hub clients to offline
     mode at once (they would retry for a minute), so the error comes in a second, in one line."""
-    import socket
     if _is_local(spec) or os.environ.get("HF_HUB_OFFLINE") == "1":
         return
     try:
@@ -1423,7 +1484,6 @@ def check_model_spec(spec: str | None, what: str):
         return
     _hub_guard(path)
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
         try:
             cached = try_to_load_from_cache(path, "config.json")
         except ValueError:  # not even a well-formed Hub id
@@ -1442,7 +1502,6 @@ def _hub_error(spec: str, what: str, offline_hint: str, err: Exception) -> UserE
 
 def load_lm(spec: str, device: str, base: BaseModelArgs = BaseModelArgs()):
     """(GPT-2 LM, tokenizer) from 'builtin', a Hub id (gpt2, gpt2-medium, ...) or a local dir."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     path = builtin_base_model(base, device) if spec == "builtin" else os.path.expanduser(spec)
     hint = "--model builtin or a local directory saved with save_pretrained"
     _hub_guard(path)
@@ -1454,7 +1513,10 @@ def load_lm(spec: str, device: str, base: BaseModelArgs = BaseModelArgs()):
         lm = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation="eager", dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise _hub_error(path, "model", hint, e) from None
-    _attn_blocks(lm)  # GPT-2 architecture check, one line if not
+    try:
+        _attn_blocks(lm)  # GPT-2 architecture check, one line if not
+    except ValueError as e:
+        raise UserError(f"model '{spec}': {e}") from None
     if not tokenizer("hello world")["input_ids"]:
         raise UserError(f"model '{spec}' has no usable tokenizer (every text encodes to nothing); save one beside "
                         "it with tokenizer.save_pretrained (tokenizer.json, or vocab.json + merges.txt)")
@@ -1483,7 +1545,6 @@ def check_fits(lm: nn.Module, args):
 def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user_columns: tuple = ()) -> list[dict]:
     """Rows with `columns` (text) and `user_columns` (any non-null id) from a Hub dataset id or a
     local .jsonl/.json/.csv/.parquet file."""
-    import datasets
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors reach us as exceptions
     hint = "--dataset builtin or a local .jsonl/.csv/.parquet file"
@@ -1525,435 +1586,12 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user
     return rows
 
 
-def encode_rows(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
-                max_prompt: int, max_completion: int = 0) -> tuple[list[list[int]], list[list[int]]]:
-    """Unpadded rows [bos] + prompt (its last `max_prompt` tokens) + completion (its first
-    `max_completion`) + [eos], and their loss targets: each a function of its own example alone."""
-    bos, eos = tokenizer.bos_token_id or tokenizer.eos_token_id, tokenizer.eos_token_id
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"] if completions else None
-    rows, targets = [], []
-    for i, p in enumerate(p_ids):
-        prompt = [bos] + p[-max_prompt:] if max_prompt else [bos]
-        completion = (c_ids[i][:max_completion] + [eos]) if c_ids is not None else []
-        rows.append(prompt + completion)
-        targets.append([0] * (len(prompt) - 1) + [1] * len(completion))
-    return rows, targets
-
-
-def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
-           max_prompt: int, max_completion: int = 0):
-    """Left-padded (input_ids, attention_mask, loss_mask), each [N, T], of `encode_rows`' rows;
-    `loss_mask` marks the targets of ids[:, 1:] that are completion tokens or the final eos. Left
-    padding puts every prompt's end at the same column, which generation and reward reading rely on."""
-    rows, targets = encode_rows(tokenizer, prompts, completions, max_prompt=max_prompt, max_completion=max_completion)
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), t - 1), dtype=torch.float32)
-    for i, (r, tg) in enumerate(zip(rows, targets)):
-        ids[i, t - len(r):], mask[i, t - len(r):] = torch.tensor(r), 1
-        loss_mask[i, t - len(r):] = torch.tensor(tg, dtype=torch.float32)
-    return ids, mask, loss_mask
-
-
-def trim_left(*tensors, mask):
-    """Drop the columns that are padding in every sequence of this batch (exact: padding is
-    masked). Works for [N, T] and [N, 2, T] (comparison pairs) alike."""
-    if mask.shape[0] == 0:
-        return tensors
-    first = int(mask.flatten(0, -2).any(0).float().argmax())
-    return tuple(t[..., first:] for t in tensors)  # loss_mask[..., j] targets ids[..., j + 1]: same shift
-
-
-# =============================================================================================
-# PIPELINES: sentiment (SFT -> DPPPO) and rlhf (SFT -> reward model -> DPPPO), evaluation, run dirs
-# =============================================================================================
-
-
-def save_reward_model(rm: RewardModel, tokenizer, path: str):
-    """`last` head: a one-label GPT2ForSequenceClassification (the same transformer and bias-free
-    head), which loads with AutoModelForSequenceClassification. `tokens` head: the LM with LoRA
-    merged (save_pretrained) plus `reward_head.safetensors`; `load_reward_model` reads both."""
-    import copy
-    from safetensors.torch import save_file
-    from transformers import GPT2ForSequenceClassification
-    lm = merge_lora(copy.deepcopy(rm.lm))
-    if rm.head == "last":
-        config = copy.deepcopy(lm.config)
-        config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
-        clf = GPT2ForSequenceClassification(config)
-        clf.transformer.load_state_dict(lm.transformer.state_dict())
-        clf.score.weight.data.copy_(rm.score.weight.data)
-        return save_model(clf, tokenizer, path)
-    head = {k: v.detach().cpu().contiguous() for k, v in rm.named_parameters() if not k.startswith("lm.")}
-    with _atomic_dir(path) as tmp:
-        lm.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        save_file(head, os.path.join(tmp, "reward_head.safetensors"))
-
-
-def load_reward_model(path: str, device: str = "cpu"):
-    """(RewardModel with the `tokens` head, tokenizer) from a directory written by save_reward_model."""
-    from safetensors.torch import load_file
-    lm, tokenizer = load_lm(path, device)
-    rm = RewardModel(add_lora(lm, rank=0), head="tokens")
-    rm.load_state_dict(load_file(os.path.join(path, "reward_head.safetensors")), strict=False)
-    return rm.to(device).eval(), tokenizer
-
-
-def decode_responses(tokenizer, ids, action_mask, eos_id) -> list[str]:
-    """The text of each row's response tokens (action_mask marks targets of ids[:, 1:])."""
-    out = []
-    for row, m in zip(ids[:, 1:].tolist(), action_mask.tolist()):
-        toks = [t for t, keep in zip(row, m) if keep and t != eos_id]
-        out.append(tokenizer.decode(toks, skip_special_tokens=True))
-    return out
-
-
-class Stopwatch:
-    """Seconds per phase of a loop iteration, `with clock("phase"):` (CUDA runs asynchronously,
-    so it is synchronised at both ends). Read by `bench ppo`, logged as time/<phase>."""
-
-    def __init__(self, device="cpu"):
-        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-        self.seconds = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        self.sync()
-        t = time.perf_counter()
-        yield
-        self.sync()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
-
-
-def builtin_sentiment_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """The public reward of the built-in sentiment task, on prompt + response (as TRL scores)."""
-    return torch.tensor([sentiment_score(p + r) for p, r in zip(prompts, responses)])
-
-
-def hub_sentiment_reward(spec: str, label: str | None, device: str):
-    """A Hugging Face sequence classifier as the public reward: the logit of the positive label
-    (`label`: a name or an index; default: the label named like 'positive', else index 1)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    hint = "the built-in reward (leave --reward-model unset) or a local directory"
-    path = os.path.expanduser(spec)
-    _hub_guard(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        clf = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise _hub_error(path, "reward model", hint, e) from None
-    names = {int(i): str(n).lower() for i, n in clf.config.id2label.items()}
-    if label is None:
-        pos = [i for i, n in names.items() if "pos" in n]
-        index = pos[0] if pos else 1
-    elif label.isdigit():
-        index = int(label)
-    else:
-        matches = [i for i, n in names.items() if n == label.lower()]
-        if not matches:
-            raise UserError(f"--reward-label '{label}' is not a label of {spec}; it has {sorted(names.values())}")
-        index = matches[0]
-    if index >= clf.config.num_labels:
-        raise UserError(f"--reward-label {index} is out of range: {spec} has {clf.config.num_labels} labels")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-
-    @torch.no_grad()
-    def reward_fn(prompts, responses):
-        if not prompts:
-            return torch.zeros(0)
-        enc = tok([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True,
-                  truncation=True, max_length=512).to(device)
-        return clf(**enc).logits[:, index].float().cpu()
-    return reward_fn
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, tokenizer, prompts: list[str], reward_fn, *, lengths, eos_id,
-             max_prompt, seed, device, batch: int = 128):
-    """Sample one response per held-out prompt (the same seed for every model) and score it."""
-    gen = torch.Generator().manual_seed(seed)
-    responses, scores = [], []
-    for s in range(0, len(prompts), batch):
-        ids, mask, _ = encode(tokenizer, prompts[s:s + batch], max_prompt=max_prompt)
-        out, _, act, _, _ = sample(model, ids.to(device), mask.to(device), generator=gen, eos_id=eos_id,
-                                   max_new_tokens=lengths[s:s + batch].to(device))
-        r = decode_responses(tokenizer, out, act, eos_id)
-        responses += r
-        scores.append(reward_fn(prompts[s:s + batch], r).float())
-    return torch.cat(scores), responses
-
-
 def prefix_prompts(tokenizer, texts: list[str], lo: int, hi: int, seed: int) -> list[str]:
     """The first lo..hi tokens of each review, as in TRL's gpt2-sentiment. Each review's length is
     drawn from a keyed hash of that review alone, so it is the same whatever else is in the data."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [tokenizer.decode(t[:lo + int(keyed_uniform(text, seed, "prompt") * (hi - lo + 1))])
             for text, t in zip(texts, ids)]
-
-
-class Progress:
-    """range(steps) with a progress bar on a terminal, and where there is none (piped, logged, CI)
-    a start line, a status line every `every` seconds and an end line: stage, step/total, the
-    postfix (epsilon spent, reward...), elapsed and ETA."""
-
-    def __init__(self, steps: int, desc: str, start: int = 0,
-                 every: float = float(os.environ.get("DP_RLHF_STATUS_EVERY", 30))):
-        from tqdm.auto import tqdm
-        self.steps, self.start, self.desc, self.every, self.postfix = steps, start, desc, every, {}
-        self.bar = tqdm(range(start, steps), desc=desc, leave=False, initial=start, total=steps) \
-            if sys.stderr.isatty() else None
-
-    def set_postfix(self, **values):
-        self.postfix = values
-        if self.bar is not None:
-            self.bar.set_postfix(**values)
-
-    def _line(self, step: int, t0: float):
-        elapsed = time.time() - t0
-        eta = elapsed / (step - self.start) * (self.steps - step) if step > self.start else float("nan")
-        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
-        print(f"{self.desc}: {step}/{self.steps}{extra}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", file=sys.stderr)
-
-    def __iter__(self):
-        if self.bar is not None:
-            yield from self.bar
-            return
-        t0 = last = time.time()
-        print(f"{self.desc}: {self.steps} steps" + (f", from step {self.start}" if self.start else ""), file=sys.stderr)
-        for step in range(self.start, self.steps):
-            yield step
-            if time.time() - last >= self.every:
-                last = time.time()
-                self._line(step + 1, t0)
-        self._line(self.steps, t0)
-
-
-class RunLog:
-    """metrics.jsonl: one JSON row per logged step (inside the run's unfinished directory)."""
-
-    def __init__(self, out_dir: str):
-        self.t0 = time.time()
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # a resumed run goes on
-
-    def __call__(self, row: dict):
-        row = {**row, "time/seconds": round(time.time() - self.t0, 2)}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
-class Checkpoint:
-    """What --resume needs, in <out>.partial/checkpoint/ (safetensors + JSON, each file written
-    then renamed): each finished stage's trained parameters and ledger entry, and for the stage in
-    progress its parameters, AdamW state, accountant history and next step, as of the last
-    *finished* iteration. An interrupted iteration is redone from there with fresh noise and a
-    fresh Poisson sample: nothing of it left the process, and its accountant step was not taken,
-    so the parameters never run ahead of the ledger. The generator is never saved (it is secret)."""
-
-    def __init__(self, work: str, every: int, config: dict | None = None):
-        self.dir, self.every, self.latest = os.path.join(work, "checkpoint"), every, None
-        path = os.path.join(self.dir, "meta.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                self.meta = json.load(f)
-        else:
-            self.meta = {"config": config, "finished": {}, "current": None}
-
-    def _tensors(self, name: str) -> dict:
-        from safetensors.torch import load_file
-        return load_file(os.path.join(self.dir, name))
-
-    def _write(self, name: str, tensors: dict):
-        from safetensors.torch import save_file
-        os.makedirs(self.dir, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(self.dir, name + ".partial"))
-        os.replace(os.path.join(self.dir, name + ".partial"), os.path.join(self.dir, name))
-        write_json(os.path.join(self.dir, "meta.json"), self.meta)  # last: it names the files in use
-        in_use = {f"{k}.safetensors" for k in self.meta["finished"]} | {(self.meta["current"] or {}).get("file")}
-        for old in os.listdir(self.dir):
-            if old.endswith(".safetensors") and old not in in_use:
-                os.remove(os.path.join(self.dir, old))
-
-    def finished(self, stage: str, params: dict) -> dict | None:
-        """A finished stage's ledger entry, its parameters loaded into `params`; else None."""
-        if stage not in self.meta["finished"]:
-            return None
-        with torch.no_grad():
-            for k, t in self._tensors(f"{stage}.safetensors").items():
-                params[k].copy_(t)
-        print(f"resume: {stage} finished before, its parameters restored", file=sys.stderr)
-        return self.meta["finished"][stage]
-
-    def finish(self, stage: str, params: dict, ledger: dict):
-        self.meta["finished"][stage], self.meta["current"], self.latest = ledger, None, None
-        self._write(f"{stage}.safetensors", params)
-
-    def resume(self, stage: str, params: dict, optimizer, accountant) -> tuple[int, dict]:
-        """(next step, extra) of `stage` in progress, its state loaded; (0, {}) to start afresh."""
-        cur = self.meta["current"]
-        if not cur or cur["stage"] != stage:
-            return 0, {}
-        tensors = self._tensors(cur["file"])
-        with torch.no_grad():
-            for k in params:
-                params[k].copy_(tensors[f"param/{k}"])
-        state = {int(i): {} for i in cur["optimizer_state"]}
-        for key, t in tensors.items():
-            if key.startswith("opt/"):
-                _, i, name = key.split("/")
-                state[int(i)][name] = t
-        optimizer.load_state_dict({"state": state, "param_groups": cur["param_groups"]})
-        accountant.load_state_dict(cur["accountant"])
-        print(f"resume: {stage} from step {cur['step']}", file=sys.stderr)
-        return cur["step"], cur["extra"]
-
-    def mark(self, stage: str, step: int, params: dict, optimizer, accountant, extra: dict):
-        """Call after each finished iteration (`step` = the next one): a copy in memory, and on
-        disk every `every` iterations."""
-        opt = optimizer.state_dict()
-        tensors = {f"param/{k}": p.detach().clone() for k, p in params.items()}
-        tensors.update({f"opt/{i}/{n}": t.detach().clone() for i, st in opt["state"].items() for n, t in st.items()})
-        self.latest = (tensors, {"stage": stage, "step": step, "file": f"current-{stage}-{step}.safetensors",
-                                 "optimizer_state": list(opt["state"]), "param_groups": opt["param_groups"],
-                                 "accountant": accountant.state_dict(), "extra": extra})
-        if self.every and step % self.every == 0:
-            self.flush()
-
-    def flush(self) -> bool:
-        """Write the last finished iteration (on Ctrl-C, on a crash); whether a checkpoint exists."""
-        if self.latest is not None:
-            tensors, self.meta["current"] = self.latest
-            self._write(self.meta["current"]["file"], tensors)
-            self.latest = None
-        return bool(self.meta["finished"] or self.meta["current"])
-
-
-_UNFINISHED = {}  # run directories being written -> their Checkpoint; kept only if resumable
-
-
-def begin_run(out: str, overwrite: bool) -> str:
-    """The directory a run writes into: `<out>.partial`, renamed to `<out>` by `finish_run` only
-    when everything is written. A run's outputs are all there or not at all, and an existing run
-    is never mixed with a new one: it is refused, or with --overwrite replaced whole at the end."""
-    import shutil
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} is an existing file; give a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise UserError(f"--out {out} already holds a run; add --overwrite to replace it, or give another --out")
-    work = out.rstrip("/") + ".partial"
-    if os.path.exists(os.path.join(work, "checkpoint", "meta.json")) and not overwrite:
-        raise UserError(f"{work} holds an interrupted run: continue it with --resume {work}, or add --overwrite")
-    shutil.rmtree(work, ignore_errors=True)  # what an earlier crash left
-    os.makedirs(work)
-    return work
-
-
-def finish_run(work: str, out: str):
-    import shutil
-    old = out.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(out):
-        os.replace(out, old)
-    shutil.rmtree(os.path.join(work, "checkpoint"), ignore_errors=True)
-    os.replace(work, out)
-    _UNFINISHED.pop(work, None)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_text(path: str, text: str):
-    """Write-then-rename, so a crash never leaves half a file."""
-    with open(path + ".partial", "w") as f:
-        f.write(text)
-    os.replace(path + ".partial", path)
-
-
-def write_json(path: str, obj):
-    write_text(path, json.dumps(obj, indent=2))
-
-
-def save_model(model: nn.Module, tokenizer, path: str):
-    """save_pretrained (safetensors) into a temp dir, then rename into place."""
-    with _atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-
-@dataclass
-class CommonArgs:
-    """What every command that trains shares."""
-    model: str = arg("builtin", "policy base: 'builtin', a Hub id (gpt2, gpt2-medium, gpt2-large) or a local dir")
-    epsilon: float = arg(4.0, "target epsilon of every stage ('inf': the same loops without clipping or noise)", limit=">0")
-    delta: float | None = arg(None, "target delta (default 1/|D|, D = all private examples of the run)", limit="(0,1)")
-    seed: int = arg(0, "public seed: data split, initial weights, evaluation (DP noise and sampling use secret entropy)", limit=">=0")
-    reproducible_noise: bool = arg(False, "draw DP noise and sampling from --seed too (classrooms; the guarantee then assumes the seed is secret)")
-    out: str | None = arg(None, "output directory (default runs/<task>-eps<epsilon>-seed<seed>); written as <out>.partial, renamed when done")
-    overwrite: bool = arg(False, "replace an existing --out (whole, once the new run has finished); without it a non-empty --out is refused")
-    resume: str | None = arg(None, "continue an interrupted run from its <out>.partial directory, with the settings it was started with")
-    checkpoint_every: int = arg(10, "write a checkpoint to <out>.partial every N iterations of a stage (also on Ctrl-C or a crash; 0: only then)", limit=">=0")
-    device: str | None = arg(None, "'cpu' or 'cuda' (default: cuda when available)")
-    base: BaseModelArgs = field(default_factory=BaseModelArgs)
-
-
-@dataclass
-class RunArgs(CommonArgs):
-    """What every pipeline shares."""
-    dataset: str = arg("builtin", "private data: 'builtin', a Hub id, or a local .jsonl/.csv/.parquet file")
-    num_sft: int = arg(10000, "expected examples in D1 (built-in data; real data is split by a keyed hash)", limit=">=1")
-    num_ppo: int = arg(10000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)", limit=">=1")
-    num_test: int = arg(256, "evaluation prompts: the built-in task's public test set, or the first of a Hub "
-                        "dataset's public test split", limit=">=1")
-    test_fraction: float = arg(0.1, "real data without a public test split: the fraction held out (by the keyed "
-                               "hash) for evaluation", limit="(0,1)")
-    num_samples: int = arg(4, "generations shown side by side at the end", limit=">=0")
-    dry_run: bool = arg(False, "load and split the data and calibrate sigma for every stage, train nothing: "
-                        "print the plan, write plan.json and inputs/<stage>.jsonl")
-    user_column: str | None = arg(None, "real data: a column naming each record's user; records are split into stages by it (default: by the text)")
-    given: tuple = field(default=(), metadata={"cli": False})  # the flags the command line gave (no-effect checks)
-    composition: str = arg("parallel", "'parallel' (disjoint D1/D2/D3, the paper) or 'sequential' (a user may be in several stages)", choices=("parallel", "sequential"))
-
-
-@dataclass
-class SentimentArgs(RunArgs):
-    """`sentiment`: the paper's no-human-in-the-loop scenario (IMDb positive reviews)."""
-    reward_model: str | None = arg(None, "public reward: a Hub id or local dir of a sequence classifier (default: the built-in lexicon scorer)")
-    reward_label: str | None = arg(None, "its label to score (name or index; default: one named like 'positive', else 1)")
-    prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)", limit=">=1")
-    prompt_max: int = arg(8, "most prompt tokens", limit=">=1")
-    num_sft: int = arg(5000, "expected examples in D1 (built-in data; real data is split by a keyed hash)", limit=">=1")
-    num_ppo: int = arg(40000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)", limit=">=1")
-    num_test: int = arg(2000, "evaluation prompts: the built-in task's public test set, or the first of a Hub "
-                        "dataset's public test split", limit=">=1")
-    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=1024, kl_coef=0.075))
-
-
-def _setup(args: CommonArgs, task: str):
-    check_config(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise UserError(f"--device {device} is not allowed; use cpu, cuda or cuda:<index>")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} is not available here; use --device cpu")
-    out = args.out or os.path.join("runs", f"{task}-eps{args.epsilon:g}-seed{args.seed}")
-    if args.resume:  # args are the checkpoint's own (main)
-        work, out = args.resume, args.resume.removesuffix(".partial")
-        ckpt = Checkpoint(work, args.checkpoint_every)
-        if args.reproducible_noise:  # replaying the seed's stream would reuse noise already added
-            print("warning: a resumed run draws secret noise; --reproducible-noise covers uninterrupted runs only",
-                  file=sys.stderr)
-    else:
-        work = begin_run(out, args.overwrite)
-        ckpt = Checkpoint(work, args.checkpoint_every, {"task": task, **config_of(args)})
-    _UNFINISHED[work] = ckpt
-    torch.manual_seed(args.seed)  # public: initial weights
-    seed = args.seed if args.reproducible_noise and not args.resume else None
-    return device, out, work, ckpt, private_generator(seed)
 
 
 def normalise(text) -> str:
@@ -2078,178 +1716,6 @@ def sentiment_data(args) -> tuple[dict, dict]:
     return split_sentiment(*sentiment_records(args), args)
 
 
-def stage_inputs(task: str, data: dict, tok, args, rm_tok=None) -> dict[str, list[dict]]:
-    """What each stage is given, one line per example: {"key": its unit's keyed hash, "input": the
-    texts, "tokens": the exact token ids the stage encodes, unpadded}. The pipelines train on these
-    texts, --dry-run writes these lines, and the property tests compare them between neighbours."""
-    def rows(tokenizer, prompts, completions, a):
-        return encode_rows(tokenizer, prompts, completions, max_prompt=a.max_prompt,
-                           max_completion=getattr(a, "max_completion", 0))[0]
-
-    def lines(part, inputs, tokens):
-        return [{"key": unit_key(r["_unit"], args.seed), "input": x, "tokens": t}
-                for r, x, t in zip(data[part], inputs, tokens)]
-
-    def prompts_only(part, prompts, extra=None):  # PPO prompts, evaluation prompts
-        return lines(part, [{"prompt": p, **(e or {})} for p, e in zip(prompts, extra or [None] * len(prompts))],
-                     rows(tok, prompts, None, args.ppo))
-
-    def pairs(part, prompts, completions):  # SFT
-        return lines(part, [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)],
-                     rows(tok, prompts, completions, args.sft))
-
-    def comparisons(part):  # the reward model's, chosen and rejected side by side
-        cs, t = data[part], rm_tok or tok
-        p = [c["prompt"] for c in cs]
-        both = zip(rows(t, p, [c["chosen"] for c in cs], args.rm), rows(t, p, [c["rejected"] for c in cs], args.rm))
-        return lines(part, [{k: c[k] for k in ("prompt", "chosen", "rejected")} for c in cs], [list(x) for x in both])
-
-    if task == "sentiment":
-        texts = {k: [r["text"] for r in v] for k, v in data.items()}
-        prefix = lambda k: prefix_prompts(tok, texts[k], args.prompt_min, args.prompt_max, args.seed)
-        return {"sft": pairs("sft", [""] * len(texts["sft"]), texts["sft"]), "ppo": prompts_only("ppo", prefix("ppo")),
-                "test": prompts_only("test", prefix("test"))}
-    col = lambda part, f: [r[f] for r in data[part]]
-    return {"sft": pairs("sft", col("sft", "prompt"), col("sft", "completion")), "rm": comparisons("comparisons"),
-            "ppo": prompts_only("ppo", col("ppo", "prompt")),
-            "test": prompts_only("test", col("test", "prompt"), [{"completion": c} for c in col("test", "completion")]),
-            "rm_test": comparisons("comparisons_test")}
-
-
-def dry_run(work: str, task: str, args, plans: dict, inputs: dict, report: dict):
-    """--dry-run: print the plan (per stage N, q, steps, sigma, epsilon, delta), write plan.json and
-    inputs/<stage>.jsonl, train nothing. Diff two dry runs to see what one record changes."""
-    print(f"plan ({task}, nothing trained):", file=sys.stderr)
-    for name, p in plans.items():
-        print(f"  {name:4s} N={p['num_private_examples']} q={p['sample_rate']:.4f} steps={p['steps']} "
-              f"sigma={p['noise_multiplier']:.3f} epsilon={p['epsilon_spent']:.3f} (target {p['epsilon']:g}) "
-              f"delta={p['delta']:.2e}", file=sys.stderr)
-    write_json(os.path.join(work, "plan.json"), {"task": task, "config": config_of(args), "data": report,
-                                                 "stages": plans})
-    os.makedirs(os.path.join(work, "inputs"))
-    for name, rows in inputs.items():
-        write_text(os.path.join(work, "inputs", f"{name}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def plan_stages(args, sizes: dict, delta: float) -> dict:
-    """Each stage's plan (stage_plan) and the epsilon its sigma spends, as the stage will compute it."""
-    plans = {}
-    for name, n in sizes.items():
-        plan = stage_plan(n, getattr(args, name), stage_epsilon(args, name), delta)
-        accountant = ACCOUNTANT()
-        accountant.step(noise_multiplier=plan["noise_multiplier"], sample_rate=plan["sample_rate"], num_steps=plan["steps"])
-        plans[name] = {**plan, "epsilon_spent": accountant.get_epsilon(delta) if plan["noise_multiplier"] else math.inf}
-    return plans
-
-
-def run_sentiment(args: SentimentArgs) -> dict:
-    """Split -> DP SFT on D1 -> DPPPO on D3 -> evaluate pre-trained / SFT / aligned."""
-    import copy
-    t0 = time.time()
-    device, out, work, ckpt, private = _setup(args, "sentiment")
-    check_model_spec(args.model, "--model")
-    if not args.dry_run:
-        check_model_spec(args.reward_model, "--reward-model")
-    data, data_report = sentiment_data(args)
-    report_split(data_report)
-    n1, n3 = len(data["sft"]), len(data["ppo"])
-    delta = args.delta if args.delta is not None else 1 / (n1 + n3)
-    base_lm, tok = load_lm(args.model, device, args.base)
-    check_fits(base_lm, args)
-    inputs = stage_inputs("sentiment", data, tok, args)
-    if args.dry_run:
-        dry_run(work, "sentiment", args, plan_stages(args, {"sft": n1, "ppo": n3}, delta), inputs, data_report)
-        finish_run(work, out)
-        print(f"wrote {out}/plan.json and inputs/")
-        return {}
-    reward_fn = (hub_sentiment_reward(args.reward_model, args.reward_label, device)
-                 if args.reward_model else builtin_sentiment_reward)
-    ppo_prompts = [x["input"]["prompt"] for x in inputs["ppo"]]
-    test_prompts = [x["input"]["prompt"] for x in inputs["test"]]
-    lengths = torch.randint(args.ppo.response_min, args.ppo.response_max + 1, (len(test_prompts),),
-                            generator=torch.Generator().manual_seed(args.seed + 3))
-    log = RunLog(work)
-
-    def evaluate_model(model):
-        return evaluate(model, tok, test_prompts, reward_fn, lengths=lengths, eos_id=None,
-                        max_prompt=args.ppo.max_prompt, seed=args.seed + 4, device=device)
-
-    print(f"sentiment: |D1|={n1} |D3|={n3} |test|={len(test_prompts)}  "
-          f"epsilon={args.epsilon:g} delta={delta:.2e}  device={device}", file=sys.stderr)
-    pre_scores, pre_text = evaluate_model(CausalLM(base_lm))
-    # STAGE 1: DP SFT on D1 (whole reviews), then merge its LoRA: LM_sft.
-    sft_lm = add_lora(copy.deepcopy(base_lm))
-    sft = [x["input"] for x in inputs["sft"]]
-    ledger = {"sft": dp_sft(sft_lm, tok, [x["prompt"] for x in sft], [x["completion"] for x in sft],
-                            epsilon=stage_epsilon(args, "sft"), delta=delta, args=args.sft, device=device,
-                            generator=private, log=log, ckpt=ckpt)}
-    merge_lora(sft_lm)
-    sft_scores, sft_text = evaluate_model(CausalLM(sft_lm))
-    # STAGE 3: DPPPO on D3 from LM_sft, with a fresh LoRA and value head.
-    policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(device)
-    ledger["ppo"] = dpppo(policy, tok, ppo_prompts, reward_fn, epsilon=stage_epsilon(args, "ppo"), delta=delta,
-                          args=args.ppo, device=device, generator=private, log=log, ckpt=ckpt)
-    al_scores, al_text = evaluate_model(policy)
-    log.close()
-    save_model(merge_lora(policy.lm), tok, os.path.join(work, "policy"))
-    summary = {"config": config_of(args), "task": "sentiment", "model": args.model, "epsilon": args.epsilon, "delta": delta,
-               "seed": args.seed, "secret_noise": not args.reproducible_noise, "data": data_report, "stages": ledger,
-               "total_epsilon": compose_ledger(ledger, delta, args.composition),
-               "composition": args.composition,
-               "eval": {"pretrained": {"reward": pre_scores.mean().item()},
-                        "sft": {"reward": sft_scores.mean().item()},
-                        "aligned": {"reward": al_scores.mean().item()}},
-               "seconds": time.time() - t0}
-    write_json(os.path.join(work, "summary.json"), summary)
-    finish_run(work, out)
-    print_report(summary, test_prompts, {"pretrained": (pre_text, pre_scores), "sft": (sft_text, sft_scores),
-                                         "aligned": (al_text, al_scores)}, args.num_samples, out)
-    return summary
-
-
-def rouge(prediction: str, reference: str) -> dict:
-    """ROUGE-1/2/L F-measures as the rouge-score package computes them (lower-cased alphanumeric
-    tokens, no stemming): n-gram overlap with counts, and the longest common subsequence."""
-    from collections import Counter
-    p = re.sub(r"[^a-z0-9]+", " ", prediction.lower()).split()
-    r = re.sub(r"[^a-z0-9]+", " ", reference.lower()).split()
-
-    def f1(overlap, n_p, n_r):
-        prec, rec = (overlap / n_p if n_p else 0.0), (overlap / n_r if n_r else 0.0)
-        return 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    out = {}
-    for n in (1, 2):
-        cp = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
-        cr = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-        out[f"rouge{n}"] = f1(sum((cp & cr).values()), sum(cp.values()), sum(cr.values()))
-    lcs = [[0] * (len(r) + 1) for _ in range(len(p) + 1)]
-    for i, a in enumerate(p):
-        for j, b in enumerate(r):
-            lcs[i + 1][j + 1] = lcs[i][j] + 1 if a == b else max(lcs[i][j + 1], lcs[i + 1][j])
-    out["rougeL"] = f1(lcs[-1][-1], len(p), len(r))
-    return out
-
-
-@dataclass
-class RLHFArgs(RunArgs):
-    """`rlhf`: the paper's RLHF scenario (Reddit TL;DR): DP SFT -> DP reward model -> DPPPO."""
-    num_sft: int = arg(16000, "expected examples in D1 (built-in data; real data is split by a keyed hash)", limit=">=1")
-    num_ppo: int = arg(16000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)", limit=">=1")
-    num_comparisons: int = arg(16000, "comparisons in D2 (built-in data; real data: all of --comparisons but the "
-                               "held-out tenth)", limit=">=1")
-    num_comparisons_test: int = arg(1000, "the built-in task's public test comparisons, for the reward model's accuracy "
-                                    "(real data: the held-out tenth of --comparisons)", limit=">=1")
-    comparisons: str | None = arg(None, "D2 when --dataset is not builtin: Hub id or local file with prompt/chosen/rejected")
-    reward_base: str | None = arg(None, "base of the reward model: 'builtin', Hub id or dir (default: the SFT model)")
-    eval_reward_model: str | None = arg(None, "a non-private sequence classifier to score summaries in evaluation")
-    # Half an epoch over 16,000 examples: the same 125 steps as 2 epochs over 4,000 at a quarter of
-    # the sample rate, so less noise for the same epsilon (NOTES.md, "More private data, same compute").
-    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=0.5))
-    rm: RMArgs = field(default_factory=lambda: RMArgs(epochs=0.5, lr=1e-2))
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, minibatches=4, lr=3e-3, lr_schedule="linear",
-                                                         baseline="greedy", response_min=32, response_max=32))
-
-
 def rlhf_records(args) -> tuple[list[dict], list[dict], list[dict] | None, list[dict] | None]:
     """(private TL;DR rows, private comparisons, public test rows, public test comparisons; None
     where there are none): generated from the seed, or loaded from --dataset and --comparisons."""
@@ -2296,85 +1762,680 @@ def rlhf_data(args) -> tuple[dict, dict]:
     return split_rlhf(*rlhf_records(args), args)
 
 
-def run_rlhf(args: RLHFArgs) -> dict:
-    """Split -> DP SFT on D1 -> DP reward model on D2 -> DPPPO on D3 -> evaluate."""
-    import copy
-    t0 = time.time()
-    device, out, work, ckpt, private = _setup(args, "rlhf")
-    for spec, what in ((args.model, "--model"), (args.reward_base, "--reward-base"),
-                       (args.eval_reward_model, "--eval-reward-model")):
-        check_model_spec(spec, what)
-    data, data_report = rlhf_data(args)
-    report_split(data_report)
-    n_private = len(data["sft"]) + len(data["comparisons"]) + len(data["ppo"])
-    delta = args.delta if args.delta is not None else 1 / n_private
-    base_lm, tok = load_lm(args.model, device, args.base)
-    check_fits(base_lm, args)
-    rm_base = load_lm(args.reward_base, device, args.base) if args.reward_base else None
-    inputs = stage_inputs("rlhf", data, tok, args, rm_base[1] if rm_base else None)
-    if args.dry_run:
-        sizes = {"sft": len(data["sft"]), "rm": len(data["comparisons"]), "ppo": len(data["ppo"])}
-        dry_run(work, "rlhf", args, plan_stages(args, sizes, delta), inputs, data_report)
-        finish_run(work, out)
-        print(f"wrote {out}/plan.json and inputs/")
-        return {}
-    eval_rm = hub_sentiment_reward(args.eval_reward_model, "0", device) if args.eval_reward_model else None
-    log = RunLog(work)
-    print(f"rlhf: |D1|={len(data['sft'])} |D2|={len(data['comparisons'])} |D3|={len(data['ppo'])} "
-          f"|test|={len(data['test'])}  epsilon={args.epsilon:g} delta={delta:.2e}  device={device}", file=sys.stderr)
-    test_prompts = [x["input"]["prompt"] for x in inputs["test"]]
-    lengths = torch.full((len(test_prompts),), args.ppo.response_max)
-    # STAGE 1: DP SFT on D1 (loss on the summary only), then merge: LM_sft.
-    sft_lm = add_lora(copy.deepcopy(base_lm))
-    sft = [x["input"] for x in inputs["sft"]]
-    ledger = {"sft": dp_sft(sft_lm, tok, [x["prompt"] for x in sft], [x["completion"] for x in sft],
-                            epsilon=stage_epsilon(args, "sft"), delta=delta, args=args.sft, device=device,
-                            generator=private, log=log, ckpt=ckpt)}
-    merge_lora(sft_lm)
-    # STAGE 2: DP reward model on D2, from LM_sft (or --reward-base) with a fresh LoRA and head.
+# =============================================================================================
+# PIPELINES: one pipeline for both tasks, run directories, checkpoints, evaluation, sweeps
+# =============================================================================================
+
+
+@dataclass
+class CommonArgs:
+    """What every command that trains shares."""
+    model: str = arg("builtin", "policy base: 'builtin', a Hub id (gpt2, gpt2-medium, gpt2-large) or a local dir")
+    epsilon: float = arg(4.0, "target epsilon of every stage ('inf': the same loops without clipping or noise)",
+                         limit=">0")
+    delta: float | None = arg(None, "target delta (default 1/|D|, D = all private examples of the run; the paper's, "
+                              "weak: prefer e.g. 1e-6)", limit="(0,1)")
+    seed: int = arg(0, "public seed: data split, initial weights, evaluation (DP noise and sampling use secret "
+                    "entropy)", limit=">=0")
+    reproducible_noise: bool = arg(False, "draw DP noise and sampling from --seed too (classrooms; the guarantee "
+                                   "then assumes the seed is secret)")
+    out: str | None = arg(None, "output directory (default runs/<task>-eps<epsilon>-seed<seed>); written as "
+                          "<out>.partial, renamed when done")
+    overwrite: bool = arg(False, "replace an existing --out (whole, once the new run has finished); without it a "
+                          "non-empty --out is refused")
+    resume: str | None = arg(None, "continue an interrupted run from its <out>.partial directory, with the settings "
+                             "it was started with")
+    checkpoint_every: int = arg(10, "write a checkpoint to <out>.partial every N iterations of a stage (also on "
+                                "Ctrl-C or a crash; 0: only then)", limit=">=0")
+    device: str | None = arg(None, "'cpu' or 'cuda' (default: cuda when available)")
+    base: BaseModelArgs = field(default_factory=BaseModelArgs)
+
+
+@dataclass
+class RunArgs(CommonArgs):
+    """What both pipelines share."""
+    dataset: str = arg("builtin", "private data: 'builtin', a Hub id, or a local .jsonl/.csv/.parquet file")
+    num_sft: int = arg(10000, "expected examples in D1 (built-in data; real data is split by a keyed hash)",
+                       limit=">=1")
+    num_ppo: int = arg(10000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)",
+                       limit=">=1")
+    num_test: int = arg(256, "evaluation prompts: the built-in task's public test set, or the first of a Hub "
+                        "dataset's public test split", limit=">=1")
+    test_fraction: float = arg(0.1, "real data without a public test split: the fraction held out (by the keyed "
+                               "hash) for evaluation", limit="(0,1)")
+    num_samples: int = arg(4, "generations shown side by side at the end", limit=">=0")
+    dry_run: bool = arg(False, "load and split the data and calibrate sigma for every stage, train nothing: "
+                        "print the plan, write plan.json and inputs/<stage>.jsonl")
+    user_column: str | None = arg(None, "real data: a column naming each record's user; records are split into "
+                                  "stages by it, and the guarantee is per user (default: per post or review)")
+    given: tuple = field(default=(), metadata={"cli": False})  # the flags the command line gave (no-effect checks)
+    composition: str = arg("parallel", "'parallel' (disjoint D1/D2/D3, the paper) or 'sequential' (a user may be in "
+                           "several stages)", choices=("parallel", "sequential"))
+
+
+@dataclass
+class SentimentArgs(RunArgs):
+    """`sentiment`: the paper's no-human-in-the-loop scenario (IMDb positive reviews)."""
+    reward_model: str | None = arg(None, "public reward: a Hub id or local dir of a sequence classifier (default: "
+                                   "the built-in lexicon scorer)")
+    reward_label: str | None = arg(None, "its label to score (name or index; default: one named like 'positive', "
+                                   "else 1)")
+    prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)", limit=">=1")
+    prompt_max: int = arg(8, "most prompt tokens", limit=">=1")
+    num_sft: int = arg(5000, "expected examples in D1 (built-in data; real data is split by a keyed hash)",
+                       limit=">=1")
+    num_ppo: int = arg(40000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)",
+                       limit=">=1")
+    num_test: int = arg(2000, "evaluation prompts: the built-in task's public test set, or the first of a Hub "
+                        "dataset's public test split", limit=">=1")
+    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=1024, kl_coef=0.075))
+
+
+@dataclass
+class RLHFArgs(RunArgs):
+    """`rlhf`: the paper's RLHF scenario (Reddit TL;DR): DP SFT -> DP reward model -> DPPPO."""
+    num_sft: int = arg(16000, "expected examples in D1 (built-in data; real data is split by a keyed hash)",
+                       limit=">=1")
+    num_ppo: int = arg(16000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)",
+                       limit=">=1")
+    num_comparisons: int = arg(16000, "comparisons in D2 (built-in data; real data: all of --comparisons but the "
+                               "held-out tenth)", limit=">=1")
+    num_comparisons_test: int = arg(1000, "the built-in task's public test comparisons, for the reward model's "
+                                    "accuracy (real data: the held-out tenth of --comparisons)", limit=">=1")
+    comparisons: str | None = arg(None, "D2 when --dataset is not builtin: Hub id or local file with "
+                                  "prompt/chosen/rejected")
+    reward_base: str | None = arg(None, "base of the reward model: 'builtin', Hub id or dir (default: the SFT model)")
+    eval_reward_model: str | None = arg(None, "a non-private sequence classifier to score summaries in evaluation")
+    # Half an epoch over 16,000 examples: the same 125 steps as 2 epochs over 4,000 at a quarter of
+    # the sample rate, so less noise for the same epsilon (NOTES.md, "More private data, same compute").
+    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=0.5))
+    rm: RMArgs = field(default_factory=lambda: RMArgs(epochs=0.5, lr=1e-2))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, minibatches=4, lr=3e-3,
+                                                         lr_schedule="linear", baseline="greedy", response_min=32,
+                                                         response_max=32))
+
+
+def stage_epsilon(args, name: str) -> float:
+    """A stage's target epsilon: its own --<stage>-epsilon if given (ablations), else --epsilon."""
+    own = getattr(args, name).epsilon
+    return args.epsilon if own is None else own
+
+
+def plan_stages(args, sizes: dict, delta: float) -> dict[str, StagePlan]:
+    """Each stage's plan (`plan_stage`: q, steps, sigma) before anything trains."""
+    plans = {}
+    for name, n in sizes.items():
+        eps = stage_epsilon(args, name)
+        try:
+            plans[name] = plan_stage(getattr(args, name), n, eps, delta)
+        except ValueError as e:
+            raise flag_words(e, f"{name}_", epsilon="--epsilon" if getattr(args, name).epsilon is None
+                             else f"--{name}-epsilon", delta="--delta") from None
+    return plans
+
+
+def write_text(path: str, text: str):
+    """Write-then-rename, so a crash never leaves half a file."""
+    with open(path + ".partial", "w") as f:
+        f.write(text)
+    os.replace(path + ".partial", path)
+
+
+def write_json(path: str, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def save_model(model: nn.Module, tokenizer, path: str):
+    """save_pretrained (safetensors) into a temp dir, then rename into place."""
+    with _atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def save_reward_model(rm: RewardModel, tokenizer, path: str):
+    """`last` head: a one-label GPT2ForSequenceClassification (the same transformer and bias-free
+    head), which loads with AutoModelForSequenceClassification. `tokens` head: the LM with LoRA
+    merged (save_pretrained) plus `reward_head.safetensors`; `load_reward_model` reads both."""
+    lm = merge_lora(copy.deepcopy(rm.lm))
+    if rm.head == "last":
+        config = copy.deepcopy(lm.config)
+        config.num_labels, config.pad_token_id = 1, rm.pad_token_id
+        clf = GPT2ForSequenceClassification(config)
+        clf.transformer.load_state_dict(lm.transformer.state_dict())
+        clf.score.weight.data.copy_(rm.score.weight.data)
+        return save_model(clf, tokenizer, path)
+    head = {k: v.detach().cpu().contiguous() for k, v in rm.named_parameters() if not k.startswith("lm.")}
+    with _atomic_dir(path) as tmp:
+        lm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_file(head, os.path.join(tmp, "reward_head.safetensors"))
+
+
+def load_reward_model(path: str, device: str = "cpu"):
+    """(RewardModel with the `tokens` head, tokenizer) from a directory written by save_reward_model."""
+    lm, tokenizer = load_lm(path, device)
+    rm = RewardModel(add_lora(lm, rank=0), head="tokens")
+    rm.load_state_dict(load_file(os.path.join(path, "reward_head.safetensors")), strict=False)
+    return rm.to(device).eval(), tokenizer
+
+
+def builtin_sentiment_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """The public reward of the built-in sentiment task, on prompt + response (as TRL scores)."""
+    return torch.tensor([sentiment_score(p + r) for p, r in zip(prompts, responses)])
+
+
+def hub_sentiment_reward(spec: str, label: str | None, device: str):
+    """A Hugging Face sequence classifier as the public reward: the logit of the positive label
+    (`label`: a name or an index; default: the label named like 'positive', else index 1)."""
+    hint = "the built-in reward (leave --reward-model unset) or a local directory"
+    path = os.path.expanduser(spec)
+    _hub_guard(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        clf = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise _hub_error(path, "reward model", hint, e) from None
+    names = {int(i): str(n).lower() for i, n in clf.config.id2label.items()}
+    if label is None:
+        pos = [i for i, n in names.items() if "pos" in n]
+        index = pos[0] if pos else 1
+    elif label.isdigit():
+        index = int(label)
+    else:
+        matches = [i for i, n in names.items() if n == label.lower()]
+        if not matches:
+            raise UserError(f"--reward-label '{label}' is not a label of {spec}; it has {sorted(names.values())}")
+        index = matches[0]
+    if index >= clf.config.num_labels:
+        raise UserError(f"--reward-label {index} is out of range: {spec} has {clf.config.num_labels} labels")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+    @torch.no_grad()
+    def reward_fn(prompts, responses):
+        if not prompts:
+            return torch.zeros(0)
+        enc = tok([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True,
+                  truncation=True, max_length=512).to(device)
+        return clf(**enc).logits[:, index].float().cpu()
+    return reward_fn
+
+
+def rouge(prediction: str, reference: str) -> dict:
+    """ROUGE-1/2/L F-measures as the rouge-score package computes them (lower-cased alphanumeric
+    tokens, no stemming): n-gram overlap with counts, and the longest common subsequence."""
+    p = re.sub(r"[^a-z0-9]+", " ", prediction.lower()).split()
+    r = re.sub(r"[^a-z0-9]+", " ", reference.lower()).split()
+
+    def f1(overlap, n_p, n_r):
+        prec, rec = (overlap / n_p if n_p else 0.0), (overlap / n_r if n_r else 0.0)
+        return 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    out = {}
+    for n in (1, 2):
+        cp = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
+        cr = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        out[f"rouge{n}"] = f1(sum((cp & cr).values()), sum(cp.values()), sum(cr.values()))
+    lcs = [[0] * (len(r) + 1) for _ in range(len(p) + 1)]
+    for i, a in enumerate(p):
+        for j, b in enumerate(r):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if a == b else max(lcs[i][j + 1], lcs[i + 1][j])
+    out["rougeL"] = f1(lcs[-1][-1], len(p), len(r))
+    return out
+
+
+class Progress:
+    """A progress bar on a terminal; where there is none (piped, logged, CI) a start line, a status
+    line every `every` seconds and an end line: stage, step/total, the postfix (epsilon spent,
+    reward...), elapsed and ETA."""
+
+    def __init__(self, steps: int, desc: str, start: int = 0,
+                 every: float = float(os.environ.get("DP_RLHF_STATUS_EVERY", 30))):
+        self.steps, self.start, self.step, self.desc, self.every, self.postfix = steps, start, start, desc, every, {}
+        self.t0 = self.last = time.time()
+        self.bar = tqdm(desc=desc, leave=False, initial=start, total=steps) if sys.stderr.isatty() else None
+        if self.bar is None:
+            print(f"{desc}: {steps} steps" + (f", from step {start}" if start else ""), file=sys.stderr)
+
+    def set_postfix(self, **values):
+        self.postfix = values
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+
+    def update(self, step: int):
+        if self.bar is not None:
+            self.bar.update(step - self.step)
+        elif time.time() - self.last >= self.every:
+            self.last = time.time()
+            self._line(step)
+        self.step = step
+
+    def close(self):
+        self.bar.close() if self.bar is not None else self._line(self.steps)
+
+    def _line(self, step: int):
+        elapsed = time.time() - self.t0
+        eta = elapsed / (step - self.start) * (self.steps - step) if step > self.start else float("nan")
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {step}/{self.steps}{extra}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", file=sys.stderr)
+
+
+class Checkpoint:
+    """What --resume needs, in <work>/checkpoint/: meta.json (the run's settings) and, for each stage
+    begun, one <stage>.safetensors (trainable parameters and AdamW state; in its metadata the next
+    step, the accountant's history and counts) as of the stage's last *finished* iteration, written
+    then renamed. An interrupted iteration is redone from there with fresh noise and a fresh Poisson
+    sample: nothing of it left the process and its accountant step was not taken, so the parameters
+    never run ahead of the ledger. The generator is never saved: it is the secret."""
+
+    def __init__(self, work: str, every: int, config: dict | None = None):
+        self.dir, self.every, self.pending = os.path.join(work, "checkpoint"), every, None
+        if config is not None:
+            os.makedirs(self.dir, exist_ok=True)
+            write_json(os.path.join(self.dir, "meta.json"), {"config": config})
+
+    def saved(self, stage: str) -> tuple[dict, dict] | None:
+        """(the stage's state as JSON, its tensors) on disk, or None."""
+        path = os.path.join(self.dir, f"{stage}.safetensors")
+        if not os.path.exists(path):
+            return None
+        with safe_open(path, "pt") as f:
+            return json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
+
+    def restore(self, stage: str, state: TrainState, plan: StagePlan) -> TrainState:
+        if (saved := self.saved(stage)) is None:
+            return state
+        meta, tensors = saved
+        with torch.no_grad():
+            for k, p in state.params.items():
+                p.copy_(tensors[f"param/{k}"])
+        opt = {int(i): {n: tensors[f"opt/{i}/{n}"] for n in names} for i, names in meta["optimizer_state"].items()}
+        state.optimizer.load_state_dict({"state": opt, "param_groups": meta["param_groups"]})
+        state.accountant.load_state_dict(meta["accountant"])
+        state.step, state.nonfinite = meta["step"], meta["nonfinite"]
+        done = state.step >= plan.steps
+        print(f"resume: {stage} " + ("finished before, its parameters restored" if done else f"from step {state.step}"),
+              file=sys.stderr)
+        return state
+
+    def mark(self, stage: str, state: TrainState, final: bool = False):
+        """After each finished iteration: a copy in memory; on disk every `every` iterations, when the
+        stage ends, and on `flush` (Ctrl-C, a crash)."""
+        opt = state.optimizer.state_dict()
+        tensors = {f"param/{k}": p.detach().cpu().clone() for k, p in state.params.items()}
+        tensors.update({f"opt/{i}/{n}": t.detach().cpu().clone() for i, s in opt["state"].items() for n, t in s.items()})
+        meta = {"step": state.step, "nonfinite": state.nonfinite, "accountant": state.accountant.state_dict(),
+                "optimizer_state": {str(i): list(s) for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
+        self.pending = (stage, tensors, meta)
+        if final or (self.every and state.step % self.every == 0):
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write the last finished iteration; whether there is a checkpoint to resume from."""
+        if self.pending is not None:
+            stage, tensors, meta = self.pending
+            path = os.path.join(self.dir, f"{stage}.safetensors")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".partial", metadata={"state": json.dumps(meta)})
+            os.replace(path + ".partial", path)
+            self.pending = None
+        return os.path.isdir(self.dir) and any(f.endswith(".safetensors") for f in os.listdir(self.dir))
+
+
+class RunHooks(Hooks):
+    """A run's view of its stages: progress on stderr, one row per logged step into `log`
+    (metrics.jsonl), a checkpoint after each iteration, and seconds per phase (CUDA synchronised)."""
+
+    def __init__(self, ckpt: Checkpoint | None = None, log=None, device: str = "cpu"):
+        self.ckpt, self.log, self.seconds, self.bar = ckpt, log, {}, None
+        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def restore(self, stage, state, plan):
+        state = self.ckpt.restore(stage, state, plan) if self.ckpt else state
+        self.bar = Progress(plan.steps, f"{stage} (eps={plan.epsilon:g}, sigma={plan.noise_multiplier:.3f})",
+                            start=state.step)
+        return state
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        self.sync()
+        t = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def step(self, stage, state, plan, batch_size, aux=None, update=None, **stats):
+        step, eps = state.step - 1, (lambda: state.accountant.get_epsilon(plan.delta) if plan.private else math.inf)
+        row = {f"{stage}/step": step, f"{stage}/batch_size": batch_size, f"{stage}/nonfinite_grads": state.nonfinite}
+        if stage == "ppo":
+            a = aux.mean(0).tolist() if len(aux) else [math.nan] * 3
+            row.update({"ppo/lr": stats["lr"], "ppo/reward_mean": stats["reward"].mean().item(),
+                        "ppo/kl": stats["kl"].mean().item(), "ppo/loss_policy": a[0], "ppo/loss_value": a[1],
+                        "ppo/clip_frac": a[2], "ppo/response_len": stats["response_len"].float().mean().item(),
+                        "privacy/epsilon": eps(), **{f"time/{k}": v for k, v in self.seconds.items()}})
+            postfix = dict(reward=f"{row['ppo/reward_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}")
+        elif step % 20 == 0 or state.step == plan.steps:
+            row["privacy/epsilon"] = eps()
+            if stage == "rm":  # the share of the step's comparisons ranked right, before the update
+                row["rm/accuracy"] = aux.mean().item() if aux is not None else math.nan
+            postfix = {"accuracy": f"{row['rm/accuracy']:.3f}"} if stage == "rm" else {}
+        else:
+            row = None
+        self.seconds = {}
+        if row is not None:
+            self.bar.set_postfix(**postfix, eps=f"{row['privacy/epsilon']:.2f}")
+            if self.log is not None:
+                self.log(row)
+        if self.ckpt is not None:
+            self.ckpt.mark(stage, state)
+        self.bar.update(state.step)
+
+    def finish(self, stage, state, entry):
+        if self.ckpt is not None:
+            self.ckpt.mark(stage, state, final=True)
+        self.bar.close()
+
+
+class RunLog:
+    """metrics.jsonl: one JSON row per logged step (inside the run's unfinished directory)."""
+
+    def __init__(self, path: str):
+        self.t0, self.path, self.file = time.time(), path, None
+
+    def __call__(self, row: dict):
+        self.file = self.file or open(self.path, "a")  # a resumed run goes on
+        self.file.write(json.dumps({**row, "time/seconds": round(time.time() - self.t0, 2)}) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+@dataclass
+class Run:
+    """A run in progress: where it writes, its device, its secret generator, its hooks."""
+    work: str
+    out: str
+    device: str
+    generator: torch.Generator
+    hooks: RunHooks
+
+
+@contextlib.contextmanager
+def run_directory(args, task: str):
+    """A run whole or not at all: it writes into <out>.partial/, renamed to <out> when the block has
+    finished; a non-empty --out is refused, or with --overwrite replaced whole at the end. On Ctrl-C
+    or a crash the last finished iteration is checkpointed there, to --resume; with no checkpoint
+    nothing is left."""
+    validate(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or os.path.join("runs", f"{task}-eps{args.epsilon:g}-seed{args.seed}")
+    if args.resume:  # args are the checkpoint's own (main)
+        work, out = args.resume, args.resume.removesuffix(".partial")
+        if args.reproducible_noise:  # replaying the seed's stream would reuse noise already added
+            print("warning: a resumed run draws secret noise; --reproducible-noise covers uninterrupted runs only",
+                  file=sys.stderr)
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is an existing file; give a directory")
+    elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise UserError(f"--out {out} already holds a run; add --overwrite to replace it, or give another --out")
+    else:
+        work = out.rstrip("/") + ".partial"
+        if os.path.exists(os.path.join(work, "checkpoint", "meta.json")) and not args.overwrite:
+            raise UserError(f"{work} holds an interrupted run: continue it with --resume {work}, or add --overwrite")
+        shutil.rmtree(work, ignore_errors=True)  # what an earlier crash left
+        os.makedirs(work)
+    ckpt = Checkpoint(work, args.checkpoint_every, None if args.resume else {"task": task, **config_of(args)})
+    log = RunLog(os.path.join(work, "metrics.jsonl"))
+    torch.manual_seed(args.seed)  # public: initial weights
+    generator = private_generator(args.seed if args.reproducible_noise and not args.resume else None)
+    try:
+        yield Run(work, out, device, generator, RunHooks(ckpt, log, device))
+    except BaseException as e:
+        log.close()
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+        if ckpt.flush():
+            print(f"the unfinished run is in {work}: continue it with --resume {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise
+    log.close()
+    old = out.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out):
+        os.replace(out, old)
+    shutil.rmtree(os.path.join(work, "checkpoint"), ignore_errors=True)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, prompts: list[str], reward_fn, *, lengths, eos_id,
+             max_prompt, seed, device, batch: int = 128):
+    """Sample one response per held-out prompt (the same seed for every model) and score it."""
+    gen = torch.Generator().manual_seed(seed)
+    responses, scores = [], []
+    for s in range(0, len(prompts), batch):
+        ids, mask, _ = encode(tokenizer, prompts[s:s + batch], max_prompt=max_prompt)
+        out, _, act, _, _ = sample(model, ids.to(device), mask.to(device), generator=gen, eos_id=eos_id,
+                                   max_new_tokens=lengths[s:s + batch].to(device))
+        r = decode_responses(tokenizer, out, act, eos_id)
+        responses += r
+        scores.append(reward_fn(prompts[s:s + batch], r).float())
+    return torch.cat(scores), responses
+
+
+def stage_inputs(task: str, data: dict, tok, args, rm_tok=None) -> dict[str, list[dict]]:
+    """What each stage is given, one line per example: {"key": its unit's keyed hash, "input": the
+    texts, "tokens": the exact token ids the stage encodes, unpadded}. The pipeline trains on these
+    texts, --dry-run writes these lines, and the property tests compare them between neighbours."""
+    def rows(tokenizer, prompts, completions, a):
+        return encode_rows(tokenizer, prompts, completions, max_prompt=a.max_prompt,
+                           max_completion=getattr(a, "max_completion", 0))[0]
+
+    def lines(part, inputs, tokens):
+        return [{"key": unit_key(r["_unit"], args.seed), "input": x, "tokens": t}
+                for r, x, t in zip(data[part], inputs, tokens)]
+
+    def prompts_only(part, prompts, extra=None):  # PPO prompts, evaluation prompts
+        return lines(part, [{"prompt": p, **(e or {})} for p, e in zip(prompts, extra or [None] * len(prompts))],
+                     rows(tok, prompts, None, args.ppo))
+
+    def pairs(part, prompts, completions):  # SFT
+        return lines(part, [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)],
+                     rows(tok, prompts, completions, args.sft))
+
+    def comparisons(part):  # the reward model's, chosen and rejected side by side
+        cs, t = data[part], rm_tok or tok
+        p = [c["prompt"] for c in cs]
+        both = zip(rows(t, p, [c["chosen"] for c in cs], args.rm), rows(t, p, [c["rejected"] for c in cs], args.rm))
+        return lines(part, [{k: c[k] for k in ("prompt", "chosen", "rejected")} for c in cs], [list(x) for x in both])
+
+    if task == "sentiment":
+        texts = {k: [r["text"] for r in v] for k, v in data.items()}
+        prefix = lambda k: prefix_prompts(tok, texts[k], args.prompt_min, args.prompt_max, args.seed)
+        return {"sft": pairs("sft", [""] * len(texts["sft"]), texts["sft"]), "ppo": prompts_only("ppo", prefix("ppo")),
+                "test": prompts_only("test", prefix("test"))}
+    col = lambda part, f: [r[f] for r in data[part]]
+    return {"sft": pairs("sft", col("sft", "prompt"), col("sft", "completion")), "rm": comparisons("comparisons"),
+            "ppo": prompts_only("ppo", col("ppo", "prompt")),
+            "test": prompts_only("test", col("test", "prompt"), [{"completion": c} for c in col("test", "completion")]),
+            "rm_test": comparisons("comparisons_test")}
+
+
+def texts_of(lines: list[dict], *fields) -> list[list[str]]:
+    """The columns `fields` of a stage's input lines, e.g. its prompts and completions."""
+    return [[x["input"][f] for x in lines] for f in fields]
+
+
+def write_plan(run: Run, task: str, args, plans: dict, inputs: dict, report: dict) -> dict:
+    """--dry-run: print the plan (per stage N, q, steps, sigma, the epsilon it spends, delta), write
+    plan.json and inputs/<stage>.jsonl. Diff two dry runs to see what one unit changes."""
+    print(f"plan ({task}, nothing trained):", file=sys.stderr)
+    stages = {}
+    for name, p in plans.items():
+        accountant = ACCOUNTANT()
+        accountant.step(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, num_steps=p.steps)
+        stages[name] = {**dataclasses.asdict(p), "epsilon_spent": accountant.get_epsilon(p.delta) if p.private else math.inf}
+        print(f"  {name:4s} N={p.num_private_examples} q={p.sample_rate:.4f} steps={p.steps} sigma={p.noise_multiplier:.3f} "
+              f"epsilon={stages[name]['epsilon_spent']:.3f} (target {p.epsilon:g}) delta={p.delta:.2e}", file=sys.stderr)
+    plan = {"task": task, "config": config_of(args), "data": report, "stages": stages}
+    write_json(os.path.join(run.work, "plan.json"), plan)
+    os.makedirs(os.path.join(run.work, "inputs"))
+    for name, lines in inputs.items():
+        write_text(os.path.join(run.work, "inputs", f"{name}.jsonl"), "".join(json.dumps(x) + "\n" for x in lines))
+    print(f"wrote {run.out}/plan.json and inputs/")
+    return plan
+
+
+def sentiment_metrics(args, data, texts, scores) -> dict:
+    return {"reward": scores.mean().item()}
+
+
+def rlhf_metrics(args, data, texts, scores) -> dict:
+    """The learned reward, ROUGE against the reference summaries, and on the built-in task the
+    hidden preference the comparisons were drawn from."""
+    by_row = [rouge(y, r["completion"]) for y, r in zip(texts, data["test"])]
+    out = {"reward": scores.mean().item(), **{k: float(np.mean([s[k] for s in by_row])) for k in ("rouge1", "rouge2", "rougeL")}}
+    if args.dataset == "builtin":
+        out["true_preference"] = float(np.mean([true_preference(r["meta"], y) for y, r in zip(texts, data["test"])]))
+    return out
+
+
+def sentiment_reward(args, device):
+    """The public reward: the built-in lexicon scorer or --reward-model."""
+    return hub_sentiment_reward(args.reward_model, args.reward_label, device) if args.reward_model \
+        else builtin_sentiment_reward
+
+
+def eval_reward(args, device):
+    """--eval-reward-model: a public, non-private classifier that scores summaries in evaluation."""
+    return hub_sentiment_reward(args.eval_reward_model, "0", device) if args.eval_reward_model else None
+
+
+def learned_reward(args, run: Run, sft_lm, tok, rm_base, inputs: dict, plans: dict) -> tuple:
+    """STAGE 2: the DP reward model on D2, from LM_sft (or --reward-base) with a fresh head (and
+    LoRA). Its scores are DPPPO's reward: post-processing. Returns (reward_fn, its ledger entry,
+    its held-out accuracy, a function that saves it)."""
     rm_lm, rm_tok = rm_base if rm_base else (copy.deepcopy(sft_lm), tok)
     rm = RewardModel(add_lora(rm_lm, rank=args.rm.lora_rank), head=args.rm.head,
-                     pad_token_id=rm_tok.pad_token_id).to(device).eval()
-    cmp = [x["input"] for x in inputs["rm"]]
-    ledger["rm"] = dp_reward_model(rm, rm_tok, [c["prompt"] for c in cmp], [c["chosen"] for c in cmp],
-                                   [c["rejected"] for c in cmp], epsilon=stage_epsilon(args, "rm"), delta=delta, args=args.rm,
-                                   device=device, generator=private, log=log, ckpt=ckpt)
+                     pad_token_id=rm_tok.pad_token_id).to(run.device).eval()
+    entry = dp_reward_model(rm, rm_tok, *texts_of(inputs["rm"], "prompt", "chosen", "rejected"), plans["rm"], args.rm,
+                            generator=run.generator, hooks=run.hooks)
 
-    def rm_reward(prompts, responses):  # the DP reward model: using it is post-processing
+    def rm_reward(prompts, responses):
         return reward_model_scores(rm, rm_tok, prompts, responses, max_prompt=args.rm.max_prompt,
-                                   max_completion=args.rm.max_completion, device=device)
-    held = data["comparisons_test"]
-    prompts_h = [c["prompt"] for c in held]
-    rm_accuracy = (rm_reward(prompts_h, [c["chosen"] for c in held]) >
-                   rm_reward(prompts_h, [c["rejected"] for c in held])).float().mean().item()
-    # STAGE 3: DPPPO on D3 from LM_sft, rewarded by the DP reward model.
-    policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(device)
-    ledger["ppo"] = dpppo(policy, tok, [x["input"]["prompt"] for x in inputs["ppo"]], rm_reward, epsilon=stage_epsilon(args, "ppo"),
-                          delta=delta, args=args.ppo, device=device, generator=private, eos_id=tok.eos_token_id, log=log,
-                          ckpt=ckpt)
-    log.close()
-    evals, generations = {}, {}
-    for name, model in (("pretrained", CausalLM(base_lm)), ("sft", CausalLM(sft_lm)), ("aligned", policy)):
-        scores, texts = evaluate(model, tok, test_prompts, rm_reward, lengths=lengths, eos_id=tok.eos_token_id,
-                                 max_prompt=args.ppo.max_prompt, seed=args.seed + 4, device=device)
-        scores_r = [rouge(y, r["completion"]) for y, r in zip(texts, data["test"])]
-        e = {"reward": scores.mean().item(), **{k: float(np.mean([s[k] for s in scores_r])) for k in ("rouge1", "rouge2", "rougeL")}}
-        if args.dataset == "builtin":
-            e["true_preference"] = float(np.mean([true_preference(r["meta"], y) for y, r in zip(texts, data["test"])]))
-        if eval_rm is not None:
-            e["eval_reward"] = eval_rm(test_prompts, texts).mean().item()
-        evals[name], generations[name] = e, (texts, scores)
-    save_model(merge_lora(policy.lm), tok, os.path.join(work, "policy"))
-    save_reward_model(rm, rm_tok, os.path.join(work, "reward_model"))
-    summary = {"config": config_of(args), "task": "rlhf", "model": args.model, "epsilon": args.epsilon, "delta": delta, "seed": args.seed,
-               "secret_noise": not args.reproducible_noise, "data": data_report, "stages": ledger, "total_epsilon": compose_ledger(ledger, delta, args.composition),
-               "composition": args.composition, "eval": {**evals, "rm_accuracy": rm_accuracy},
-               "seconds": time.time() - t0}
-    write_json(os.path.join(work, "summary.json"), summary)
-    finish_run(work, out)
-    print_report(summary, test_prompts, generations, args.num_samples, out)
-    print(f"reward model held-out accuracy: {rm_accuracy:.3f}")
+                                   max_completion=args.rm.max_completion, device=run.device)
+    prompts, chosen, rejected = texts_of(inputs["rm_test"], "prompt", "chosen", "rejected")
+    accuracy = (rm_reward(prompts, chosen) > rm_reward(prompts, rejected)).float().mean().item()
+    return rm_reward, entry, {"rm_accuracy": accuracy}, lambda path: save_reward_model(rm, rm_tok, path)
+
+
+@dataclass
+class Task:
+    """What the one pipeline needs to know of a task: its data, its rewards, its evaluation."""
+    name: str
+    data: object            # args -> (data, report): the private parts by protected unit, and the test set
+    stages: tuple           # (stage, the part of `data` it trains on), in order
+    public_reward: object   # (args, device) -> reward_fn or None, loaded before anything trains
+    learned_reward: object  # None, or stage 2: (args, run, sft_lm, tok, rm_base, inputs, plans) -> ...
+    metrics: object         # (args, data, texts, scores) -> one model's evaluation
+    eos: bool               # responses end at eos (summaries) or at their drawn length (continued reviews)
+
+
+TASKS = {"sentiment": Task("sentiment", sentiment_data, (("sft", "sft"), ("ppo", "ppo")), sentiment_reward, None,
+                           sentiment_metrics, eos=False),
+         "rlhf": Task("rlhf", rlhf_data, (("sft", "sft"), ("rm", "comparisons"), ("ppo", "ppo")), eval_reward,
+                      learned_reward, rlhf_metrics, eos=True)}
+
+
+def run_pipeline(args: RunArgs, task: Task) -> dict:
+    """Split -> DP SFT on D1 -> (rlhf: DP reward model on D2) -> DPPPO on D3 -> evaluate the
+    pre-trained, SFT and aligned models on the test prompts; --dry-run stops before training."""
+    t0 = time.time()
+    for spec in ("model", "reward_model", "reward_base", "eval_reward_model"):
+        check_model_spec(getattr(args, spec, None), "--" + spec.replace("_", "-"))
+    with run_directory(args, task.name) as run:
+        data, report = task.data(args)
+        report_split(report)
+        sizes = {stage: len(data[part]) for stage, part in task.stages}
+        delta = args.delta if args.delta is not None else 1 / sum(sizes.values())
+        plans = plan_stages(args, sizes, delta)
+        base_lm, tok = load_lm(args.model, run.device, args.base)
+        check_fits(base_lm, args)
+        rm_base = load_lm(args.reward_base, run.device, args.base) if getattr(args, "reward_base", None) else None
+        inputs = stage_inputs(task.name, data, tok, args, rm_base[1] if rm_base else None)
+        if args.dry_run:
+            return write_plan(run, task.name, args, plans, inputs, report)
+        public = task.public_reward(args, run.device)
+        print(f"{task.name}: " + " ".join(f"|{s}|={n}" for s, n in sizes.items()) + f" |test|={len(inputs['test'])}  "
+              f"epsilon={args.epsilon:g} delta={delta:.2e}  device={run.device}", file=sys.stderr)
+        # STAGE 1: DP SFT on D1, then merge its LoRA: LM_sft.
+        sft_lm = add_lora(copy.deepcopy(base_lm))
+        ledger = {"sft": dp_sft(sft_lm, tok, *texts_of(inputs["sft"], "prompt", "completion"), plans["sft"], args.sft,
+                                generator=run.generator, hooks=run.hooks)}
+        merge_lora(sft_lm)
+        reward_fn, extra, save_rm = public, {}, None
+        if task.learned_reward is not None:  # STAGE 2 (rlhf): the DP reward model on D2
+            reward_fn, ledger["rm"], extra, save_rm = task.learned_reward(args, run, sft_lm, tok, rm_base, inputs, plans)
+        # STAGE 3: DPPPO on D3 from LM_sft, with a fresh LoRA and value head.
+        policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(run.device)
+        eos_id = tok.eos_token_id if task.eos else None
+        ledger["ppo"] = dpppo(policy, tok, *texts_of(inputs["ppo"], "prompt"), reward_fn, plans["ppo"], args.ppo,
+                              generator=run.generator, eos_id=eos_id, hooks=run.hooks)
+        models = {"pretrained": CausalLM(base_lm), "sft": CausalLM(sft_lm), "aligned": policy}
+        evals, generations = evaluate_models(args, task, models, tok, data, inputs, reward_fn, public, run.device)
+        save_model(merge_lora(policy.lm), tok, os.path.join(run.work, "policy"))
+        if save_rm is not None:
+            save_rm(os.path.join(run.work, "reward_model"))
+        summary = {"config": config_of(args), "task": task.name, "model": args.model, "epsilon": args.epsilon,
+                   "delta": delta, "seed": args.seed, "secret_noise": not args.reproducible_noise, "data": report,
+                   "stages": ledger, "total_epsilon": compose_ledger(ledger, delta, args.composition),
+                   "composition": args.composition, "eval": {**evals, **extra}, "seconds": time.time() - t0}
+        write_json(os.path.join(run.work, "summary.json"), summary)
+    print_report(summary, texts_of(inputs["test"], "prompt")[0], generations, args.num_samples, run.out)
     return summary
+
+
+def evaluate_models(args, task: Task, models: dict, tok, data, inputs, reward_fn, public, device) -> tuple:
+    """Each model samples one response per test prompt (the same draws for all); its metrics, and
+    the public --eval-reward-model's score where the reward was learned."""
+    prompts = texts_of(inputs["test"], "prompt")[0]
+    lengths = (torch.full((len(prompts),), args.ppo.response_max) if task.eos else  # reviews: drawn lengths
+               torch.randint(args.ppo.response_min, args.ppo.response_max + 1, (len(prompts),),
+                             generator=torch.Generator().manual_seed(args.seed + 3)))
+    evals, generations = {}, {}
+    for name, model in models.items():
+        scores, texts = evaluate(model, tok, prompts, reward_fn, lengths=lengths, eos_id=tok.eos_token_id if task.eos
+                                 else None, max_prompt=args.ppo.max_prompt, seed=args.seed + 4, device=device)
+        evals[name], generations[name] = task.metrics(args, data, texts, scores), (texts, scores)
+        if public is not None and public is not reward_fn:
+            evals[name]["eval_reward"] = public(prompts, texts).mean().item()
+    return evals, generations
+
+
+def print_report(summary, prompts, generations: dict, n: int, out: str):
+    """The ledger, the evaluation, and a few generations side by side (like the paper's Table 2)."""
+    print("\nprivacy ledger (each stage on its own private data):")
+    for name, s in summary["stages"].items():
+        print(f"  {name:4s} eps={s['epsilon']:.3f} delta={s['delta']:.2e} sigma={s['noise_multiplier']:.3f} "
+              f"q={s['sample_rate']:.4f} steps={s['steps']} N={s['num_private_examples']}")
+    print(f"  total eps={summary['total_epsilon']:.3f} ({summary['composition']} composition)")
+    print("evaluation on held-out prompts:")
+    for name, e in summary["eval"].items():
+        if isinstance(e, dict):
+            print(f"  {name:10s} " + "  ".join(f"{k}={v:+.3f}" for k, v in e.items()))
+    print("sample generations (prompt | model: response [score]):")
+    for i in range(min(n, len(prompts))):
+        print(f"  {prompts[i][-120:]!r}")
+        for name, (texts, scores) in generations.items():
+            print(f"    {name:10s}: {texts[i]!r} [{scores[i].item():+.2f}]")
+    print(f"wrote {out}/summary.json, metrics.jsonl, policy/ ({summary['seconds']:.0f}s)")
+    if "rm_accuracy" in summary["eval"]:
+        print(f"reward model held-out accuracy: {summary['eval']['rm_accuracy']:.3f}")
 
 
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]  # Student t, two-sided 95 %, 1-9 dof
@@ -2485,22 +2546,6 @@ def plot_sweep(results: dict, task: str, path: str) -> bool:
     return True
 
 
-def config_of(args) -> dict:
-    """The run's settings as JSON would store them (inf as a float survives json with allow_nan)."""
-    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-            if k not in ("overwrite", "resume", "checkpoint_every", "dry_run", "given")}  # how a run is kept
-
-
-def args_from_config(cls, config: dict):
-    """The dataclass `cls` (nested ones too) from `config_of`'s dict: a checkpoint's settings."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in config:
-            nested = _nested(f)
-            kwargs[f.name] = args_from_config(type(nested), config[f.name]) if nested is not None else config[f.name]
-    return cls(**kwargs)
-
-
 def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[int], plot: bool = False) -> str:
     """The pipeline once per (epsilon, seed); writes table.md, results.csv (and plot.png) to --out."""
     base = args.out or os.path.join("runs", f"{task}-sweep")
@@ -2526,28 +2571,54 @@ def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[
     return table
 
 
-def print_report(summary, prompts, generations: dict, n: int, out: str):
-    """The ledger, the evaluation, and a few generations side by side (like the paper's Table 2)."""
-    print("\nprivacy ledger (each stage on its own private data):")
-    for name, s in summary["stages"].items():
-        print(f"  {name:4s} eps={s['epsilon']:.3f} delta={s['delta']:.2e} sigma={s['noise_multiplier']:.3f} "
-              f"q={s['sample_rate']:.4f} steps={s['steps']} N={s['num_private_examples']}")
-    print(f"  total eps={summary['total_epsilon']:.3f} ({summary['composition']} composition)")
-    print("evaluation on held-out prompts:")
-    for name, e in summary["eval"].items():
-        if isinstance(e, dict):
-            print(f"  {name:10s} " + "  ".join(f"{k}={v:+.3f}" for k, v in e.items()))
-    print("sample generations (prompt | model: response [score]):")
-    for i in range(min(n, len(prompts))):
-        print(f"  {prompts[i][-120:]!r}")
-        for name, (texts, scores) in generations.items():
-            print(f"    {name:10s}: {texts[i]!r} [{scores[i].item():+.2f}]")
-    print(f"wrote {out}/summary.json, metrics.jsonl, policy/ ({summary['seconds']:.0f}s)")
+# #############################################################################################
+# PART III: TOOLS. Probes of the built-in task's design, a privacy audit, the benchmark: they
+# measure the method and the runs; nothing above needs them.
+# #############################################################################################
 
 
 # =============================================================================================
 # PROBES: the measurements behind the built-in task's design (NOTES.md), re-runnable
 # =============================================================================================
+
+
+def public_probe_posts(args: BaseModelArgs, n: int = 500) -> list[dict]:
+    """Held-out *public* posts for the copy probe (their own seed: not in the corpus, not private)."""
+    rng = np.random.default_rng(args.seed + 2)
+    return [_post(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def copy_probe(lm: nn.Module, tokenizer, posts: list[dict], device: str = "cpu", batch: int = 250) -> dict:
+    """Does the model read its prompt? Top-1 accuracy of the post's person among all PEOPLE after
+    "post : ... tl;dr : my", and of its feeling among all FEELINGS after "... my <person> <event>
+    and i feel". A model that ignores the post scores about chance (1/16, 1/12); one that copies, 1.
+    A candidate's score is the log-probability of all its tokens."""
+    model = CausalLM(lm)
+
+    def top1(prompts, candidates, answers):
+        words = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates]
+        scores = []
+        for s in range(0, len(prompts), batch):
+            chunk = prompts[s:s + batch]
+            if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution
+                ids, mask, _ = encode(tokenizer, chunk, max_prompt=512)
+                logits = model(ids.to(device), mask.to(device))[:, -1].float()
+                scores.append(logits.log_softmax(-1)[:, [w[0] for w in words]].cpu())
+                continue
+            columns = []
+            for c in candidates:
+                ids, mask, targets = encode(tokenizer, chunk, [" " + c] * len(chunk), max_prompt=512, max_completion=16)
+                targets[:, -1] = 0  # the word only, not the closing eos
+                columns.append((token_logprobs(model(ids.to(device), mask.to(device)).cpu(), ids) * targets).sum(-1))
+            scores.append(torch.stack(columns, 1))
+        best = torch.cat(scores).argmax(-1).tolist()
+        return float(np.mean([candidates[i] == a for i, a in zip(best, answers)]))
+
+    prompts = [TLDR_PROMPT.format(post=p["post"]) + " my" for p in posts]
+    feel = [TLDR_PROMPT.format(post=p["post"]) + f" my {p['person']} {p['event']} and i feel" for p in posts]
+    return {"person": top1(prompts, PEOPLE, [p["person"] for p in posts]),
+            "feeling": top1(feel, FEELINGS, [p["feeling"] for p in posts])}
 
 
 @torch.no_grad()
@@ -2683,57 +2754,55 @@ class AuditArgs(CommonArgs):
                        "the confidence is split over them (Bonferroni)")
     confidence: float = arg(0.95, "confidence of the lower bound", limit="(0,1)")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
+    given: tuple = field(default=(), metadata={"cli": False})
 
 
 def run_audit(args: AuditArgs) -> dict:
     """Train DP SFT once with canaries at the target epsilon; the lower bound the guesses prove."""
     t0 = time.time()
-    device, out, work, ckpt, private = _setup(args, "audit")
     check_model_spec(args.model, "--model")
-    ks = _parse_list("guesses", args.guesses, int, "numbers of guesses like 50,100,200")
-    if args.canaries < 1 or not all(0 < k <= args.canaries for k in ks):
-        raise UserError(f"--guesses {args.guesses} is not allowed with --canaries {args.canaries}: each k must be in [1, canaries]")
-    if not 0 < args.confidence < 1:
-        raise UserError(f"--confidence {args.confidence} is not allowed; it must be in (0, 1)")
-    lm, tok = load_lm(args.model, device, args.base)
-    texts = [r["text"] for r in make_reviews(args.num_sft, seed=30_000 + args.seed, exclude=set(public_corpus(args.base)[1]))]
-    coins = torch.rand(args.canaries, generator=torch.Generator().manual_seed(40_000 + args.seed)) < 0.5
-    members = coins.nonzero().flatten()
-    ids, mask, loss_mask = encode(tok, [""] * len(texts), texts, max_prompt=args.sft.max_prompt,
-                                  max_completion=args.sft.max_completion)
-    canary_ids = torch.full((len(members), ids.shape[1]), tok.pad_token_id)
-    canary_ids[:, -1] = members  # a canary row: all padding, its last id names it
-    data = (torch.cat([ids, canary_ids]), torch.cat([mask, torch.zeros_like(canary_ids)]),
-            torch.cat([loss_mask, torch.zeros(len(members), loss_mask.shape[1])]))
-    model = CanaryLM(add_lora(lm), args.canaries).to(device)
-    print(f"audit: {len(texts)} reviews + {len(members)} of {args.canaries} canaries in D1, epsilon={args.epsilon:g} "
-          f"delta={args.delta:g}", file=sys.stderr)
-    entry = dp_train(model, canary_sft_loss(model, args.sft.max_grad_norm), data, epsilon=stage_epsilon(args, "sft"),
-                     delta=args.delta, args=args.sft, device=device, generator=private, stage="sft",
-                     num_examples=args.num_sft + args.canaries / 2)  # q and T from E[n], not the secret coins
-    scores = -model.canary.detach().cpu()  # a member's coordinate went down when it was sampled
-    order = torch.argsort(scores, descending=True, stable=True)
-    alpha = (1 - args.confidence) / len(ks)
-    rows = []
-    for k in ks:
-        right = int(coins[order[:k]].sum())
-        rows.append({"guesses": k, "right": right,
-                     "epsilon_lower_bound": audit_epsilon_lower_bound(args.canaries, k, right, args.delta, alpha)})
-    best = max(rows, key=lambda r: r["epsilon_lower_bound"])
-    summary = {"config": config_of(args), "task": "audit", "model": args.model, "epsilon": args.epsilon, "delta": args.delta, "seed": args.seed,
-               "secret_noise": not args.reproducible_noise, "canaries": args.canaries, "members": len(members),
-               "confidence": args.confidence, "guesses": rows, "epsilon_lower_bound": best["epsilon_lower_bound"],
-               "stages": {"sft": entry}, "seconds": time.time() - t0}
-    write_json(os.path.join(work, "summary.json"), summary)
-    finish_run(work, out)
+    with run_directory(args, "audit") as run:
+        lm, tok = load_lm(args.model, run.device, args.base)
+        texts = [r["text"] for r in make_reviews(args.num_sft, seed=30_000 + args.seed,
+                                                 exclude=set(public_corpus(args.base)[1]))]
+        coins = torch.rand(args.canaries, generator=torch.Generator().manual_seed(40_000 + args.seed)) < 0.5
+        members = coins.nonzero().flatten()
+        ids, mask, loss_mask = encode(tok, [""] * len(texts), texts, max_prompt=args.sft.max_prompt,
+                                      max_completion=args.sft.max_completion)
+        canary_ids = torch.full((len(members), ids.shape[1]), tok.pad_token_id)
+        canary_ids[:, -1] = members  # a canary row: all padding, its last id names it
+        data = (torch.cat([ids, canary_ids]), torch.cat([mask, torch.zeros_like(canary_ids)]),
+                torch.cat([loss_mask, torch.zeros(len(members), loss_mask.shape[1])]))
+        model = CanaryLM(add_lora(lm), args.canaries).to(run.device)
+        print(f"audit: {len(texts)} reviews + {len(members)} of {args.canaries} canaries in D1, "
+              f"epsilon={args.epsilon:g} delta={args.delta:g}", file=sys.stderr)
+        # q and T from the expected D1, never from the coins the audit is about
+        plan = plan_stages(args, {"sft": args.num_sft + args.canaries / 2}, args.delta)["sft"]
+        entry = dp_train("sft", model, canary_sft_loss(model, args.sft.max_grad_norm), data, plan, args.sft,
+                         generator=run.generator)
+        scores = -model.canary.detach().cpu()  # a member's coordinate went down when it was sampled
+        order = torch.argsort(scores, descending=True, stable=True)
+        ks = [int(k) for k in args.guesses.split(",")]
+        rows = []
+        for k in ks:
+            right = int(coins[order[:k]].sum())
+            bound = audit_epsilon_lower_bound(args.canaries, k, right, args.delta, (1 - args.confidence) / len(ks))
+            rows.append({"guesses": k, "right": right, "epsilon_lower_bound": bound})
+        best = max(rows, key=lambda r: r["epsilon_lower_bound"])
+        summary = {"config": config_of(args), "task": "audit", "model": args.model, "epsilon": args.epsilon,
+                   "delta": args.delta, "seed": args.seed, "secret_noise": not args.reproducible_noise,
+                   "canaries": args.canaries, "members": len(members), "confidence": args.confidence,
+                   "guesses": rows, "epsilon_lower_bound": best["epsilon_lower_bound"], "stages": {"sft": entry},
+                   "seconds": time.time() - t0}
+        write_json(os.path.join(run.work, "summary.json"), summary)
     print(f"claimed epsilon {entry['epsilon']:.3f} (target {args.epsilon:g}); audited lower bound "
           f"{best['epsilon_lower_bound']:.3f} at {args.confidence:.0%} confidence ({best['right']} of "
-          f"{best['guesses']} guesses right)  -> {out}/summary.json")
+          f"{best['guesses']} guesses right)  -> {run.out}/summary.json")
     return summary
 
 
 # =============================================================================================
-# BENCHMARK: what DP-SGD costs over a non-private step
+# BENCHMARK: what DP-SGD costs over a non-private step, and a DPPPO iteration beside TRL
 # =============================================================================================
 
 
@@ -2742,14 +2811,14 @@ GPT2_SIZES = dict(tiny=(2, 64, 2), small=(12, 768, 12), medium=(24, 1024, 16), l
 
 def _bench_child(variant: str, ns) -> dict:
     """One variant in a fresh process: median step time and peak memory above the loaded model."""
-    from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     device = ns.device
     cfg = GPT2_SIZES[ns.model]
     lm = GPT2LMHeadModel(GPT2Config(n_layer=cfg[0], n_embd=cfg[1], n_head=cfg[2], attn_implementation="eager"))
     model = CausalLM(add_lora(lm.to(device).eval(), rank=4))
-    params = trainable(model)
-    opt = torch.optim.AdamW(params.values(), lr=1e-4, weight_decay=0.01)
+    state = TrainState.new(model, 1e-4)
+    plan = StagePlan(epsilon=1.0, delta=1e-5, num_private_examples=ns.batch, sample_rate=1.0, steps=1,
+                     noise_multiplier=1.0, max_grad_norm=1.0)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, lm.config.vocab_size, (ns.batch, ns.seq_len), generator=gen).to(device)
     mask = torch.ones_like(ids)
@@ -2758,26 +2827,24 @@ def _bench_child(variant: str, ns) -> dict:
     loss_fn = sft_loss(model)
 
     def nonprivate():
-        logits = model(ids, mask)
-        lp = token_logprobs(logits, ids)
+        lp = token_logprobs(model(ids, mask), ids)
         (-(lp * loss_mask).sum(1) / loss_mask.sum(1)).sum().div(ns.batch).backward()
-        opt.step(), opt.zero_grad(set_to_none=True)
+        state.optimizer.step(), state.optimizer.zero_grad(set_to_none=True)
 
     def dp():
-        dp_step(loss_fn, params, (ids, mask, loss_mask), opt, max_grad_norm=1.0, noise_multiplier=1.0,
-                expected_batch_size=ns.batch, generator=gen, chunk_size=ns.chunk_size)
+        dp_step(state, loss_fn, (ids, mask, loss_mask), plan, expected_batch_size=ns.batch, generator=gen,
+                chunk_size=ns.chunk_size)
 
     def loop():  # the textbook way: one backward per example
-        total = {k: torch.zeros_like(p) for k, p in params.items()}
+        total = {k: torch.zeros_like(p) for k, p in state.params.items()}
         for i in range(ns.batch):
-            loss = loss_fn(params, ids[i], mask[i], loss_mask[i])
-            g = torch.autograd.grad(loss, list(params.values()))
+            g = torch.autograd.grad(loss_fn(state.params, ids[i], mask[i], loss_mask[i]), list(state.params.values()))
             norm = torch.sqrt(sum(x.pow(2).sum() for x in g))
             for (k, t), x in zip(total.items(), g):
                 t += x * (1.0 / (norm + 1e-6)).clamp(max=1.0)
-        for k, p in params.items():
+        for k, p in state.params.items():
             p.grad = (total[k] + torch.randn(p.shape, generator=gen).to(device)) / ns.batch
-        opt.step(), opt.zero_grad(set_to_none=True)
+        state.optimizer.step(), state.optimizer.zero_grad(set_to_none=True)
 
     step = dict(nonprivate=nonprivate, dp=dp, loop=loop)[variant]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -2797,7 +2864,6 @@ def _bench_child(variant: str, ns) -> dict:
 
 def _peak_memory(device: str, base: int) -> int:
     """Peak bytes above `base` (CUDA: allocated; CPU: the process's maximum resident set)."""
-    import resource
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() - base
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
@@ -2812,7 +2878,6 @@ def _memory_now(device: str) -> int:
 def _bench_model_dir(ns) -> str:
     """A GPT-2 directory both our loop and the peer (TRL) load: the built-in base model, or a
     random-init GPT-2 of the given size with the built-in tokenizer, written once per run."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     builtin = builtin_base_model()
     if ns.model == "builtin":
         return builtin
@@ -2839,47 +2904,67 @@ def _bench_ppo_child(ns) -> dict:
                    response_max=ns.response, chunk_size=ns.chunk_size or PPOArgs.chunk_size)
     if ns.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    dpppo(policy, tok, prompts, builtin_sentiment_reward, epsilon=ns.epsilon, delta=1e-5, args=args,
-          device=ns.device, generator=torch.Generator().manual_seed(0), log=rows.append)
+    plan = plan_stage(args, len(prompts), ns.epsilon, 1e-5)
+    dpppo(policy, tok, prompts, builtin_sentiment_reward, plan, args, generator=torch.Generator().manual_seed(0),
+          hooks=RunHooks(log=rows.append, device=ns.device))
     timed = rows[ns.warmup:]
     phases = {k[5:]: float(np.median([r[k] for r in timed])) for k in timed[0] if k.startswith("time/")}
     return {"phases": phases, "total": float(np.median([sum(r[f"time/{p}"] for p in phases) for r in timed])),
             "peak_bytes": _peak_memory(ns.device, base)}
 
 
+def _trl_child(ns) -> dict:
+    """The peer: TRL 0.11's classic PPOTrainer (the gpt2-sentiment recipe: batched `generate`, then
+    `step`), non-private and fully fine-tuned, one epoch over one minibatch of the batch; prompts of
+    2-7 random token ids, 15 new tokens, a toy reward. Runs in TRL's own virtual environment
+    (transformers 4.x), so this module imports there too; trl is imported here only."""
+    import random
+
+    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    torch.manual_seed(0)
+    random.seed(0)
+    # tokenizer.json itself: tokenizer configs written by transformers 5 do not load in 4.x
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(ns.model_dir, "tokenizer.json"), eos_token="<|endoftext|>")
+    tok.pad_token = tok.eos_token
+    model, ref = (AutoModelForCausalLMWithValueHead.from_pretrained(ns.model_dir) for _ in range(2))
+    trainer = PPOTrainer(PPOConfig(batch_size=ns.batch, mini_batch_size=ns.batch, ppo_epochs=1, learning_rate=1.41e-5,
+                                   log_with=None), model, ref, tok)
+    vocab = list(range(min(len(tok), 200)))
+    gen = dict(min_length=-1, top_k=0.0, top_p=1.0, do_sample=True, pad_token_id=tok.eos_token_id)
+    times = []
+    for _ in range(ns.warmup + ns.repeats):
+        queries = [torch.tensor([random.choice(vocab) for _ in range(random.randint(2, 7))]) for _ in range(ns.batch)]
+        t = time.perf_counter()
+        responses = trainer.generate(queries, return_prompt=False, batch_size=ns.batch, max_new_tokens=ns.response,
+                                     **gen)
+        trainer.step(queries, responses, [torch.tensor(float((r == vocab[1]).sum())) for r in responses])
+        times.append(time.perf_counter() - t)
+    return {"phases": {}, "total": float(np.median(times[ns.warmup:])), "peak_bytes": None}
+
+
+def _child(python: str, ns, variant: str, **flags) -> dict:
+    """Run `bench --variant` in a fresh process (clean timing and peak memory): its JSON line."""
+    cmd = [python, os.path.abspath(__file__), "bench", ns.what, "--variant", variant, "--model", ns.model,
+           "--batch", str(ns.batch), "--seq-len", str(ns.seq_len), "--device", ns.device, "--repeats", str(ns.repeats),
+           "--warmup", str(ns.warmup), "--response", str(ns.response), "--threads", str(ns.threads)]
+    cmd += [x for k, v in flags.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise UserError(f"bench {variant} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def cmd_bench_ppo(ns):
-    """`bench ppo`: one DPPPO iteration at epsilon = inf and 4, by phase, and the peer TRL loop."""
-    import subprocess
+    """`bench ppo`: one DPPPO iteration at epsilon = inf and 4, by phase, and the TRL peer."""
     model_dir = _bench_model_dir(ns)
-    threads = ns.threads or torch.get_num_threads()
-    rows = {}
-    for eps in ("inf", "4"):
-        cmd = [sys.executable, os.path.abspath(__file__), "bench", "ppo", "--variant", "ppo", "--model-dir", model_dir,
-               "--epsilon", eps, "--batch", str(ns.batch), "--response", str(ns.response), "--device", ns.device,
-               "--repeats", str(ns.repeats), "--warmup", str(ns.warmup), "--threads", str(threads)]
-        cmd += ["--chunk-size", str(ns.chunk_size)] if ns.chunk_size else []
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise UserError(f"bench ppo at epsilon {eps} failed: {r.stderr.strip().splitlines()[-1:]}")
-        rows[f"ours, epsilon = {eps}"] = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {f"ours, epsilon = {eps}": _child(sys.executable, ns, "ppo", model_dir=model_dir, epsilon=eps,
+                                             chunk_size=ns.chunk_size) for eps in ("inf", "4")}
     if ns.trl:
-        script = os.path.abspath(ns.trl_script)
-        if not os.path.exists(script):
-            raise UserError(f"--trl-script {ns.trl_script} does not exist (it is ../shared/peer/trl_ppo_baseline.py "
-                            "in the workplace; see README, Benchmark)")
-        iters = ns.warmup + ns.repeats
-        r = subprocess.run([ns.trl, script, model_dir, str(ns.batch), str(iters)], capture_output=True, text=True,
-                           env={**os.environ, "NT": str(threads)})
-        times = [float(m.group(1)) + float(m.group(2)) for m in
-                 re.finditer(r"generate ([\d.]+) s, step ([\d.]+) s", r.stdout)][ns.warmup:]
-        if r.returncode != 0 or not times:
-            raise UserError(f"the TRL peer failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-        rows["TRL 0.11 PPOTrainer, non-private, full fine-tune"] = {"phases": {}, "total": float(np.median(times)),
-                                                                    "peak_bytes": None}
+        rows["TRL 0.11 PPOTrainer, non-private, full fine-tune"] = _child(ns.trl, ns, "trl", model_dir=model_dir)
     ref = rows["ours, epsilon = inf"]["total"]
     trl = next((r["total"] for k, r in rows.items() if k.startswith("TRL")), None)
     print(f"PPO iteration: {ns.model} GPT-2 ({model_dir}), batch {ns.batch} prompts of 2-7 tokens, responses "
-          f"{ns.response} tokens, {ns.device}, {threads} threads, median of {ns.repeats} iterations")
+          f"{ns.response} tokens, {ns.device}, {ns.threads} threads, median of {ns.repeats} iterations")
     print("| loop | sampling | reference | reward | update | s / iteration | x eps=inf | x TRL | peak memory (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
@@ -2890,40 +2975,25 @@ def cmd_bench_ppo(ns):
 
 
 def cmd_bench(ns):
-    """Run each variant in its own process (clean peak memory), then print one table of ratios."""
-    import subprocess
+    """Each variant in its own process (clean peak memory), then one table of ratios."""
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    ns.threads = ns.threads or torch.get_num_threads()
     ns.model = ns.model or ("builtin" if ns.what == "ppo" else "small")
     ns.batch = ns.batch or (64 if ns.what == "ppo" else 8)
-    for name in ("batch", "response", "repeats", "seq_len"):
-        _positive(name.replace("_", "-"), getattr(ns, name))
-    _positive("warmup", ns.warmup, allow_zero=True)
     if ns.what == "step" and ns.model == "builtin":
         raise UserError("bench step --model builtin is not allowed; use tiny, small, medium or large (or 'bench ppo')")
-    if ns.variant == "ppo":
-        print(json.dumps(_bench_ppo_child(ns)))
-        return
+    if ns.variant:  # a child
+        child = {"ppo": _bench_ppo_child, "trl": _trl_child}.get(ns.variant)
+        return print(json.dumps(child(ns) if child else _bench_child(ns.variant, ns)))
     if ns.what == "ppo":
         return cmd_bench_ppo(ns)
-    if ns.variant:
-        print(json.dumps(_bench_child(ns.variant, ns)))
-        return
     chunk = ns.chunk_size or max(1, ns.batch // 2)
     runs = {"nonprivate": ("nonprivate", None, "non-private (batched backward)"),
             "dp": ("dp", None, "DP: vmap per-sample grads + privatize"),
             "dp_chunked": ("dp", chunk, f"DP, vmap chunk_size={chunk}"),
             "loop": ("loop", None, "DP, per-example loop")}
-    rows = {}
-    for key, (variant, chunk_size, _) in runs.items():
-        cmd = [sys.executable, os.path.abspath(__file__), "bench", "--variant", variant, "--model", ns.model,
-               "--batch", str(ns.batch), "--seq-len", str(ns.seq_len), "--device", ns.device,
-               "--repeats", str(ns.repeats), "--warmup", str(ns.warmup)]
-        cmd += ["--chunk-size", str(chunk_size)] if chunk_size else []
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise UserError(f"bench variant {key} failed: {r.stderr.strip().splitlines()[-1:]}")
-        rows[key] = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = {key: _child(sys.executable, ns, variant, chunk_size=c) for key, (variant, c, _) in runs.items()}
     acc = ACCOUNTANT()
     acc.step(noise_multiplier=1.0, sample_rate=0.001, num_steps=100_000)
     t = time.perf_counter()
@@ -2942,73 +3012,36 @@ def cmd_bench(ns):
 
 
 # =============================================================================================
-# CLI
+# CLI: one --flag per config field; every value checked in one place (`validate`)
 # =============================================================================================
 
 
-def _parse_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+@dataclass
+class PrivacyArgs:
+    """`privacy`: epsilon of DP-SGD for (sigma, q, steps, delta), or sigma for a target epsilon."""
+    sample_rate: float = arg(None, "Poisson sampling rate q", limit="(0,1]", required=True)
+    steps: int = arg(None, "number of noisy steps", limit=">=1", required=True)
+    noise_multiplier: float | None = arg(None, "sigma (noise std / clipping norm)", limit=">=0")
+    epsilon: float | None = arg(None, "target epsilon: print the sigma that reaches it instead", limit=">0")
+    delta: float = arg(1e-5, "target delta", limit="(0,1)")
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"'{text}' is not true/false")
-    return text.lower() in ("true", "1", "yes")
-
-
-def _nested(f: dataclasses.Field):
-    """The default instance of a nested config field (e.g. `sft: SFTArgs`), else None."""
-    if f.default_factory is dataclasses.MISSING:
-        return None
-    value = f.default_factory()
-    return value if dataclasses.is_dataclass(value) else None
-
-
-def _add_dataclass_args(parser, config, prefix: str = ""):
-    """One --flag per config field (nested configs get a prefix: --sft-lr, --ppo-steps)."""
-    for f in dataclasses.fields(config):
-        if _nested(f) is not None:
-            _add_dataclass_args(parser, _nested(f), prefix + f.name + "_")
-            continue
-        if f.metadata.get("cli") is False:
-            continue
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        conv = (_parse_bool if "bool" in kind else _parse_float if "float" in kind else int if "int" in kind
-                else str)
-        default = getattr(config, f.name)
-        text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
-        parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, type=conv,
-                            default=None, help=text.replace("%", "%%"),
-                            metavar="{" + ",".join(f.metadata["choices"]) + "}" if f.metadata.get("choices") else None,
-                            **({"nargs": "?", "const": True} if conv is _parse_bool else {}))
-
-
-def _build_dataclass(config, ns, prefix: str = ""):
-    """`config` (a default instance) with the fields the command line set."""
-    changes = {}
-    for f in dataclasses.fields(config):
-        if _nested(f) is not None:
-            changes[f.name] = _build_dataclass(getattr(config, f.name), ns, prefix + f.name + "_")
-        elif getattr(ns, prefix + f.name, None) is not None:
-            changes[f.name] = getattr(ns, prefix + f.name)
-    return dataclasses.replace(config, **changes)
-
-
-SMOKE_PRESET = {  # every stage for a step or three on a tiny base model: does it run? (about 40 s with the tiny model built)
-    "num_sft": 200, "num_ppo": 200, "num_test": 16, "num_comparisons": 120, "num_comparisons_test": 40,
-    "sft_steps": 3, "sft_batch_size": 20, "rm_steps": 2, "rm_batch_size": 16, "ppo_steps": 2,
-    "ppo_batch_size": 16, "ppo_response_min": 8, "ppo_response_max": 8,
-    "base_n_layer": 2, "base_n_embd": 64, "base_n_head": 2, "base_vocab_size": 400, "base_corpus_size": 600,
-    "base_steps": 150, "base_batch_size": 16, "base_seq_len": 64, "base_copy_steps": 0, "base_copy_rows": 0,
-}
-PAPER_PRESET = {  # App. B, GPT-2 small on a GPU
-    "sft_batch_size": 512, "sft_epochs": 40, "sft_lr": 3e-4,
-    "ppo_batch_size": 4096, "ppo_minibatches": 16, "ppo_steps": 100, "ppo_lr": 3e-3, "ppo_lr_schedule": "constant",
-    "rm_batch_size": 4096, "rm_epochs": 50, "rm_lr": 2e-4, "rm_head": "last", "rm_lora_rank": 4,
-}
+@dataclass
+class BenchArgs:
+    """`bench`: time and memory of a DP step against a non-private one ('bench ppo': a DPPPO iteration)."""
+    model: str | None = arg(None, "GPT-2 size, random init (default small, 124M; 'bench ppo': builtin, the built-in "
+                            "base model)", choices=("builtin", "tiny", "small", "medium", "large"))
+    batch: int | None = arg(None, "sequences per step (default 8; 'bench ppo': 64 prompts)", limit=">=1")
+    seq_len: int = arg(64, "tokens per sequence", limit=">=1")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
+    repeats: int = arg(7, "timed steps", limit=">=1")
+    warmup: int = arg(2, "untimed steps first", limit=">=0")
+    chunk_size: int | None = arg(None, "chunk size of the chunked DP row (default: half the batch; 'bench ppo': 64)",
+                                 limit=">=1")
+    response: int = arg(15, "'bench ppo': tokens per response (as the TRL peer)", limit=">=1")
+    threads: int | None = arg(None, "torch CPU threads, also the peer's (default: torch's default)", limit=">=1")
+    trl: str | None = arg(None, "'bench ppo': the python of a virtual environment with trl 0.11, to run the TRL "
+                          "peer beside our loop (README, Benchmark)")
 
 
 LIMITS = {  # a field's `limit` -> (the test, what the one-line refusal says); nan fails every test
@@ -3020,8 +3053,7 @@ LIMITS = {  # a field's `limit` -> (the test, what the one-line refusal says); n
 
 
 def check_config(config, prefix: str = ""):
-    """Every field's own limit and choices (declared with `arg`), nested configs too: one line
-    naming the flag, the value and what is allowed."""
+    """Every field's own limit or choices (declared with `arg`), nested configs too."""
     for f in dataclasses.fields(config):
         value, flag = getattr(config, f.name), "--" + (prefix + f.name).replace("_", "-")
         if dataclasses.is_dataclass(value):
@@ -3030,59 +3062,39 @@ def check_config(config, prefix: str = ""):
             raise UserError(f"{flag} '{value}' is not allowed; use {' or '.join(map(repr, f.metadata['choices']))}")
         elif value is not None and f.metadata.get("limit") and not LIMITS[f.metadata["limit"]][0](value):
             raise UserError(f"{flag} {value} is not allowed; {LIMITS[f.metadata['limit']][1]}")
-    if isinstance(config, BaseModelArgs) and config.n_embd % config.n_head:
-        raise UserError(f"--base-n-embd {config.n_embd} is not allowed with --base-n-head {config.n_head}: "
-                        "the width must be a multiple of the heads")
 
 
-def _positive(name, value, allow_zero=False):
-    if value is not None and not (value >= 0 if allow_zero else value > 0):  # also refuses nan
-        raise UserError(f"--{name} {value} is not allowed; it must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def cmd_privacy(ns):
-    _positive("steps", ns.steps)
-    if not 0 < ns.sample_rate <= 1:
-        raise UserError(f"--sample-rate {ns.sample_rate} is not allowed; it must be in (0, 1]")
-    if not 0 < ns.delta < 1:
-        raise UserError(f"--delta {ns.delta} is not allowed; it must be in (0, 1)")
-    if ns.epsilon is not None:
-        if not ns.epsilon > 0:
-            raise UserError(f"--epsilon {ns.epsilon} is not allowed; it must be > 0")
-        sigma = get_noise_multiplier(target_epsilon=ns.epsilon, target_delta=ns.delta,
-                                     sample_rate=ns.sample_rate, steps=ns.steps)
-        print(f"noise_multiplier={sigma:.4f} for epsilon<={ns.epsilon:g} at delta={ns.delta:g}, "
-              f"q={ns.sample_rate:g}, steps={ns.steps}")
-        return
-    if ns.noise_multiplier is None:
-        raise UserError("give --noise-multiplier (to get epsilon) or --epsilon (to get sigma)")
-    _positive("noise-multiplier", ns.noise_multiplier, allow_zero=True)
-    rdp = compute_rdp(q=ns.sample_rate, noise_multiplier=ns.noise_multiplier, steps=ns.steps, orders=DEFAULT_ORDERS)
-    eps, order = get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=ns.delta)
-    print(f"epsilon={eps:.4f} (order {order:g}) for sigma={ns.noise_multiplier:g}, q={ns.sample_rate:g}, "
-          f"steps={ns.steps}, delta={ns.delta:g}")
-
-
-def _parse_list(name: str, text: str, kind, example: str) -> list:
-    try:
-        return [kind(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"--{name} '{text}' is not allowed; give {example}") from None
-
-
-def _pipeline_args(cls, ns):
-    if getattr(ns, "preset", None):
-        for k, v in {"paper": PAPER_PRESET, "smoke": SMOKE_PRESET}[ns.preset].items():
-            if hasattr(ns, k) and getattr(ns, k) is None:
-                setattr(ns, k, v)
-    if getattr(ns, "batch_size", None) is not None:
-        for k in ("sft_batch_size", "rm_batch_size", "ppo_batch_size"):
-            if hasattr(ns, k) and getattr(ns, k) is None:
-                setattr(ns, k, ns.batch_size)
-    args = _build_dataclass(cls(), ns)
+def validate(args, epsilons: list[float] | None = None):
+    """All a run's settings, in one place: each field's limit (`check_config`), then the rules
+    between fields, for the run's epsilon or each of a sweep's `epsilons`."""
     check_config(args)
-    check_privacy_settings(args, args.epsilon)
-    return args
+    if args.base.n_embd % args.base.n_head:
+        raise UserError(f"--base-n-embd {args.base.n_embd} is not allowed with --base-n-head {args.base.n_head}: "
+                        "the width must be a multiple of the heads")
+    device = args.device or "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device {device} is not allowed; use cpu, cuda or cuda:<index>")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} is not available here; use --device cpu")
+    if isinstance(args, SentimentArgs) and args.prompt_min > args.prompt_max:
+        raise UserError(f"--prompt-min {args.prompt_min} is not allowed with --prompt-max {args.prompt_max}")
+    if isinstance(args, AuditArgs):
+        ks = _parse_list("guesses", args.guesses, int, "numbers of guesses like 50,100,200")
+        if not all(0 < k <= args.canaries for k in ks):
+            raise UserError(f"--guesses {args.guesses} is not allowed with --canaries {args.canaries}: each k must be "
+                            "in [1, canaries]")
+    for e in epsilons or [args.epsilon]:
+        for name in (s for s in ("sft", "rm", "ppo") if hasattr(args, s)):
+            stage = getattr(args, name)
+            eps, flag = (e, "--epsilon") if stage.epsilon is None else (stage.epsilon, f"--{name}-epsilon")
+            if math.isfinite(eps) and not math.isfinite(stage.max_grad_norm):
+                raise UserError(f"--{name}-max-grad-norm {stage.max_grad_norm} is not allowed with epsilon {eps:g}: "
+                                "the noise is sigma * C, so C must be finite (or use --epsilon inf)")
+            if name == "ppo":
+                try:
+                    stage.validate(eps)
+                except ValueError as err:
+                    raise flag_words(err, "ppo_", epsilon=flag) from None
 
 
 def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] | None):
@@ -3118,6 +3130,80 @@ def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] |
             raise UserError(f"--{name.replace('_', '-')} is not allowed here: {why}")
 
 
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not true/false")
+    return text.lower() in ("true", "1", "yes")
+
+
+def _parse_list(name: str, text: str, kind, example: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{name} '{text}' is not allowed; give {example}") from None
+
+
+def _nested(f: dataclasses.Field):
+    """The default instance of a nested config field (e.g. `sft: SFTArgs`), else None."""
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    value = f.default_factory()
+    return value if dataclasses.is_dataclass(value) else None
+
+
+def _add_dataclass_args(parser, config, prefix: str = ""):
+    """One --flag per config field (nested configs get a prefix: --sft-lr, --ppo-steps)."""
+    for f in dataclasses.fields(config):
+        if _nested(f) is not None:
+            _add_dataclass_args(parser, _nested(f), prefix + f.name + "_")
+            continue
+        if f.metadata.get("cli") is False:
+            continue
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        conv = (_parse_bool if "bool" in kind else _parse_float if "float" in kind else int if "int" in kind
+                else str)
+        default, choices = getattr(config, f.name), f.metadata.get("choices")
+        text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
+        parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, type=conv,
+                            default=None, help=text.replace("%", "%%"), required=f.metadata.get("required", False),
+                            metavar="{" + ",".join(choices) + "}" if choices else None,
+                            **({"nargs": "?", "const": True} if conv is _parse_bool else {}))
+
+
+def _build_dataclass(config, ns, prefix: str = ""):
+    """`config` (a default instance) with the fields the command line set."""
+    changes = {}
+    for f in dataclasses.fields(config):
+        if _nested(f) is not None:
+            changes[f.name] = _build_dataclass(getattr(config, f.name), ns, prefix + f.name + "_")
+        elif getattr(ns, prefix + f.name, None) is not None:
+            changes[f.name] = getattr(ns, prefix + f.name)
+    return dataclasses.replace(config, **changes)
+
+
+def config_of(args) -> dict:
+    """The run's settings as JSON would store them (inf as a float survives json with allow_nan)."""
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+            if k not in ("overwrite", "resume", "checkpoint_every", "dry_run", "given")}  # how a run is kept
+
+
+def args_from_config(cls, config: dict):
+    """The dataclass `cls` (nested ones too) from `config_of`'s dict: a checkpoint's settings."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in config:
+            nested = _nested(f)
+            kwargs[f.name] = args_from_config(type(nested), config[f.name]) if nested is not None else config[f.name]
+    return cls(**kwargs)
+
+
 def resume_args(cls, task: str, work: str):
     """The settings of the interrupted run in `work` (its checkpoint's), to continue it."""
     work = work.rstrip("/")
@@ -3132,64 +3218,89 @@ def resume_args(cls, task: str, work: str):
     return dataclasses.replace(args_from_config(cls, config), resume=work)
 
 
-def stage_epsilon(args, name: str) -> float:
-    """A stage's target epsilon: its own --<stage>-epsilon if given (ablations), else --epsilon."""
-    own = getattr(args, name).epsilon
-    return args.epsilon if own is None else own
+SMOKE_PRESET = {  # every stage for a step or three on a tiny base model: does it run? (about 40 s, tiny model built)
+    "num_sft": 200, "num_ppo": 200, "num_test": 16, "num_comparisons": 120, "num_comparisons_test": 40,
+    "sft_steps": 3, "sft_batch_size": 20, "rm_steps": 2, "rm_batch_size": 16, "ppo_steps": 2,
+    "ppo_batch_size": 16, "ppo_response_min": 8, "ppo_response_max": 8,
+    "base_n_layer": 2, "base_n_embd": 64, "base_n_head": 2, "base_vocab_size": 400, "base_corpus_size": 600,
+    "base_steps": 150, "base_batch_size": 16, "base_seq_len": 64, "base_copy_steps": 0, "base_copy_rows": 0,
+}
+PAPER_PRESET = {  # App. B, GPT-2 small on a GPU
+    "sft_batch_size": 512, "sft_epochs": 40, "sft_lr": 3e-4,
+    "ppo_batch_size": 4096, "ppo_minibatches": 16, "ppo_steps": 100, "ppo_lr": 3e-3, "ppo_lr_schedule": "constant",
+    "rm_batch_size": 4096, "rm_epochs": 50, "rm_lr": 2e-4, "rm_head": "last", "rm_lora_rank": 4,
+}
 
 
-def check_privacy_settings(args, epsilon: float):
-    """What must hold for a finite epsilon to mean anything (`epsilon`: the run's, or a sweep's)."""
-    for name in ("sft", "rm", "ppo"):
-        stage = getattr(args, name, None)
-        if stage is None:
-            continue
-        eps, flag = (epsilon, "--epsilon") if stage.epsilon is None else (stage.epsilon, f"--{name}-epsilon")
-        if not eps > 0:
-            raise UserError(f"{flag} {eps:g} is not allowed; use a number > 0 or 'inf'")
-        if math.isfinite(eps) and not math.isfinite(stage.max_grad_norm):
-            raise UserError(f"--{name}-max-grad-norm {stage.max_grad_norm} is not allowed with epsilon {eps:g}: "
-                            "the noise is sigma * C, so C must be finite (or use --epsilon inf)")
-        if name == "ppo":
-            stage.validate(eps)
+def cmd_privacy(args: PrivacyArgs):
+    if args.epsilon is not None:
+        try:
+            sigma = get_noise_multiplier(target_epsilon=args.epsilon, target_delta=args.delta,
+                                         sample_rate=args.sample_rate, steps=args.steps)
+        except ValueError as e:
+            raise flag_words(e) from None
+        return print(f"noise_multiplier={sigma:.4f} for epsilon<={args.epsilon:g} at delta={args.delta:g}, "
+                     f"q={args.sample_rate:g}, steps={args.steps}")
+    if args.noise_multiplier is None:
+        raise UserError("give --noise-multiplier (to get epsilon) or --epsilon (to get sigma)")
+    rdp = compute_rdp(q=args.sample_rate, noise_multiplier=args.noise_multiplier, steps=args.steps, orders=DEFAULT_ORDERS)
+    eps, order = get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=args.delta)
+    print(f"epsilon={eps:.4f} (order {order:g}) for sigma={args.noise_multiplier:g}, q={args.sample_rate:g}, "
+          f"steps={args.steps}, delta={args.delta:g}")
+
+
+def cmd_run(command: str, ns):
+    """sentiment, rlhf, audit: one run, a sweep over epsilons and seeds, or --resume."""
+    cls = {"sentiment": SentimentArgs, "rlhf": RLHFArgs, "audit": AuditArgs}[command]
+    run = (lambda a: run_pipeline(a, TASKS[command])) if command != "audit" else run_audit
+    given = {k for k, v in vars(ns).items() if v is not None and v is not False and k != "command"}
+    if ns.resume:
+        if others := sorted(given - {"resume", "checkpoint_every"}):
+            raise UserError(f"--{others[0].replace('_', '-')} is not allowed with --resume: the run continues with "
+                            "the settings it was started with")
+        return run(resume_args(cls, command, ns.resume))
+    for k, v in {"paper": PAPER_PRESET, "smoke": SMOKE_PRESET}.get(getattr(ns, "preset", None), {}).items():
+        if hasattr(ns, k) and getattr(ns, k) is None:  # flags you give win
+            setattr(ns, k, v)
+    for k in ("sft_batch_size", "rm_batch_size", "ppo_batch_size"):
+        if getattr(ns, "batch_size", None) is not None and hasattr(ns, k) and getattr(ns, k) is None:
+            setattr(ns, k, ns.batch_size)
+    args = dataclasses.replace(_build_dataclass(cls(), ns), given=tuple(sorted(given)))
+    epsilons = _parse_list("sweep", ns.sweep, float, "epsilons like 1,2,4,8,inf") if ns.sweep else None
+    seeds = _parse_list("seeds", ns.seeds, int, "seeds like 0,1,2") if ns.seeds else [args.seed]
+    for name, values in (("sweep", epsilons or []), ("seeds", seeds)):
+        if len(set(values)) < len(values):
+            raise UserError(f"--{name} {getattr(ns, name)} is not allowed: a value twice would count one run twice "
+                            "in the confidence interval")
+        if not all(v > 0 if name == "sweep" else v >= 0 for v in values):
+            raise UserError(f"--{name} {getattr(ns, name)} is not allowed; each must be "
+                            f"{'> 0 (or inf)' if name == 'sweep' else '>= 0'}")
+    validate(args, epsilons)
+    refuse_ignored_flags(args, given, command, epsilons)
+    if ns.sweep is None and ns.seeds is None:
+        return run(args)
+    return run_sweep(args, run, command, epsilons or [args.epsilon], seeds, plot=getattr(ns, "plot", False))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("privacy", help="epsilon of DP-SGD for (sigma, q, steps, delta), or sigma for a target epsilon")
-    p.add_argument("--noise-multiplier", type=_parse_float, help="sigma (noise std / clipping norm)")
-    p.add_argument("--epsilon", type=_parse_float, help="target epsilon: print the sigma that reaches it instead")
-    p.add_argument("--sample-rate", type=_parse_float, required=True, help="Poisson sampling rate q in (0, 1]")
-    p.add_argument("--steps", type=int, required=True, help="number of noisy steps")
-    p.add_argument("--delta", type=_parse_float, default=1e-5, help="target delta in (0, 1) (default 1e-5)")
-    p = sub.add_parser("bench", help="time and memory of a DP step against a non-private one ('bench ppo': of a PPO iteration)")
+    _add_dataclass_args(sub.add_parser("privacy", help=PrivacyArgs.__doc__.split(": ", 1)[1]), PrivacyArgs())
+    p = sub.add_parser("bench", help=BenchArgs.__doc__.split(": ", 1)[1])
     p.add_argument("what", nargs="?", choices=["step", "ppo"], default="step",
                    help="'step' (default): one DP-SGD step; 'ppo': one DPPPO iteration by phase, beside TRL with --trl")
-    p.add_argument("--model", choices=["builtin", "tiny", "small", "medium", "large"],
-                   help="GPT-2 size, random init (default small, 124M; 'bench ppo': builtin, the built-in base model)")
-    p.add_argument("--batch", type=int, help="sequences per step (default 8; 'bench ppo': 64 prompts)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--repeats", type=int, default=7, help="timed steps (default 7)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--chunk-size", type=int, help="chunk size of the chunked DP row (default: half the batch; 'bench ppo': 64)")
-    p.add_argument("--response", type=int, default=15, help="'bench ppo': tokens per response (default 15, as the TRL peer)")
-    p.add_argument("--threads", type=int, help="torch CPU threads, also the peer's (default: torch's default)")
-    p.add_argument("--trl", help="'bench ppo': python of a virtual environment with trl 0.11 (README, Benchmark)")
-    p.add_argument("--trl-script", default=os.path.join("..", "shared", "peer", "trl_ppo_baseline.py"),
-                   help="'bench ppo': the peer script (default ../shared/peer/trl_ppo_baseline.py)")
-    p.add_argument("--variant", choices=["nonprivate", "dp", "loop", "ppo"], help=argparse.SUPPRESS)
+    _add_dataclass_args(p, BenchArgs())
+    p.add_argument("--variant", choices=["nonprivate", "dp", "loop", "ppo", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--epsilon", type=_parse_float, default=math.inf, help=argparse.SUPPRESS)
-    p = sub.add_parser("probe", help=ProbeArgs.__doc__.splitlines()[0])
-    _add_dataclass_args(p, ProbeArgs())
+    _add_dataclass_args(sub.add_parser("probe", help=ProbeArgs.__doc__.split(": ", 1)[1]), ProbeArgs())
     for name, cls in (("sentiment", SentimentArgs), ("rlhf", RLHFArgs), ("audit", AuditArgs)):
-        p = sub.add_parser(name, help=cls.__doc__.splitlines()[0])
+        p = sub.add_parser(name, help=cls.__doc__.split(": ", 1)[1].splitlines()[0])
         _add_dataclass_args(p, cls())
         if name != "audit":
-            p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage defaults)")
+            p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage "
+                           "defaults)")
             p.add_argument("--preset", choices=["paper", "smoke"], help="'paper': App. B hyper-parameters for GPT-2 "
                            "runs on a GPU; 'smoke': tiny everything, a 40-second check that it runs (flags you give win)")
             p.add_argument("--plot", action="store_true", help="with --sweep: also draw plot.png (needs matplotlib)")
@@ -3198,58 +3309,23 @@ def main(argv=None):
         p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): repeat the sweep per seed; cells are "
                        "means with 95 %% confidence intervals")
     ns = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        if ns.command == "privacy":
-            return cmd_privacy(ns)
-        if ns.command == "bench":
-            return cmd_bench(ns)
-        if ns.command == "probe":
-            return cmd_probe(_build_dataclass(ProbeArgs(), ns))
-        if ns.command in ("sentiment", "rlhf", "audit"):
-            cls, run = {"sentiment": (SentimentArgs, run_sentiment), "rlhf": (RLHFArgs, run_rlhf),
-                        "audit": (AuditArgs, run_audit)}[ns.command]
-            given = {k for k, v in vars(ns).items() if v is not None and v is not False and k != "command"}
-            if ns.resume:
-                others = sorted(given - {"resume", "checkpoint_every"})
-                if others:
-                    raise UserError(f"--{others[0].replace('_', '-')} is not allowed with --resume: the run continues "
-                                    "with the settings it was started with")
-                return run(resume_args(cls, ns.command, ns.resume))
-            args = _pipeline_args(cls, ns)
-            epsilons = _parse_list("sweep", ns.sweep, float, "epsilons like 1,2,4,8,inf") if ns.sweep else None
-            seeds = _parse_list("seeds", ns.seeds, int, "seeds like 0,1,2") if ns.seeds else [args.seed]
-            for name, values in (("sweep", epsilons or []), ("seeds", seeds)):
-                if len(set(values)) < len(values):
-                    raise UserError(f"--{name} {getattr(ns, name)} is not allowed: a value twice would count one "
-                                    "run twice in the confidence interval")
-            refuse_ignored_flags(args, given, ns.command, epsilons)
-            if hasattr(args, "given"):
-                args = dataclasses.replace(args, given=tuple(sorted(given)))
-            if ns.sweep is None and ns.seeds is None:
-                return run(args)
-            epsilons = epsilons or [args.epsilon]
-            for e in epsilons:
-                _positive("sweep epsilon", e)
-                check_privacy_settings(args, e)
-            for s in seeds:
-                _positive("seeds", s, allow_zero=True)
-            return run_sweep(args, run, ns.command, epsilons, seeds, plot=getattr(ns, "plot", False))
+        if ns.command in ("privacy", "bench", "probe"):
+            cls = {"privacy": PrivacyArgs, "bench": BenchArgs, "probe": ProbeArgs}[ns.command]
+            args = _build_dataclass(cls(), ns)
+            check_config(args)
+            if ns.command == "bench":
+                vars(ns).update(dataclasses.asdict(args))
+            return {"privacy": cmd_privacy, "bench": lambda a: cmd_bench(ns), "probe": cmd_probe}[ns.command](args)
+        return cmd_run(ns.command, ns)
     except UserError as e:  # only these: any other exception is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (inside a run, `run_directory` has already said so and kept what it could)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    finally:  # nothing half-written stays on disk but a checkpoint to resume from
-        import shutil
-        for work, ckpt in list(_UNFINISHED.items()):
-            if ckpt is not None and ckpt.flush():
-                print(f"the unfinished run is in {work}: continue it with --resume {work}", file=sys.stderr)
-            else:
-                shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

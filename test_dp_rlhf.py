@@ -336,7 +336,7 @@ def test_dp_sft_loss_falls_and_ledger(tiny):
     model = d.add_lora(copy.deepcopy(lm))
     before = nll(model)
     args = d.SFTArgs(steps=60, batch_size=128, lr=1e-2)
-    entry = d.dp_sft(model, tok, [""] * 2000, texts[64:], epsilon=8.0, delta=1e-3, args=args, device="cpu",
+    entry = d.dp_sft(model, tok, [""] * 2000, texts[64:], d.plan_stage(args, 2000, 8.0, 1e-3), args,
                      generator=torch.Generator().manual_seed(0))
     assert nll(model) < before - 0.04  # measured: 2.458 -> 2.406 (2.38 at eps = inf)
     assert entry["steps"] == 60 and entry["num_private_examples"] == 2000
@@ -482,9 +482,10 @@ def test_dpppo_raises_the_reward(tiny):
     prompts = d.prefix_prompts(tok, [r["text"] for r in d.make_reviews(200, seed=3)], 2, 4, seed=0)
     policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
     rows = []
-    d.dpppo(policy, tok, prompts, lambda p, r: torch.tensor([float(y.count(" .")) for y in r]), epsilon=8.0,
-            delta=1e-3, args=d.PPOArgs(steps=15, batch_size=64, lr=3e-2, response_min=8, response_max=8), device="cpu",
-            generator=torch.Generator().manual_seed(0), log=rows.append)
+    args = d.PPOArgs(steps=15, batch_size=64, lr=3e-2, response_min=8, response_max=8)
+    d.dpppo(policy, tok, prompts, lambda p, r: torch.tensor([float(y.count(" .")) for y in r]),
+            d.plan_stage(args, len(prompts), 8.0, 1e-3), args, generator=torch.Generator().manual_seed(0),
+            hooks=d.RunHooks(log=rows.append))
     reward = [r["ppo/reward_mean"] for r in rows]
     assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 1.0, reward
     assert rows[-1]["privacy/epsilon"] <= 8.0
@@ -496,9 +497,10 @@ def test_ppo_linear_lr_schedule_anneals_by_iteration(tiny):
     lm, tok = tiny
     policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
     rows = []
-    d.dpppo(policy, tok, ["the film was", "it is a"] * 4, lambda p, r: torch.zeros(len(r)), epsilon=8.0, delta=1e-3,
-            args=d.PPOArgs(steps=4, batch_size=4, lr=1e-2, lr_schedule="linear", response_min=2, response_max=2),
-            device="cpu", generator=torch.Generator().manual_seed(0), log=rows.append)
+    args = d.PPOArgs(steps=4, batch_size=4, lr=1e-2, lr_schedule="linear", response_min=2, response_max=2)
+    d.dpppo(policy, tok, ["the film was", "it is a"] * 4, lambda p, r: torch.zeros(len(r)),
+            d.plan_stage(args, 8, 8.0, 1e-3), args, generator=torch.Generator().manual_seed(0),
+            hooks=d.RunHooks(log=rows.append))
     assert [r["ppo/lr"] for r in rows] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
 
 
@@ -620,8 +622,8 @@ def test_resume_after_ctrl_c_mid_ppo_gives_the_uninterrupted_ledger(tmp_path):
     assert p.returncode == 130, "".join(seen) + "\n".join(tail)
     assert tail[-1] == f"the unfinished run is in {work}: continue it with --resume {work}"
     assert not out.exists() and not [f for f in work.rglob("*") if f.name.endswith(".partial")]
-    meta = json.loads((work / "checkpoint" / "meta.json").read_text())
-    assert set(meta["finished"]) == {"sft"} and meta["current"]["stage"] == "ppo" and meta["current"]["step"] >= 4
+    ckpt = d.Checkpoint(str(work), 0)  # per stage its state as of its last finished step: SFT done, DPPPO at >= 4
+    assert ckpt.saved("sft")[0]["step"] == 3 and ckpt.saved("ppo")[0]["step"] >= 4 and ckpt.saved("rm") is None
     r = run_cli(*flags, "--out", str(out))  # a new run would throw the interrupted one away: refused
     assert r.returncode == 2 and f"--resume {work}" in r.stderr and (work / "checkpoint").exists()
     r = run_cli("sentiment", "--resume", str(work))
@@ -1035,9 +1037,10 @@ def test_nonfinite_gradients_are_logged_and_training_goes_on(tiny):
     def loss_fn(params, ids, mask, loss_mask, poison):  # a poisoned row's gradient is inf * g
         return base(params, ids, mask, loss_mask) * torch.where(poison[0] > 0, math.inf, 1.0)
     rows = []
-    d.dp_train(model, loss_fn, (ids, mask, loss_mask, poison[:, None].expand(-1, ids.shape[1])), epsilon=4.0,
-               delta=1e-3, args=d.SFTArgs(steps=3, batch_size=20, lr=1e-2), device="cpu",
-               generator=torch.Generator().manual_seed(0), log=rows.append, stage="sft")
+    args = d.SFTArgs(steps=3, batch_size=20, lr=1e-2)
+    d.dp_train("sft", model, loss_fn, (ids, mask, loss_mask, poison[:, None].expand(-1, ids.shape[1])),
+               d.plan_stage(args, 40, 4.0, 1e-3), args, generator=torch.Generator().manual_seed(0),
+               hooks=d.RunHooks(log=rows.append))
     assert rows[-1]["sft/nonfinite_grads"] > 0
     assert all(torch.isfinite(p).all() for p in d.lora_parameters(model).values())
 
@@ -1050,9 +1053,10 @@ def test_dpppo_takes_noise_only_steps_on_an_empty_batch(tiny):
     policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
     before = {k: v.clone() for k, v in d.trainable(policy).items()}
     rows = []
-    entry = d.dpppo(policy, tok, ["the film", "it was"] * 50, d.builtin_sentiment_reward, epsilon=4.0, delta=1e-3,
-                    args=d.PPOArgs(steps=3, batch_size=1e-9, response_min=2, response_max=3), device="cpu",
-                    generator=torch.Generator().manual_seed(0), log=rows.append)
+    args = d.PPOArgs(steps=3, batch_size=1e-9, response_min=2, response_max=3)
+    entry = d.dpppo(policy, tok, ["the film", "it was"] * 50, d.builtin_sentiment_reward,
+                    d.plan_stage(args, 100, 4.0, 1e-3), args, generator=torch.Generator().manual_seed(0),
+                    hooks=d.RunHooks(log=rows.append))
     assert [r["ppo/batch_size"] for r in rows] == [0, 0, 0]
     assert entry["steps"] == 3 and 0 < entry["epsilon"] <= 4.0
     assert any(not torch.equal(before[k], p) for k, p in d.trainable(policy).items())  # the noise moved them
