@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import csv
 import dataclasses
 import hashlib
 import inspect
@@ -816,8 +817,8 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
     alive = torch.ones(b, dtype=torch.bool, device=ids.device)
     logprobs, hidden = [], []
     new, cache = ids, None
-    # Every step's uniforms at once (the same numbers as drawing them step by step): a row's draws
-    # do not depend on which other rows share its batch, or on when the batch stops.
+    # Every step's uniforms at once (the same numbers as drawing them step by step), so that a batch
+    # sampled in chunks of rows draws exactly what it draws whole, however early it stops.
     uniforms = torch.rand(steps, b, generator=generator) if not greedy else None
     for t in range(steps):
         out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
@@ -1542,12 +1543,34 @@ def check_fits(lm: nn.Module, args):
                             f"{longest} tokens, the model has {lm.config.n_positions} positions")
 
 
+def _read_local(spec: str, path: str, ext: str) -> list:
+    """A local file's rows, each parsed on its own: JSON values keep their own types and CSV cells
+    stay text ("007", "N/A"), so one record cannot change how another is read (a column-wide type
+    inference would: one float id in a column of ints turns every id into a float)."""
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(ext)
+    if kind is None:
+        raise UserError(f"dataset file '{spec}' has extension '{ext}'; allowed: .jsonl .json .csv .parquet")
+    try:
+        if kind == "csv":
+            with open(path, newline="") as f:
+                return list(csv.DictReader(f))
+        if kind == "parquet":  # a typed schema, fixed by the file itself
+            return datasets.load_dataset("parquet", data_files=path, split="train").to_list()
+        with open(path) as f:
+            text = f.read()
+        if ext == ".json" and text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except Exception as e:  # a truncated or malformed file: the parser's own error types
+        cause = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot read dataset file '{spec}' as {kind}: {cause}") from None
+
+
 def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user_columns: tuple = ()) -> list[dict]:
-    """Rows with `columns` (text) and `user_columns` (any non-null id) from a Hub dataset id or a
-    local .jsonl/.json/.csv/.parquet file."""
+    """Rows with `columns` (non-empty text) and `user_columns` (any non-null id) from a Hub dataset
+    id (its own typed schema) or a local .jsonl/.json/.csv/.parquet file."""
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors reach us as exceptions
-    hint = "--dataset builtin or a local .jsonl/.csv/.parquet file"
     ext, path = os.path.splitext(spec)[1].lower(), os.path.expanduser(spec)
     if _is_local(spec) and not os.path.exists(path):
         raise UserError(f"dataset file '{spec}' does not exist")
@@ -1557,33 +1580,23 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user
                 raise UserError(f"dataset file '{spec}' is empty")
     _hub_guard(spec)
     try:
-        if _is_local(spec):
-            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(ext)
-            if kind is None:
-                raise UserError(f"dataset file '{spec}' has extension '{ext}'; allowed: .jsonl .json .csv .parquet")
-            try:
-                ds = datasets.load_dataset(kind, data_files=path, split="train")
-            except Exception as e:  # an empty, truncated or malformed file: the parser's own error types
-                cause = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise UserError(f"cannot read dataset file '{spec}' as {kind}: {cause}") from None
-        else:
-            ds = datasets.load_dataset(spec, split=split)
+        rows = _read_local(spec, path, ext) if _is_local(spec) else datasets.load_dataset(spec, split=split).to_list()
     except (OSError, ValueError, ConnectionError, FileNotFoundError) as e:
-        raise _hub_error(spec, "dataset", hint, e) from None
-    columns = tuple(columns) + tuple(user_columns)
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise UserError(f"dataset '{spec}' lacks column(s) {missing}; it has {ds.column_names}")
-    rows = [{c: row[c] for c in columns} for row in ds]
+        raise _hub_error(spec, "dataset", "--dataset builtin or a local .jsonl/.csv/.parquet file", e) from None
     if not rows:
         raise UserError(f"dataset '{spec}' has no rows")
+    columns = tuple(columns) + tuple(user_columns)
+    names = sorted({k for r in rows if isinstance(r, dict) for k in r})
+    if missing := [c for c in columns if c not in names]:
+        raise UserError(f"dataset '{spec}' lacks column(s) {missing}; it has {names}")
     for i, row in enumerate(rows):  # a null or a number would silently train on "None" or "5"
-        bad = [c for c in columns if c not in user_columns and not (isinstance(row[c], str) and row[c].strip())]
-        bad += [c for c in user_columns if row[c] is None]
+        row = row if isinstance(row, dict) else {}
+        bad = [c for c in columns if c not in user_columns and not (isinstance(row.get(c), str) and row[c].strip())]
+        bad += [c for c in user_columns if row.get(c) is None]
         if bad:
-            raise UserError(f"dataset '{spec}' row {i}: column '{bad[0]}' is {row[bad[0]]!r}; "
+            raise UserError(f"dataset '{spec}' row {i}: column '{bad[0]}' is {row.get(bad[0])!r}; "
                             f"{'a user id must not be null' if bad[0] in user_columns else 'it must be non-empty text'}")
-    return rows
+    return [{c: row[c] for c in columns} for row in rows]
 
 
 def prefix_prompts(tokenizer, texts: list[str], lo: int, hi: int, seed: int) -> list[str]:
@@ -1627,9 +1640,11 @@ def hash_split(records: list, key, fractions: list[float], seed: int) -> list[li
 
 
 def with_units(records: list[dict], args, column: str) -> list[dict]:
-    """Each record with `_unit`, the unit the guarantee protects: its --user-column, else `column`."""
+    """Each record with `_unit`, the unit the guarantee protects: its --user-column, else `column`
+    (a whole-number id is the same unit as an int or a float: 7 and 7.0 are one user)."""
     col = getattr(args, "user_column", None) or column
-    return [{**r, "_unit": normalise(r[col] if col in r else r[column])} for r in records]
+    unit = lambda v: int(v) if isinstance(v, float) and v.is_integer() else v
+    return [{**r, "_unit": normalise(unit(r[col] if col in r else r[column]))} for r in records]
 
 
 def public_test_split(spec: str, columns: tuple[str, ...]) -> list[dict] | None:
@@ -1738,10 +1753,10 @@ def split_rlhf(rows, cmps, public, public_cmps, args) -> tuple[dict, dict]:
     with any comparison goes to D2 or its held-out part by its keyed hash, and its TL;DR rows are
     dropped; every other unit goes to D1, D3 or test. Each decision reads the unit's own records
     only, never another unit's: a post two users share may sit in two stages under --user-column."""
-    def summaries(rs):
-        return with_units([{**r, "completion": " " + r["label"].strip()} for r in rs], args, "prompt")
-    cmps = with_units([{**c, "chosen": " " + c["chosen"].strip(), "rejected": " " + c["rejected"].strip()}
-                       for c in cmps], args, "prompt")
+    def summaries(rs):  # the unit first, from the row as loaded
+        return [{**r, "completion": " " + r["label"].strip()} for r in with_units(rs, args, "prompt")]
+    cmps = [{**c, "chosen": " " + c["chosen"].strip(), "rejected": " " + c["rejected"].strip()}
+            for c in with_units(cmps, args, "prompt")]
     with_comparisons = {c["_unit"] for c in cmps}
     kept = [r for r in summaries(rows) if r["_unit"] not in with_comparisons]
     by_unit = lambda r: r["_unit"]
@@ -3076,6 +3091,10 @@ def validate(args, epsilons: list[float] | None = None):
         raise UserError(f"--device {device} is not allowed; use cpu, cuda or cuda:<index>")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} is not available here; use --device cpu")
+    columns = ("text",) if isinstance(args, SentimentArgs) else ("prompt", "label", "chosen", "rejected")
+    if getattr(args, "user_column", None) in (*columns, "completion", "meta", "_unit"):
+        raise UserError(f"--user-column {args.user_column} is not allowed: it is a data column, not a user id "
+                        f"(the unit is then the text itself: leave --user-column out)")
     if isinstance(args, SentimentArgs) and args.prompt_min > args.prompt_max:
         raise UserError(f"--prompt-min {args.prompt_min} is not allowed with --prompt-max {args.prompt_max}")
     if isinstance(args, AuditArgs):
@@ -3122,6 +3141,7 @@ def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] |
         ("plot", not {"sweep", "seeds"} & given, "it draws a sweep's table; add --sweep or --seeds"),
         ("dry_run", bool({"sweep", "seeds"} & given), "a dry run plans one run; drop --sweep and --seeds"),
         ("checkpoint_every", command == "audit" or getattr(args, "dry_run", False), "this run is not checkpointed"),
+        ("composition", not any(finite.values()), "at epsilon inf every composition gives inf"),
         *[(f"base_{f.name}", not uses_base, "the built-in base model is not used by this run")
           for f in dataclasses.fields(BaseModelArgs)],
     ]

@@ -1,6 +1,7 @@
 """Tests for dp_rlhf.py. Each privacy property is checked against something independent of the
 code under test: published values, brute force, a per-example loop, hand computation."""
 
+import dataclasses
 import json
 import math
 import os
@@ -1166,10 +1167,17 @@ def _by_unit(inputs: dict) -> dict:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _assert_only_changed(task, tok, args, split, records, neighbour, changed_units):
-    """`split(*records)` and `split(*neighbour)` give the same inputs for every unit but `changed_units`."""
-    a = _by_unit(d.stage_inputs(task, split(*records, args)[0], tok, args))
-    b = _by_unit(d.stage_inputs(task, split(*neighbour, args)[0], tok, args))
+def _assert_only_changed(task, tok, args, load, records, neighbour, changed_units):
+    """`load(records)` and `load(neighbour)` (the split, through files where there are files) give
+    the same stage and the same inputs to every unit but `changed_units`, and each unit's records
+    sit in one stage."""
+    a, b = (d.stage_inputs(task, load(r), tok, args) for r in (records, neighbour))
+    for inputs in (a, b):
+        stage_of = {}
+        for stage, lines in inputs.items():
+            for x in lines:
+                assert stage_of.setdefault(x["key"], stage) == stage, f"a unit in {stage_of[x['key']]} and {stage}"
+    a, b = _by_unit(a), _by_unit(b)
     changed = {d.unit_key(d.normalise(u), args.seed) for u in changed_units}
     assert len(a) > 20 and len(set(a) ^ set(b)) <= len(changed)
     moved = [k for k in set(a) & set(b) if a[k] != b[k] and k not in changed]
@@ -1181,28 +1189,53 @@ def _new_review(i):
     return {"text": d.make_reviews(1, seed=900 + i)[0]["text"] + f" extra {i} ."}
 
 
-@pytest.mark.parametrize("path", ["builtin", "file", "file-users"])
-def test_sentiment_inputs_move_only_for_the_added_or_removed_record(tiny, path):
+def _writer(tmp_path, fmt):
+    """records -> a file of them (.jsonl: each value keeps its JSON type; .csv: all text)."""
+    def write(name, records):
+        path = tmp_path / f"{name}.{fmt}"
+        if fmt == "csv":
+            import csv
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=sorted({k for r in records for k in r}))
+                w.writeheader()
+                w.writerows(records)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(path)
+    return write
+
+
+@pytest.mark.parametrize("path", ["builtin", "jsonl", "csv-users", "jsonl-users"])
+def test_sentiment_inputs_move_only_for_the_added_or_removed_record(tiny, tmp_path, path):
+    """Built-in data through the split; files through `sentiment_data` (loading included), with
+    integer user ids beside a newcomer whose id is a float and a very long review."""
     lm, tok = tiny
-    kw = {"builtin": {}, "file": {"dataset": "reviews.jsonl"},
-          "file-users": {"dataset": "reviews.jsonl", "user_column": "user"}}[path]
-    args = d.SentimentArgs(num_sft=150, num_ppo=150, num_test=30, base=TINY_BASE_ARGS, **kw)
+    users, fmt = path.endswith("users"), path.split("-")[0]
+    args = d.SentimentArgs(num_sft=5, num_ppo=5, num_test=5, base=TINY_BASE_ARGS, seed=1)  # caps would bind
     if path == "builtin":
+        args = dataclasses.replace(args, num_sft=150, num_ppo=150, num_test=30)
         records, public = d.sentiment_records(args)
+        load = lambda rs: d.split_sentiment(rs, public, args)[0]
     else:
-        records, public = [{"text": r["text"], "user": f"u{i % 60}"} for i, r in enumerate(d.make_reviews(300, 5))], None
-    unit = (lambda r: r["user"]) if path == "file-users" else (lambda r: r["text"])
+        ids = (lambda i: f"{i % 60:03d}") if fmt == "csv" else (lambda i: i % 60)  # "007" must stay "007"
+        records = [{"text": r["text"], **({"user": ids(i)} if users else {})} for i, r in enumerate(d.make_reviews(300, 5))]
+        write = _writer(tmp_path, fmt)
+        args = dataclasses.replace(args, dataset="reviews", user_column="user" if users else None)
+        load = lambda rs: d.sentiment_data(dataclasses.replace(args, dataset=write("reviews", rs)))[0]
+    unit = (lambda r: r["user"]) if users else (lambda r: r["text"])
     for j in (0, 7, 150):  # remove one record (with a user column: one user, all of their records)
         gone = unit(records[j])
-        _assert_only_changed("sentiment", tok, args, d.split_sentiment, (records, public),
-                             ([r for r in records if unit(r) != gone], public), [gone])
-    new = [{**_new_review(i), "user": "newcomer"} for i in range(3 if path == "file-users" else 1)]
+        _assert_only_changed("sentiment", tok, args, load, records, [r for r in records if unit(r) != gone], [gone])
+    long = {"text": " ".join(r["text"] for r in d.make_reviews(30, seed=77))}
+    newcomer = "newcomer" if fmt == "csv" else 3.5  # an id of another type than everyone else's
+    new = [{**_new_review(i), "user": newcomer} for i in range(3)] if users else [_new_review(0), long]
     for at in (0, 151):  # add one (a new user with three reviews), anywhere in the file
-        _assert_only_changed("sentiment", tok, args, d.split_sentiment, (records, public),
-                             (records[:at] + new + records[at:], public), [unit(new[0])])
+        for added in ([new[0]], new[1:]) if not users else (new,):
+            _assert_only_changed("sentiment", tok, args, load, records, records[:at] + added + records[at:],
+                                 [unit(x) for x in added])
 
 
-def test_a_positional_prompt_length_draw_would_fail_the_neighbour_test(tiny, monkeypatch):
+def test_a_positional_prompt_length_draw_would_fail_the_neighbour_test(tiny, tmp_path, monkeypatch):
     """The break-it check: the prompt-length draw these tests replaced (one seeded stream consumed
     review by review) moves most prompts when one review is removed, and the test catches it."""
     def positional(tokenizer, texts, lo, hi, seed):
@@ -1211,7 +1244,7 @@ def test_a_positional_prompt_length_draw_would_fail_the_neighbour_test(tiny, mon
                 for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     monkeypatch.setattr(d, "prefix_prompts", positional)
     with pytest.raises(AssertionError, match="other units' inputs moved"):
-        test_sentiment_inputs_move_only_for_the_added_or_removed_record(tiny, "file")
+        test_sentiment_inputs_move_only_for_the_added_or_removed_record(tiny, tmp_path, "jsonl")
 
 
 def _tldr_files(users: bool):
@@ -1221,42 +1254,63 @@ def _tldr_files(users: bool):
     cmps = [{k: c[k] for k in ("prompt", "chosen", "rejected")} for c in cmps]
     cmps += [{"prompt": r["prompt"], "chosen": r["label"], "rejected": "no ."} for r in rows[:40]]  # shared posts
     if users:
-        rows = [{**r, "user": f"u{i % 50}"} for i, r in enumerate(rows)]
+        rows = [{**r, "user": i % 50} for i, r in enumerate(rows)]
         rows += [{**r, "user": f"w{i % 20}"} for i, r in enumerate(rows[100:160])]  # two users, one post text
-        cmps = [{**c, "user": f"v{i % 30}"} for i, c in enumerate(cmps)]
+        cmps = [{**c, "user": f"v{i % 30}" if i % 3 else i % 50} for i, c in enumerate(cmps)]
     return rows, cmps
 
 
-@pytest.mark.parametrize("path", ["builtin", "file", "file-users"])
-def test_rlhf_inputs_move_only_for_the_added_or_removed_unit(tiny, path):
+@pytest.mark.parametrize("path", ["builtin", "jsonl", "jsonl-users", "csv-users"])
+def test_rlhf_inputs_move_only_for_the_added_or_removed_unit(tiny, tmp_path, path):
     lm, tok = tiny
-    users = path == "file-users"
-    kw = {"builtin": {}, "file": {"dataset": "tldr.jsonl", "comparisons": "cmp.jsonl"},
-          "file-users": {"dataset": "tldr.jsonl", "comparisons": "cmp.jsonl", "user_column": "user"}}[path]
-    args = d.RLHFArgs(num_sft=120, num_ppo=120, num_comparisons=120, num_test=20, num_comparisons_test=20,
-                      base=TINY_BASE_ARGS, **kw)
+    users, fmt = path.endswith("users"), path.split("-")[0]
+    args = d.RLHFArgs(num_sft=5, num_ppo=5, num_comparisons=5, num_test=5, num_comparisons_test=5,
+                      base=TINY_BASE_ARGS, user_column="user" if users else None)
     if path == "builtin":
+        args = dataclasses.replace(args, num_sft=120, num_ppo=120, num_comparisons=120, num_test=20,
+                                   num_comparisons_test=20)
         rows, cmps, public, public_cmps = d.rlhf_records(args)
+        load = lambda rc: d.split_rlhf(*rc, public, public_cmps, args)[0]
     else:
-        (rows, cmps), public, public_cmps = _tldr_files(users), None, None
+        (rows, cmps), write = _tldr_files(users), _writer(tmp_path, fmt)
+        load = lambda rc: d.rlhf_data(dataclasses.replace(args, dataset=write("tldr", rc[0]),
+                                                          comparisons=write("cmp", rc[1])))[0]
     unit = (lambda r: r["user"]) if users else (lambda r: r["prompt"])
-    records = (rows, cmps, public, public_cmps)
     for gone in (unit(rows[0]), unit(rows[130]), unit(cmps[5]), unit(cmps[-1])):  # a unit with all its records
-        _assert_only_changed("rlhf", tok, args, d.split_rlhf, records,
-                             ([r for r in rows if unit(r) != gone], [c for c in cmps if unit(c) != gone],
-                              public, public_cmps), [gone])
+        _assert_only_changed("rlhf", tok, args, load, (rows, cmps),
+                             ([r for r in rows if unit(r) != gone], [c for c in cmps if unit(c) != gone]), [gone])
     # Add a unit whose one comparison is on a post other units have TL;DR rows for, and a unit with
     # TL;DR rows on posts other units have in another stage: nobody else moves.
-    new = {"user": "newcomer"} if users else {}
+    new = {"user": 2.5} if users else {}
     post = rows[120]["prompt"] if users else "post : a brand new post tl;dr :"
     added_cmp = [{"prompt": post, "chosen": " a", "rejected": " b", **new}]
     added_rows = [{"prompt": r["prompt"] if users else r["prompt"] + " again", "label": "x .", **new}
                   for r in rows[60:63]]
     for more_rows, more_cmps in ((added_rows, []), ([], added_cmp), (added_rows, added_cmp)):
-        key = "newcomer" if users else (more_cmps or more_rows)[0]["prompt"]
-        changed = [key] if users else {r["prompt"] for r in more_rows + more_cmps}
-        _assert_only_changed("rlhf", tok, args, d.split_rlhf, records,
-                             (rows[:10] + more_rows + rows[10:], more_cmps + cmps, public, public_cmps), changed)
+        changed = [2.5] if users else {r["prompt"] for r in more_rows + more_cmps}
+        _assert_only_changed("rlhf", tok, args, load, (rows, cmps), (rows[:10] + more_rows + rows[10:],
+                                                                   more_cmps + cmps), changed)
+
+
+def test_stages_train_on_exactly_the_dry_runs_inputs(tmp_path, capsys, monkeypatch):
+    """What --dry-run writes as each stage's tokens is what the stage encodes and trains on (and
+    what evaluation encodes for the test prompts): every `encode` call of a real run is recorded."""
+    flags = ["rlhf", *TINY_RLHF, "--reproducible-noise"]
+    assert run_main(capsys, *flags, "--out", str(tmp_path / "plan"), "--dry-run")[0] in (0, None)
+    inputs = {s: [json.loads(x)["tokens"] for x in (tmp_path / "plan" / "inputs" / f"{s}.jsonl").read_text().splitlines()]
+              for s in ("sft", "rm", "ppo", "test")}
+    calls, encode = [], d.encode
+
+    def recording(tokenizer, prompts, completions=None, **kw):
+        ids, mask, loss_mask = encode(tokenizer, prompts, completions, **kw)
+        calls.append(sorted(row[m.bool()].tolist() for row, m in zip(ids, mask)))
+        return ids, mask, loss_mask
+    monkeypatch.setattr(d, "encode", recording)
+    assert run_main(capsys, *flags, "--out", str(tmp_path / "run"))[0] in (0, None)
+    expected = {"sft": inputs["sft"], "rm": [row for pair in inputs["rm"] for row in pair], "ppo": inputs["ppo"],
+                "test": inputs["test"]}
+    for stage, rows in expected.items():
+        assert sorted(rows) in calls, f"no stage encoded {stage}'s inputs as the dry run wrote them"
 
 
 def test_a_disjointness_refusal_says_what_was_dropped(tmp_path):
@@ -1294,7 +1348,8 @@ TINY_SMOKE = ["--num-sft", "200", "--num-ppo", "200", "--num-test", "16", "--sft
     (["sentiment", "--resume", "somewhere.partial", "--sft-lr", "1"], "--sft-lr"),
     (["audit", "--checkpoint-every", "5"], "--checkpoint-every"), (["rlhf", "--rm-head", "mean"], "--rm-head 'mean'"),
     (["rlhf", "--batch-size", "8", "--sft-batch-size", "8", "--rm-batch-size", "8", "--ppo-batch-size", "8"],
-     "--batch-size"),
+     "--batch-size"), (["sentiment", "--epsilon", "inf", "--composition", "sequential"], "--composition"),
+    (["rlhf", "--dataset", "t.jsonl", "--comparisons", "c.jsonl", "--user-column", "label"], "--user-column label"),
 ])
 def test_flags_with_no_effect_or_bad_values_are_refused_in_one_line(tmp_path, bad, word, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
