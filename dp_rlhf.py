@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -56,7 +57,6 @@ import datasets
 import numpy as np
 import torch
 import torch.nn as nn
-from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -75,21 +75,14 @@ def arg(default, help: str, *, choices: tuple | None = None, limit: str | None =
 
 
 # #############################################################################################
-# PART I: THE METHOD, in the paper's order. It uses nothing defined in Parts II and III; its loops
-# report to a `Hooks` object whose default does nothing, and its errors are ValueErrors in the
-# words of its own fields.
+# PART I: THE METHOD, in the paper's order. It uses nothing defined below it: its loops report to
+# a `Hooks` object whose default does nothing, and its errors are ValueErrors in its own words.
 # #############################################################################################
 
 
-# =============================================================================================
-# PRIVACY ACCOUNTING: the moments / RDP accountant for the Poisson-subsampled Gaussian
-# =============================================================================================
-# Mironov, Talwar, Zhang (2019), "Renyi Differential Privacy of the Sampled Gaussian Mechanism".
-# RDP of one step at order a is log(A_a) / (a - 1); steps compose by adding RDP. Names follow
-# Opacus (compute_rdp, get_privacy_spent, get_noise_multiplier) so the two are interchangeable.
-
-
-# Opacus's orders plus a few large ones, which only matter (and only help) at very small epsilon.
+# ===== PRIVACY ACCOUNTING: the moments / RDP accountant for the Poisson-subsampled Gaussian =================
+# Mironov, Talwar, Zhang (2019), "Renyi Differential Privacy of the Sampled Gaussian Mechanism": one step's RDP
+# at order a is log(A_a) / (a - 1); steps add. Opacus's names, and its orders plus large ones (for tiny epsilon).
 DEFAULT_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512]
 
 
@@ -102,20 +95,14 @@ def _log_a_int(q: float, sigma: float, order: int) -> float:
     """log A_a at integer a: the exact binomial sum (Mironov et al. 2019, Sec. 3.3)."""
     i = torch.arange(order + 1, dtype=torch.float64)
     a = torch.tensor(float(order), dtype=torch.float64)
-    terms = (_log_binom(a, i) + i * math.log(q) + (a - i) * math.log1p(-q)
-             + (i * i - i) / (2 * sigma**2))
+    terms = _log_binom(a, i) + i * math.log(q) + (a - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
     return torch.logsumexp(terms, 0).item()
 
 
 def _log_a_frac(q: float, sigma: float, order: float, max_terms: int = 1 << 14) -> float:
-    """log A_a at fractional a: an upper bound by the series of |terms| (dp-accounting, 2024).
-
-    The older series (still in Opacus) adds the signed terms and stops at the first small one; for
-    small orders at large epsilon that can stop early and under-report. Summing absolute values
-    bounds A_a from above, and we stop only when both tails are decreasing and negligible.
-    """
-    z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    n = 256
+    """log A_a at fractional a, bounded above by the series of |terms| (dp-accounting, 2024): the
+    signed series (Opacus) can stop early and under-report at small orders and large epsilon."""
+    z0, n = sigma**2 * math.log(1 / q - 1) + 0.5, 256
     while n <= max_terms:
         i = torch.arange(n, dtype=torch.float64)
         j = order - i
@@ -136,12 +123,8 @@ def _log_a_frac(q: float, sigma: float, order: float, max_terms: int = 1 << 14) 
 def compute_rdp(*, q: float, noise_multiplier: float, steps: int, orders) -> np.ndarray:
     """RDP of `steps` compositions of the Poisson-subsampled Gaussian, at each order."""
     orders = np.atleast_1d(np.asarray(orders, dtype=np.float64))
-    if not 0 <= q <= 1:
-        raise ValueError(f"sample rate q={q} must be in [0, 1]")
-    if noise_multiplier < 0:
-        raise ValueError(f"noise multiplier {noise_multiplier} must be >= 0")
-    if steps < 0:
-        raise ValueError(f"steps={steps} must be >= 0")
+    if not (0 <= q <= 1 and noise_multiplier >= 0 and steps >= 0):
+        raise ValueError(f"q={q} must be in [0, 1], noise_multiplier={noise_multiplier} and steps={steps} >= 0")
     if steps == 0 or q == 0:
         return np.zeros_like(orders)
     if noise_multiplier == 0:
@@ -154,8 +137,8 @@ def compute_rdp(*, q: float, noise_multiplier: float, steps: int, orders) -> np.
 
 
 def get_privacy_spent(*, orders, rdp, delta: float) -> tuple[float, float]:
-    """(epsilon, best order) from RDP: the improved conversion of Balle et al. 2020, Canonne,
-    Kamath, Steinke 2020: eps = rdp + log((a-1)/a) - (log(delta) + log(a)) / (a - 1)."""
+    """(epsilon, best order) by the improved conversion (Balle et al. 2020; Canonne, Kamath, Steinke
+    2020): eps = rdp + log((a-1)/a) - (log(delta) + log(a)) / (a - 1)."""
     orders = np.atleast_1d(np.asarray(orders, dtype=np.float64))
     rdp = np.atleast_1d(np.asarray(rdp, dtype=np.float64))
     if not 0 < delta < 1:
@@ -169,11 +152,7 @@ def get_privacy_spent(*, orders, rdp, delta: float) -> tuple[float, float]:
 
 def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
                          steps: int, epsilon_tolerance: float = 0.01, accountant=None) -> float:
-    """Smallest sigma (to `epsilon_tolerance` in epsilon) whose epsilon never exceeds the target,
-    as the accountant class `accountant` (default `ACCOUNTANT`) counts it.
-
-    Bisection keeps the invariant eps(sigma_high) <= target, and sigma_high is what we return.
-    """
+    """The smallest sigma (to `epsilon_tolerance`) whose epsilon never exceeds the target (bisection)."""
     accountant = accountant or ACCOUNTANT
     if not target_epsilon > 0:
         raise ValueError(f"target epsilon {target_epsilon} must be > 0")
@@ -181,9 +160,8 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
         return 0.0
     floor = accountant.epsilon_floor(target_delta)
     if target_epsilon <= floor:  # infinite noise still pays the conversion's delta term
-        raise ValueError(f"epsilon={target_epsilon:g} is not allowed at delta={target_delta:g}: even infinite noise "
-                         f"spends {floor:.4f} in the {accountant.mechanism.upper()}-to-(epsilon, delta) conversion; "
-                         "ask for a larger epsilon or delta")
+        raise ValueError(f"epsilon={target_epsilon:g} is not allowed at delta={target_delta:g}: infinite noise "
+                         f"spends {floor:.4f} in the {accountant.mechanism.upper()}-to-(epsilon, delta) conversion")
 
     def eps(sigma):
         acc = accountant()
@@ -191,17 +169,14 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
         return acc.get_epsilon(target_delta)
 
     lo, hi = 0.0, 10.0
-    eps_hi = eps(hi)
-    while eps_hi > target_epsilon:
+    while (eps_hi := eps(hi)) > target_epsilon:
         lo, hi = hi, 2 * hi
         if hi > 1e6:
             raise ValueError(f"epsilon={target_epsilon:g} is not allowed: no noise multiplier up to 1e6 reaches it in "
                              f"steps={steps} at sample_rate={sample_rate:g}; ask for a larger epsilon or fewer steps")
-        eps_hi = eps(hi)
     while target_epsilon - eps_hi > epsilon_tolerance and hi - lo > 1e-6:
         mid = (lo + hi) / 2
-        eps_mid = eps(mid)
-        if eps_mid <= target_epsilon:
+        if (eps_mid := eps(mid)) <= target_epsilon:
             hi, eps_hi = mid, eps_mid
         else:
             lo = mid
@@ -209,17 +184,8 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
 
 
 class MomentsAccountant:
-    """Tracks (noise_multiplier, sample_rate, num_steps) runs; epsilon from their summed RDP.
-
-    The history is run-length encoded, so `get_epsilon` costs one `compute_rdp` per distinct
-    (sigma, q) pair, whatever the number of steps.
-
-    This is the accountant interface; everything else (sigma calibration, each stage's ledger,
-    sequential composition, checkpoints) goes through it and `ACCOUNTANT`, so another accountant
-    (PRV, PLD, GDP) is a class with these six members assigned to `ACCOUNTANT`: `mechanism`,
-    `step`, `get_epsilon`, `epsilon_floor` (the epsilon of infinite noise, 0 if none),
-    `state_dict`, `load_state_dict`.
-    """
+    """(sigma, q, steps) run-length encoded; epsilon from the summed RDP. The interface (all else uses only
+    mechanism, step, get_epsilon, epsilon_floor, state_dict, load_state_dict): swap it via ACCOUNTANT."""
 
     mechanism = "rdp"
 
@@ -234,10 +200,8 @@ class MomentsAccountant:
 
     def get_rdp(self, orders=None) -> np.ndarray:
         orders = DEFAULT_ORDERS if orders is None else orders
-        total = np.zeros(len(orders))
-        for sigma, q, steps in self.history:
-            total = total + compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
-        return total
+        return sum((compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in self.history),
+                   np.zeros(len(orders)))
 
     def get_privacy_spent(self, *, delta: float, orders=None) -> tuple[float, float]:
         orders = DEFAULT_ORDERS if orders is None else orders
@@ -262,29 +226,17 @@ class MomentsAccountant:
 ACCOUNTANT = MomentsAccountant  # the accountant every stage uses; swap it here (or assign dp_rlhf.ACCOUNTANT)
 
 
-# =============================================================================================
-# DP-SGD (Algorithm 2): Poisson sampling, per-sample gradients, clipping, noise, and the loop
-# =============================================================================================
+# ===== DP-SGD (Algorithm 2): Poisson sampling, per-sample gradients, clipping, noise, and the loop ==========
 
 
 def poisson_sample(num_examples: int, sample_rate: float, generator=None) -> torch.Tensor:
-    """Indices of a Poisson sample: each example independently with probability q.
-
-    The accountant assumes exactly this; an empty batch is a normal outcome, not an error.
-    """
-    keep = torch.rand(num_examples, generator=generator) < sample_rate
-    return keep.nonzero().flatten()
+    """A Poisson sample, each example with probability q, as the accountant assumes (empty is fine)."""
+    return (torch.rand(num_examples, generator=generator) < sample_rate).nonzero().flatten()
 
 
-def per_sample_grads(loss_fn, params: dict, *batch, chunk_size: int | None = None,
-                     has_aux: bool = False):
-    """{name: Tensor[B, *param.shape]}: the gradient of `loss_fn(params, *sample)` for each sample.
-
-    `loss_fn` sees one sample (tensors without their batch dimension), so nothing it computes can
-    mix samples: vmap over grad over functional_call gives every sample its own backward pass,
-    batched. `chunk_size` bounds memory by vectorising that many samples at a time. With
-    `has_aux`, loss_fn returns (loss, aux) and we return (grads, per-sample aux).
-    """
+def per_sample_grads(loss_fn, params: dict, *batch, chunk_size: int | None = None, has_aux: bool = False):
+    """{name: [B, *shape]}: each sample's gradient of `loss_fn(params, *sample)`, which sees one sample
+    alone, so nothing can mix samples (vmap over grad over functional_call, `chunk_size` at a time)."""
     return vmap(grad(loss_fn, has_aux=has_aux), in_dims=(None,) + (0,) * len(batch),
                 chunk_size=chunk_size or None)(params, *batch)
 
@@ -301,18 +253,12 @@ def finite_rows(grads: dict) -> torch.Tensor:
 
 def privatize(grads: dict, *, max_grad_norm: float, noise_multiplier: float,
               expected_batch_size: float, generator=None) -> dict:
-    """Algorithm 2's noisy gradient: (sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / (q N).
-
-    g_i is clipped on its flat norm over *all* parameters, by min(1, C / (||g_i|| + 1e-6)).
-    Dividing by the realised batch size would leak it (Opacus #571): we divide by the expected one.
-    A sample whose gradient is not finite counts as zero (one overflow would otherwise make the
-    whole update NaN; zero is within the sensitivity C). `generator` must be secret
-    (`private_generator`). `max_grad_norm=inf, noise_multiplier=0` is the non-private step.
-    """
+    """Algorithm 2's noisy gradient (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q N): the flat norm over
+    all parameters is clipped; the divisor is the *expected* batch (the realised one leaks, Opacus #571);
+    a non-finite g_i counts as zero (within C). `generator` must be secret."""
     if noise_multiplier > 0 and not math.isfinite(max_grad_norm):
         raise ValueError("noise needs a finite max_grad_norm: the sensitivity is C")
-    first = next(iter(grads.values()))
-    ok = finite_rows(grads)
+    first, ok = next(iter(grads.values())), finite_rows(grads)
     grads = {k: torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0.0) for k, g in grads.items()}
     flat_norms = torch.stack([_flat(g).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
     clip = (max_grad_norm / (flat_norms + 1e-6)).clamp(max=1.0) if math.isfinite(max_grad_norm) \
@@ -329,15 +275,13 @@ def privatize(grads: dict, *, max_grad_norm: float, noise_multiplier: float,
 
 
 def private_generator(seed: int | None = None) -> torch.Generator:
-    """The generator of everything the DP guarantee rests on: Poisson samples, Gaussian noise, PPO
-    minibatches and rollouts. Seeded from the OS's entropy, never printed or saved: anyone who
-    knows it can replay training and subtract the noise. `seed` (--reproducible-noise) is for
-    classrooms only; the guarantee then holds only while that seed stays secret."""
-    if seed is not None:
-        print(f"warning: --reproducible-noise: DP noise and sampling come from --seed {seed}; the privacy "
-              "guarantee holds only if that seed is secret", file=sys.stderr)
-        return torch.Generator().manual_seed(seed)
-    return torch.Generator().manual_seed(secrets.randbits(63))
+    """The draws the guarantee rests on (samples, noise, minibatches, rollouts), seeded from the OS and never
+    shown: who knows the seed can subtract the noise. `seed` (--reproducible-noise): classrooms only."""
+    if seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    print(f"warning: --reproducible-noise: DP noise and sampling come from --seed {seed}; the privacy "
+          "guarantee holds only if that seed is secret", file=sys.stderr)
+    return torch.Generator().manual_seed(seed)
 
 
 @dataclass
@@ -351,25 +295,18 @@ class StagePlan:
     noise_multiplier: float      # sigma: the smallest that spends at most epsilon in T steps at rate q
     max_grad_norm: float         # C; inf at epsilon = inf: the same loop, no clipping, no noise
 
-    @property
-    def private(self) -> bool:
-        return math.isfinite(self.epsilon)
-
-    @property
-    def expected_batch_size(self) -> float:
-        return self.sample_rate * self.num_private_examples
+    private = property(lambda self: math.isfinite(self.epsilon))
+    expected_batch_size = property(lambda self: self.sample_rate * self.num_private_examples)
 
 
 def plan_stage(args, num_private_examples: float, epsilon: float, delta: float) -> StagePlan:
-    """The plan of a stage whose config `args` has batch_size, max_grad_norm and steps (or epochs):
-    q = B / N, T = steps or epochs / q, sigma calibrated for (epsilon, delta) over T steps."""
+    """q = B / N, T = steps (or epochs / q), and sigma for (epsilon, delta) over T steps at q."""
     q = min(1.0, args.batch_size / num_private_examples)
     steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
     private = math.isfinite(epsilon)
     sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
                                  steps=steps) if private else 0.0
-    return StagePlan(epsilon, delta, num_private_examples, q, steps, sigma,
-                     args.max_grad_norm if private else math.inf)
+    return StagePlan(epsilon, delta, num_private_examples, q, steps, sigma, args.max_grad_norm if private else math.inf)
 
 
 def trainable(module: nn.Module) -> dict:
@@ -391,27 +328,27 @@ class TrainState:
         return cls(params, torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.01), ACCOUNTANT())
 
     def account(self, plan: StagePlan):
-        """The step is done: one Poisson-subsampled Gaussian with (sigma, q) in the accountant."""
+        """The step is done: one Poisson-subsampled Gaussian with (sigma, q) for the accountant."""
         if plan.private:
             self.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
         self.step += 1
 
 
 class Hooks:
-    """How a run watches a stage (progress, log, checkpoint, timing). This default does nothing, so
-    the loops below run, and read, with none of it; Part II's `RunHooks` does all four."""
+    """How a run watches a stage (checkpoints, timing, logs, progress: Part II's `RunHooks`). This
+    default does nothing, so the loops run, and read, without any of it."""
 
     def restore(self, stage: str, state: TrainState, plan: StagePlan) -> TrainState:
-        return state  # a run: load a checkpoint into `state`
+        return state
 
     def phase(self, name: str):
-        return contextlib.nullcontext()  # a run: time this part of the iteration
+        return contextlib.nullcontext()
 
     def step(self, stage: str, state: TrainState, plan: StagePlan, **stats):
-        pass  # a run: log `stats`, show progress, checkpoint (state.step is the next step)
+        """After each step (state.step is the next one), with what it saw."""
 
     def finish(self, stage: str, state: TrainState, entry: dict):
-        pass  # a run: save the finished stage
+        """The stage is done: `entry` is its ledger line."""
 
 
 NO_HOOKS = Hooks()
@@ -419,15 +356,12 @@ NO_HOOKS = Hooks()
 
 def dp_step(state: TrainState, loss_fn, batch: tuple, plan: StagePlan, *, expected_batch_size: float,
             chunk_size=None, generator=None, has_aux: bool = False):
-    """One DP-SGD update: per-sample grads -> privatize -> .grad -> AdamW. Returns the noisy update
-    and the per-sample aux outputs of `loss_fn` (with has_aux; for logging)."""
-    aux = None
+    """One DP-SGD update, per-sample grads -> privatize -> AdamW: (the noisy update, loss_fn's aux)."""
+    grads, aux = {k: p.new_zeros((0,) + p.shape) for k, p in state.params.items()}, None
     if batch[0].shape[0] > 0:
         grads = per_sample_grads(loss_fn, {k: p.detach() for k, p in state.params.items()}, *batch,
                                  chunk_size=chunk_size, has_aux=has_aux)
         grads, aux = grads if has_aux else (grads, None)
-    else:
-        grads = {k: p.new_zeros((0,) + p.shape) for k, p in state.params.items()}
     noisy = privatize(grads, max_grad_norm=plan.max_grad_norm, noise_multiplier=plan.noise_multiplier,
                       expected_batch_size=expected_batch_size, generator=generator)
     state.nonfinite += int((~finite_rows(grads)).sum())
@@ -440,9 +374,7 @@ def dp_step(state: TrainState, loss_fn, batch: tuple, plan: StagePlan, *, expect
 
 def dp_train(stage: str, module: nn.Module, loss_fn, data: tuple, plan: StagePlan, args, *, generator,
              hooks: Hooks = NO_HOOKS, has_aux: bool = False) -> dict:
-    """Algorithm 2 as a loop, shared by stages 1 and 2: each step Poisson-samples, clips, noises,
-    takes an AdamW step and advances the accountant. `data`: tensors whose first dimension is the
-    private example, data[1] the attention mask. Returns the stage's ledger entry."""
+    """Algorithm 2 as a loop (stages 1 and 2): `data` has the private example first, data[1] the mask."""
     state = hooks.restore(stage, TrainState.new(module, args.lr), plan)
     device = next(iter(state.params.values())).device
     for _ in range(state.step, plan.steps):
@@ -450,7 +382,7 @@ def dp_train(stage: str, module: nn.Module, loss_fn, data: tuple, plan: StagePla
         batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
         update, aux = dp_step(state, loss_fn, tuple(t.to(device) for t in batch), plan, generator=generator,
                               expected_batch_size=plan.expected_batch_size, chunk_size=args.chunk_size,
-                              has_aux=has_aux)  # sum of clipped g_i + N(0, sigma^2 C^2), / qN, AdamW
+                              has_aux=has_aux)  # (sum of clipped g_i + N(0, sigma^2 C^2)) / qN, then AdamW
         state.account(plan)
         hooks.step(stage, state, plan, batch_size=len(idx), aux=aux, update=update)
     entry = ledger_entry(state.accountant, plan)
@@ -458,23 +390,17 @@ def dp_train(stage: str, module: nn.Module, loss_fn, data: tuple, plan: StagePla
     return entry
 
 
-# =============================================================================================
-# MODELS: LoRA on GPT-2's query and value, a vmap-safe forward, value and reward heads
-# =============================================================================================
+# ===== MODELS: LoRA on GPT-2's query and value, a vmap-safe forward, value and reward heads =================
 
 
 class LoRAQueryValue(nn.Module):
-    """GPT-2's fused `c_attn` (x -> [q | k | v]) plus rank-r updates on q and v; k untouched.
-
-    B starts at zero, so the model is exactly the base model at init (Hu et al. 2021).
-    `enabled = False` switches LoRA off: that is DPPPO's reference model for free.
-    """
+    """GPT-2's fused `c_attn` (x -> [q | k | v]) with rank-r updates on q and v. B starts at 0: the base
+    model at init (Hu et al. 2021); `enabled = False` is DPPPO's reference model, for free."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float):
         super().__init__()
         d_in, d_out3 = base.weight.shape  # HF Conv1D stores (in, out)
-        self.base, self.d = base, d_out3 // 3
-        self.scaling, self.enabled = alpha / rank, True
+        self.base, self.d, self.scaling, self.enabled = base, d_out3 // 3, alpha / rank, True
         self.dropout = nn.Dropout(dropout)
         self.lora_A_q = nn.Parameter(torch.empty(d_in, rank))
         self.lora_B_q = nn.Parameter(torch.zeros(rank, self.d))
@@ -503,21 +429,18 @@ class LoRAQueryValue(nn.Module):
 
 
 def _attn_blocks(model: nn.Module):
-    blocks = [m for m in model.modules() if hasattr(m, "c_attn")]
-    if not blocks:
-        raise ValueError(f"model {type(model).__name__} has no GPT-2 attention (c_attn); "
-                         "only GPT-2-architecture checkpoints are supported")
-    return blocks
+    if blocks := [m for m in model.modules() if hasattr(m, "c_attn")]:
+        return blocks
+    raise ValueError(f"model {type(model).__name__} has no GPT-2 attention (c_attn); only GPT-2-architecture "
+                     "checkpoints are supported")
 
 
 def add_lora(model: nn.Module, *, rank: int = 4, alpha: float = 32, dropout: float = 0.0) -> nn.Module:
-    """Freeze `model` and add LoRA to every GPT-2 attention's query and value (the paper's choice).
-    Afterwards exactly the LoRA parameters require grad; rank 0 only freezes."""
+    """Freeze `model`, LoRA on every attention's query and value (the paper's): only LoRA trains."""
     for p in model.parameters():
         p.requires_grad_(False)
     for block in _attn_blocks(model) if rank > 0 else []:
-        lora = LoRAQueryValue(block.c_attn, rank, alpha, dropout)
-        block.c_attn = lora.to(device=block.c_attn.weight.device)
+        block.c_attn = LoRAQueryValue(block.c_attn, rank, alpha, dropout).to(device=block.c_attn.weight.device)
     return model
 
 
@@ -542,14 +465,10 @@ def lora_disabled(model: nn.Module):
             m.enabled = True
 
 
-def lora_parameters(model: nn.Module) -> dict:
-    return {n: p for n, p in model.named_parameters() if "lora_" in n}
-
-
 def encode_rows(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
                 max_prompt: int, max_completion: int = 0) -> tuple[list[list[int]], list[list[int]]]:
-    """Unpadded rows [bos] + prompt (its last `max_prompt` tokens) + completion (its first
-    `max_completion`) + [eos], and their loss targets: each a function of its own example alone."""
+    """Rows [bos] + the last `max_prompt` prompt tokens + the first `max_completion` + [eos], and their loss
+    targets: each a function of its own example alone."""
     bos, eos = tokenizer.bos_token_id or tokenizer.eos_token_id, tokenizer.eos_token_id
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"] if completions else None
@@ -562,16 +481,14 @@ def encode_rows(tokenizer, prompts: list[str], completions: list[str] | None = N
     return rows, targets
 
 
-def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, *,
-           max_prompt: int, max_completion: int = 0):
-    """Left-padded (input_ids, attention_mask, loss_mask), each [N, T], of `encode_rows`' rows;
-    `loss_mask` marks the targets of ids[:, 1:] that are completion tokens or the final eos. Left
-    padding puts every prompt's end at the same column, which generation and reward reading rely on."""
+def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, *, max_prompt: int,
+           max_completion: int = 0):
+    """`encode_rows` left-padded, so every prompt ends in one column: (ids, mask, loss_mask) [N, T];
+    loss_mask marks the targets of ids[:, 1:] that are completion tokens or the final eos."""
     rows, targets = encode_rows(tokenizer, prompts, completions, max_prompt=max_prompt, max_completion=max_completion)
     t = max(len(r) for r in rows)
     ids = torch.full((len(rows), t), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), t - 1), dtype=torch.float32)
+    mask, loss_mask = torch.zeros((len(rows), t), dtype=torch.long), torch.zeros((len(rows), t - 1))
     for i, (r, tg) in enumerate(zip(rows, targets)):
         ids[i, t - len(r):], mask[i, t - len(r):] = torch.tensor(r), 1
         loss_mask[i, t - len(r):] = torch.tensor(tg, dtype=torch.float32)
@@ -579,18 +496,16 @@ def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, 
 
 
 def trim_left(*tensors, mask):
-    """Drop the columns that are padding in every sequence of this batch (exact: padding is
-    masked). Works for [N, T] and [N, 2, T] (comparison pairs) alike."""
+    """Drop the columns that are padding in every row (exact, padding is masked); [N, T] or [N, 2, T]."""
     if mask.shape[0] == 0:
         return tensors
     first = int(mask.flatten(0, -2).any(0).float().argmax())
-    return tuple(t[..., first:] for t in tensors)  # loss_mask[..., j] targets ids[..., j + 1]: same shift
+    return tuple(t[..., first:] for t in tensors)
 
 
 def additive_mask(attention_mask: torch.Tensor, query_len: int, dtype) -> torch.Tensor:
-    """[B, 1, query_len, T] additive attention mask for the last `query_len` columns as queries:
-    a query sees earlier-or-same keys that are real tokens (causal AND key not padding), and
-    always itself, so that no row is all -inf (a padding query's output never reaches a loss)."""
+    """[B, 1, query_len, T] additive mask, queries the last columns: a query sees earlier real keys and
+    always itself (no row all -inf; a padding query's output never reaches a loss)."""
     t = attention_mask.shape[-1]
     k_pos = torch.arange(t, device=attention_mask.device)
     q_pos = k_pos[t - query_len:, None]
@@ -604,12 +519,8 @@ def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states of a GPT-2 LM, exact under any padding and safe under vmap.
-
-    transformers builds its attention mask from a 2-D padding mask with data-dependent control
-    flow, which vmap cannot trace; we pass the finished 4-D additive mask instead (transformers
-    uses a 4-D mask as it is) and explicit positions.
-    """
+    """GPT-2's last hidden states, exact under padding and vmap-safe: transformers' own mask from a 2-D
+    mask has data-dependent control flow, so we pass a finished 4-D mask and explicit positions."""
     out = lm.transformer(input_ids=input_ids, position_ids=positions_of(attention_mask),
                          attention_mask=additive_mask(attention_mask, input_ids.shape[-1], lm.lm_head.weight.dtype))
     return out.last_hidden_state
@@ -633,12 +544,11 @@ class CausalLM(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """DPPPO's policy: the LM (with LoRA) plus a scalar value head on its last hidden state."""
+    """DPPPO's policy: the LM (with LoRA) and a scalar value head on its last hidden state."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
-        self.lm = lm
-        self.value_head = nn.Linear(lm.config.n_embd, 1)
+        self.lm, self.value_head = lm, nn.Linear(lm.config.n_embd, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
@@ -649,38 +559,28 @@ class ActorCritic(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """r(x, y), one scalar from the LM's transformer plus a small head. Two heads:
-
-    `last` (the paper's): w . h at the last token that is not padding, as GPT2ForSequenceClassification
-    with one label reads it (the rightmost id other than `pad_token_id`; GPT-2 pads with eos, so that is
-    the token before the final eos, in training and after saving alike). `tokens` (our default): r = w . mean_t h_t + c * mean_t log p(y_t | x, y_<t) + b * |y| over
-    the tokens t of y, reading every token of the response and how well the LM predicted it (the
-    mean, not the sum: a sum would make an empty response the likeliest of all, NOTES.md). A small LM keeps what it copied
-    from the prompt in its log-probabilities, not linearly in its hidden states (NOTES.md, "The
-    reward model reads log-probabilities"), so a head on h alone cannot check y against x."""
+    """r(x, y) from the LM and a small head. `last` (the paper's): w . h at the rightmost non-pad token,
+    as GPT2ForSequenceClassification reads it. `tokens` (ours): w . mean h + c * mean log p(y_t | x, y_<t)
+    + b * |y| over y: a small LM keeps what it copied in its log-probabilities (NOTES.md)."""
 
     def __init__(self, lm: nn.Module, head: str = "tokens", pad_token_id: int | None = None):
         super().__init__()
         if head not in ("tokens", "last"):
             raise ValueError(f"head={head!r} is not allowed; use 'tokens' or 'last'")
         self.lm, self.head = lm, head
-        self.pad_token_id = lm.config.pad_token_id if pad_token_id is None else pad_token_id
-        if self.pad_token_id is None:
-            self.pad_token_id = lm.config.eos_token_id
+        ids = (pad_token_id, lm.config.pad_token_id, lm.config.eos_token_id)
+        self.pad_token_id = next(i for i in ids if i is not None)
         self.score = nn.Linear(lm.config.n_embd, 1, bias=False)
         nn.init.normal_(self.score.weight, std=1 / math.sqrt(lm.config.n_embd + 1))
-        if head == "tokens":
-            # A public prior: 1 nat per token less likely costs 3 reward units. A DP-SGD (Adam)
-            # step moves a scalar by about lr, so from 0 it would not get there (NOTES.md).
+        if head == "tokens":  # c starts at a public prior, 3 units a nat: a DP (Adam) step moves it by ~lr
             self.loglik_coef = nn.Parameter(torch.tensor(3.0))
             self.length_coef = nn.Parameter(torch.zeros(()))
 
     def forward(self, input_ids, attention_mask, response_mask):
         """`response_mask` [B, T-1] marks the targets of input_ids[:, 1:] that belong to y."""
         h = hidden_states(self.lm, input_ids, attention_mask)
-        if self.head == "last":
-            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-            last = (positions * (input_ids != self.pad_token_id).long()).argmax(-1)  # vmap-safe, as HF
+        if self.head == "last":  # vmap-safe "rightmost non-pad", as HF computes it
+            last = (torch.arange(input_ids.shape[-1], device=h.device) * (input_ids != self.pad_token_id)).argmax(-1)
             return self.score(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1)
         n = response_mask.sum(-1)
         loglik = (token_logprobs(self.lm.lm_head(h), input_ids) * response_mask).sum(-1) / n.clamp(min=1)
@@ -688,76 +588,60 @@ class RewardModel(nn.Module):
         return self.score(pooled).squeeze(-1) + self.loglik_coef * loglik + self.length_coef * n
 
 
-# =============================================================================================
-# STAGE 1: DP SFT: LoRA fine-tuning on D1 with DP-SGD
-# =============================================================================================
+# ===== STAGE 1: DP SFT: LoRA fine-tuning on D1 with DP-SGD ==================================================
 
 
 @dataclass
 class SFTArgs:
-    """Stage 1 (DP SFT) hyper-parameters."""
-    epochs: float = arg(3.0, "passes over D1 in expectation; steps = epochs / q", limit=">0")
-    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)", limit=">=0")
-    batch_size: int = arg(64, "expected batch size q * |D1| (the paper: 512)", limit=">0")
-    lr: float = arg(3e-3, "AdamW learning rate (the paper: 3e-4 at batch 512, 40 epochs)", limit=">0")
-    max_grad_norm: float = arg(1.0, "per-sample clipping norm C", limit=">0")
+    """Stage 1 (DP SFT) hyper-parameters (stage 2's too, and two more)."""
+    epochs: float = arg(3.0, "passes over the stage's data in expectation; steps = epochs / q", limit=">0")
+    steps: int | None = arg(None, "the number of steps instead (epsilon is accounted for the steps run)", limit=">=0")
+    batch_size: int = arg(64, "expected batch size q * N (the paper: 512 in SFT, 4096 for the RM)", limit=">0")
+    lr: float = arg(3e-3, "AdamW learning rate (the paper: 3e-4 in SFT, 2e-4 for the reward model)", limit=">0")
+    max_grad_norm: float = arg(1.0, "per-sample clipping norm C (a comparison is one sample)", limit=">0")
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)", limit=">=0")
-    max_completion: int = arg(48, "completion tokens kept", limit=">=0")
-    chunk_size: int = arg(16, "vectorise this many samples at a time in per-sample gradients (0: all; 16 is fastest on CPU)", limit=">=0")
-    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf", limit=">0")
+    max_completion: int = arg(48, "completion (summary) tokens kept", limit=">=0")
+    chunk_size: int = arg(16, "per-sample gradients of this many at once (0: all; 16: fast on CPU)", limit=">=0")
+    epsilon: float | None = arg(None, "this stage's own target epsilon (default --epsilon), for ablations", limit=">0")
 
 
 def sft_loss(causal_lm: nn.Module):
     """loss_fn(params, ids, mask, loss_mask) for one sample: mean NLL over its loss tokens."""
     def loss_fn(params, ids, mask, loss_mask):
-        logits = functional_call(causal_lm, params, (ids[None], mask[None]))
-        lp = token_logprobs(logits, ids[None])[0]
+        lp = token_logprobs(functional_call(causal_lm, params, (ids[None], mask[None])), ids[None])[0]
         return -(lp * loss_mask).sum() / loss_mask.sum().clamp(min=1)
     return loss_fn
 
 
 def dp_sft(lm, tokenizer, prompts, completions, plan: StagePlan, args: SFTArgs, *, generator,
            hooks: Hooks = NO_HOOKS) -> dict:
-    """Stage 1. Fine-tune LoRA on (prompt, completion) pairs with DP-SGD (Algorithm 2), the loss
-    on the completion only. Returns the ledger entry."""
+    """Stage 1: LoRA on (prompt, completion) pairs with DP-SGD, the loss on the completion only."""
     model = CausalLM(lm)
     data = encode(tokenizer, prompts, completions, max_prompt=args.max_prompt, max_completion=args.max_completion)
     return dp_train("sft", model, sft_loss(model), data, plan, args, generator=generator, hooks=hooks)
 
 
-# =============================================================================================
-# STAGE 2: DP REWARD MODEL (Eq. 1): Bradley-Terry on D2's comparisons, with DP-SGD
-# =============================================================================================
+# ===== STAGE 2: DP REWARD MODEL (Eq. 1): Bradley-Terry on D2's comparisons, with DP-SGD =====================
 
 
 @dataclass
-class RMArgs:
-    """Stage 2 (DP reward model) hyper-parameters."""
+class RMArgs(SFTArgs):
+    """Stage 2 (DP reward model) hyper-parameters: stage 1's, and the head."""
     epochs: float = arg(2.0, "passes over D2 in expectation; steps = epochs / q", limit=">0")
-    steps: int | None = arg(None, "override the number of steps (epsilon is accounted for the steps run)", limit=">=0")
-    batch_size: int = arg(64, "expected batch size q * |D2| in comparisons (the paper: 4096)", limit=">0")
-    lr: float = arg(3e-3, "AdamW learning rate (the paper: 2e-4 at batch 4096, 50 epochs)", limit=">0")
-    max_grad_norm: float = arg(1.0, "per-comparison clipping norm C (LoRA and head together)", limit=">0")
-    max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)", limit=">=0")
-    max_completion: int = arg(48, "summary tokens kept", limit=">=0")
-    chunk_size: int = arg(16, "vectorise this many comparisons at a time in per-sample gradients (0: all)", limit=">=0")
-    head: str = arg("tokens", "'tokens' (mean hidden state, log-likelihood and length of y) or 'last' (the paper's: last token)", choices=("tokens", "last"))
-    lora_rank: int = arg(0, "LoRA rank on q, v (the paper: 4); 0 trains the head alone, which is more accurate under DP here (NOTES.md)", limit=">=0")
-    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf", limit=">0")
+    head: str = arg("tokens", "'tokens' (y's states, likelihood, length), 'last' (paper)", choices=("tokens", "last"))
+    lora_rank: int = arg(0, "LoRA rank on q, v (the paper: 4); 0, the head alone, is better under DP here", limit=">=0")
+    epsilon: float | None = arg(None, "this stage's own target epsilon (default --epsilon), for ablations", limit=">0")
 
 
 def encode_comparisons(tokenizer, prompts, chosen, rejected, *, max_prompt, max_completion):
-    """(ids, mask, response_mask) of shape [N, 2, T(-1)]: chosen and rejected of one comparison
-    side by side, padded to one length so that the pair is one sample."""
+    """(ids, mask, response_mask) [N, 2, T(-1)]: chosen and rejected side by side, one sample a pair."""
     enc = encode(tokenizer, list(prompts) * 2, list(chosen) + list(rejected), max_prompt=max_prompt,
                  max_completion=max_completion)
-    n = len(prompts)
-    return tuple(torch.stack([t[:n], t[n:]], 1) for t in enc)
+    return tuple(torch.stack([t[:len(prompts)], t[len(prompts):]], 1) for t in enc)
 
 
 def reward_loss(rm: nn.Module):
-    """loss_fn for one comparison, Eq. 1: -log sigma(r(x, y_chosen) - r(x, y_rejected)). Both
-    forward passes are inside one sample, so one comparison is one per-sample gradient."""
+    """Eq. 1 for one comparison, -log sigma(r(x, y_chosen) - r(x, y_rejected)): one per-sample gradient."""
     def loss_fn(params, ids, mask, response_mask):
         r = functional_call(rm, params, (ids, mask, response_mask))
         return -nn.functional.logsigmoid(r[0] - r[1]), (r[0] > r[1]).float().detach()
@@ -766,33 +650,18 @@ def reward_loss(rm: nn.Module):
 
 def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, plan: StagePlan, args: RMArgs, *,
                     generator, hooks: Hooks = NO_HOOKS) -> dict:
-    """Stage 2. Train LoRA + the scalar head on comparisons with DP-SGD. Returns the ledger entry."""
+    """Stage 2: the scalar head (and LoRA) on comparisons with DP-SGD."""
     data = encode_comparisons(tokenizer, prompts, chosen, rejected, max_prompt=args.max_prompt,
                               max_completion=args.max_completion)
     return dp_train("rm", rm, reward_loss(rm), data, plan, args, generator=generator, hooks=hooks, has_aux=True)
 
 
-@torch.no_grad()
-def reward_model_scores(rm: RewardModel, tokenizer, prompts, completions, *, max_prompt, max_completion,
-                        device, batch: int = 128) -> torch.Tensor:
-    """r(x, y) for each pair, encoded exactly as in training."""
-    out = []
-    for s in range(0, len(prompts), batch):
-        enc = encode(tokenizer, prompts[s:s + batch], completions[s:s + batch], max_prompt=max_prompt,
-                     max_completion=max_completion)
-        out.append(rm(*(t.to(device) for t in enc)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-# =============================================================================================
-# STAGE 3: DPPPO (Algorithm 3, Eq. 2)
-# =============================================================================================
+# ===== STAGE 3: DPPPO (Algorithm 3, Eq. 2) ==================================================================
 
 
 def sample_categorical(probs: torch.Tensor, generator=None, u: torch.Tensor | None = None) -> torch.Tensor:
-    """One index per row of `probs` [B, V] by inverting the CDF at a uniform draw u [B] (drawn from
-    `generator` if not given): the same distribution as torch.multinomial, one random number per row
-    instead of V exponentials (which were 40 % of sampling time on CPU)."""
+    """One index per row of `probs` [B, V], the CDF inverted at a uniform u [B]: multinomial's law
+    from one number per row, not V exponentials (40 % of sampling time on CPU)."""
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[0], generator=generator) if u is None else u
     return torch.searchsorted(cdf, u.to(probs.device)[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp(
@@ -800,23 +669,18 @@ def sample_categorical(probs: torch.Tensor, generator=None, u: torch.Tensor | No
 
 
 # transformers 5.x renamed GPT-2's cache argument `past_key_values` -> `cache`
-_CACHE_ARG = "cache" if "cache" in inspect.signature(inspect.unwrap(GPT2Model.forward)).parameters else "past_key_values"
+_CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
 def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False):
-    """Pure ancestral sampling (no top-k/top-p/min-length, so KL estimates are valid) from
-    `model.lm` with a key/value cache (`greedy`: the argmax instead, for baselines). `max_new_tokens`
-    is an int or a per-row LongTensor; a row also stops after `eos_id`. Returns (ids, mask, action_mask, logprobs, hidden): ids and mask
-    [B, T] with the responses right-padded after the left-padded prompts; the rest over the
-    targets ids[:, 1:]: action_mask [B, T-1] marks the sampled tokens, logprobs their
-    log-probabilities and hidden [B, T-1, d] the last hidden state each was sampled from."""
+    """Pure ancestral sampling with a key/value cache (no top-k/p, no minimum length: valid KL
+    estimates; `greedy`: the argmax). A row stops after max_new_tokens (int or per row) or `eos_id`.
+    Returns ids, mask [B, T] and, over targets ids[:, 1:], action_mask, logprobs, hidden [B, T-1, d]."""
     lm, b, p = model.lm, ids.shape[0], ids.shape[1]
     limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(b)
     steps = int(limit.max()) if b else 0
-    alive = torch.ones(b, dtype=torch.bool, device=ids.device)
-    logprobs, hidden = [], []
-    new, cache = ids, None
+    alive, logprobs, hidden, new, cache = torch.ones(b, dtype=torch.bool, device=ids.device), [], [], ids, None
     # Every step's uniforms at once (the same numbers as drawing them step by step), so that a batch
     # sampled in chunks of rows draws exactly what it draws whole, however early it stops.
     uniforms = torch.rand(steps, b, generator=generator) if not greedy else None
@@ -824,8 +688,7 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
         out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
                              attention_mask=additive_mask(mask, new.shape[1], lm.lm_head.weight.dtype),
                              **{_CACHE_ARG: cache})
-        cache = out.get("cache", out.get("past_key_values"))
-        h = out.last_hidden_state[:, -1]
+        cache, h = out.get("cache", out.get("past_key_values")), out.last_hidden_state[:, -1]
         logp = lm.lm_head(h).float().log_softmax(-1)
         nxt = logp.argmax(-1) if greedy else sample_categorical(logp.exp(), u=uniforms[t])
         alive = alive & (t < limit)
@@ -833,8 +696,7 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
         hidden.append(h * alive[:, None])
         new = torch.where(alive, nxt, torch.zeros_like(nxt))[:, None]
         ids, mask = torch.cat([ids, new], 1), torch.cat([mask, alive.long()[:, None]], 1)
-        if eos_id is not None:
-            alive = alive & (nxt != eos_id)
+        alive = alive & (nxt != eos_id) if eos_id is not None else alive
         if not alive.any():  # every row has stopped: no all-padding columns after this one
             break
 
@@ -845,19 +707,15 @@ def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=Non
 
 
 def gae(rewards, values, action_mask, *, gamma: float, lam: float):
-    """Generalised advantage estimation along each row, over the action positions only.
-
-    Rows are independent: nothing here mixes trajectories. Returns (advantages, returns)."""
+    """(advantages, returns) by GAE along each row's action positions; nothing mixes trajectories."""
     adv = torch.zeros_like(rewards)
     next_adv = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     next_value = torch.zeros_like(next_adv)
     for t in reversed(range(rewards.shape[1])):
         m = action_mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        a = delta + gamma * lam * next_adv
+        a = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_adv
         adv[:, t] = a * m
-        next_adv = torch.where(m > 0, a, next_adv)
-        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_adv, next_value = torch.where(m > 0, a, next_adv), torch.where(m > 0, values[:, t], next_value)
     return adv, (adv + values) * action_mask
 
 
@@ -866,12 +724,9 @@ def masked_mean(x, m):
 
 
 def ppo_loss(policy: nn.Module, *, cliprange: float, cliprange_value: float, vf_coef: float):
-    """loss_fn for one trajectory: clipped surrogate + vf_coef * clipped value loss, each the
-    mean over *its own* response tokens (TRL's per-token losses, without batch statistics)."""
+    """One trajectory's clipped surrogate + vf_coef * clipped value loss, means over *its own* tokens."""
     def loss_fn(params, ids, mask, action_mask, old_logprobs, old_values, advantages, returns):
-        # The per-token inputs may cover only the last target columns (the response): start is
-        # static (shapes), so vmap sees no data-dependent slicing.
-        start = ids.shape[-1] - 1 - action_mask.shape[-1]
+        start = ids.shape[-1] - 1 - action_mask.shape[-1]  # the response columns, static: no data-dependent slicing
         logits, values = functional_call(policy, params, (ids[None], mask[None], start))
         logprobs, values = token_logprobs(logits, ids[None, start:])[0], values[0, :-1]
         ratio = torch.exp(logprobs - old_logprobs)
@@ -886,30 +741,27 @@ def ppo_loss(policy: nn.Module, *, cliprange: float, cliprange_value: float, vf_
 
 @dataclass
 class PPOArgs:
-    """Stage 3 (DPPPO) hyper-parameters; defaults are TRL's where the paper says "TRL defaults"."""
-    steps: int = arg(40, "PPO iterations; each Poisson-samples one rollout batch and is one accountant step", limit=">=0")
+    """Stage 3 (DPPPO) hyper-parameters; TRL's defaults where the paper says "TRL defaults"."""
+    steps: int = arg(40, "PPO iterations, each one Poisson-sampled rollout batch and one accountant step", limit=">=0")
     batch_size: int = arg(128, "expected rollout batch q * |D3| (the paper: 4096)", limit=">0")
-    minibatches: int = arg(1, "k: each trajectory goes to one of k minibatches, uniformly (the paper: 4096 / 256 = 16); "
-                           "under DP, k updates per iteration cost sqrt(k) in signal-to-noise (NOTES.md)", limit=">=1")
-    epochs: int = arg(1, "T_PPO; more than 1 only without privacy (a trajectory must be in one noisy update)", limit=">=1")
+    minibatches: int = arg(1, "k updates an iteration (the paper: 16); under DP they cost sqrt(k)", limit=">=1")
+    epochs: int = arg(1, "T_PPO; above 1 only without privacy (a trajectory must be in one noisy update)", limit=">=1")
     lr: float = arg(1e-2, "AdamW learning rate (the paper: 3e-3 for GPT-2 small, with 16 minibatches)", limit=">0")
-    lr_schedule: str = arg("constant", "'constant' or 'linear' (annealed towards 0 over the iterations, like CleanRL's PPO: "
-                           "late noisy steps then cannot walk the policy away; a public schedule, no privacy cost)", choices=("constant", "linear"))
-    kl_coef: float = arg(0.1, "beta of Eq. 2, fixed: TRL's adaptive controller would read private batch statistics", limit="finite>=0")
+    lr_schedule: str = arg("constant", "'linear': to 0 over the iterations (public)", choices=("constant", "linear"))
+    kl_coef: float = arg(0.1, "beta of Eq. 2, fixed (an adaptive one reads private batches)", limit="finite>=0")
     gamma: float = arg(1.0, "discount", limit="[0,1]")
     lam: float = arg(0.95, "GAE lambda", limit="[0,1]")
     cliprange: float = arg(0.2, "policy ratio clip", limit="finite>=0")
     cliprange_value: float = arg(0.2, "value clip", limit="finite>=0")
     vf_coef: float = arg(0.1, "value loss weight", limit="finite>=0")
     max_grad_norm: float = arg(1.0, "per-trajectory clipping norm C (LoRA and value head together)", limit=">0")
-    baseline: str = arg("empty", "b(x) subtracted from r(x, y), from the trajectory's own prompt only (no bias, no "
-                        "mixing): 'empty' r(x, ''), 'greedy' r(x, the reference model's greedy response), or 'none'", choices=("empty", "greedy", "none"))
-    whiten: str = arg("none", "advantage whitening: 'none' or 'trajectory' (within one trajectory; never across the batch)", choices=("none", "trajectory"))
-    response_min: int = arg(4, "fewest new tokens (a per-trajectory length is drawn uniformly in [min, max])", limit=">=1")
+    baseline: str = arg("empty", "b(x): r(x, ''), r(x, greedy y) or 0", choices=("empty", "greedy", "none"))
+    whiten: str = arg("none", "advantages whitened within a trajectory, or not", choices=("none", "trajectory"))
+    response_min: int = arg(4, "fewest new tokens (each trajectory's length is uniform in [min, max])", limit=">=1")
     response_max: int = arg(16, "most new tokens", limit=">=1")
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)", limit=">=0")
-    chunk_size: int = arg(64, "vectorise this many trajectories at a time in per-sample gradients (0: all; 64: fastest on CPU)", limit=">=0")
-    epsilon: float | None = arg(None, "this stage's target epsilon (default: --epsilon); for ablations such as --ppo-epsilon inf", limit=">0")
+    chunk_size: int = arg(64, "per-sample gradients of this many at once (0: all; 64: fast on CPU)", limit=">=0")
+    epsilon: float | None = arg(None, "this stage's own target epsilon (default --epsilon), for ablations", limit=">0")
 
     def validate(self, epsilon: float):
         """The rules between fields (each field's own limits are on the field)."""
@@ -917,16 +769,13 @@ class PPOArgs:
             raise ValueError(f"epochs={self.epochs} needs epsilon=inf: with privacy each trajectory must land in "
                              "exactly one noisy update (T_PPO = 1)")
         if self.response_min > self.response_max:
-            raise ValueError(f"response_min={self.response_min} is not allowed with response_max={self.response_max}; "
-                             "need min <= max")
+            raise ValueError(f"response_min={self.response_min} is not allowed above response_max={self.response_max}")
 
 
 @dataclass
 class Rollout:
-    """A batch of trajectories. ids/mask are [B, T]: prompt (left-padded to `prompt_len`) + response
-    (right-padded). The rest are [B, T-1], indexed by *target*: column t is about token ids[:, t + 1],
-    predicted from the hidden state at position t. That one-token shift is why a response token's
-    log-prob and the value of the state it was sampled in sit in the same column."""
+    """ids/mask [B, T]: prompts (left-padded) + responses. The rest are [B, T-1], by *target*: column t is about
+    ids[:, t + 1], predicted at t, so a token's log-prob and its state's value share a column."""
     ids: torch.Tensor
     mask: torch.Tensor
     action_mask: torch.Tensor   # 1 where ids[:, t + 1] is a response token (an action of the policy)
@@ -935,75 +784,58 @@ class Rollout:
     values: torch.Tensor        # V_old(s_t), the value head on the sampler's hidden state
     prompt_len: int             # responses are predicted from column prompt_len - 1 on
 
-    def __len__(self):
-        return self.ids.shape[0]
-
 
 @torch.no_grad()
-def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id,
-            phase=NO_HOOKS.phase) -> Rollout:
-    """Sample responses; the sampler's log-probs and hidden states give pi_old and V_old, so only
-    the reference model needs another forward pass (`phase` times the two parts)."""
+def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id, phase=NO_HOOKS.phase):
+    """Responses; the sampler's log-probs and states are pi_old and V_old: only the reference needs a pass."""
     policy.eval()
     with phase("sampling"):
         ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
                                                   generator=generator, eos_id=eos_id)
-    p = prompt_ids.shape[1]  # the LM head only where a response token is predicted: columns p-1..
-    with phase("reference"), lora_disabled(policy):  # the frozen SFT model: same network, LoRA off
-        if len(ids):  # (an empty Poisson batch has nothing to score)
+    p, ref_logprobs = prompt_ids.shape[1], logprobs  # (an empty Poisson batch has nothing to score)
+    with phase("reference"), lora_disabled(policy):  # the frozen SFT model: the same network, LoRA off
+        if len(ids):
             h = hidden_states(policy.lm, ids, mask)[:, p - 1:]
             ref_logprobs = torch.cat([torch.zeros_like(logprobs[:, :p - 1]),
                                       token_logprobs(policy.lm.lm_head(h), ids[:, p - 1:])], 1) * act
-        else:
-            ref_logprobs = logprobs
     return Rollout(ids, mask, act, logprobs, ref_logprobs, policy.value_head(hidden).squeeze(-1) * act, p)
 
 
 def decode_responses(tokenizer, ids, action_mask, eos_id) -> list[str]:
     """The text of each row's response tokens (action_mask marks targets of ids[:, 1:])."""
-    out = []
-    for row, m in zip(ids[:, 1:].tolist(), action_mask.tolist()):
-        toks = [t for t, keep in zip(row, m) if keep and t != eos_id]
-        out.append(tokenizer.decode(toks, skip_special_tokens=True))
-    return out
+    return [tokenizer.decode([t for t, keep in zip(row, m) if keep and t != eos_id], skip_special_tokens=True)
+            for row, m in zip(ids[:, 1:].tolist(), action_mask.tolist())]
 
 
 class PromptBaseline:
-    """b(x), from the trajectory's own prompt alone, so the policy gradient stays unbiased and no
-    statistic crosses trajectories (unlike TRL's batch whitening); fixed, so computed once per prompt.
-    'empty': r(x, ""), cheap, right when the reward mostly reflects the prompt (sentiment). 'greedy':
-    r(x, y*), y* the frozen reference model's greedy response (a learned reward model may score "" far
-    off). 'none': 0."""
+    """b(x) from the trajectory's own prompt alone, once per prompt: unbiased, and no statistic crosses
+    trajectories (unlike batch whitening). 'empty': r(x, ""); 'greedy': r(x, the reference's greedy y)."""
 
     def __init__(self, policy, tokenizer, reward_fn, prompts, args, eos_id):
-        self.policy, self.tokenizer, self.reward_fn, self.prompts = policy, tokenizer, reward_fn, prompts
-        self.kind, self.max_new_tokens, self.eos_id, self.cache = args.baseline, args.response_max, eos_id, {}
+        self.policy, self.tok, self.reward_fn, self.prompts, self.args, self.eos_id, self.cache = \
+            policy, tokenizer, reward_fn, prompts, args, eos_id, {}
 
     @torch.no_grad()
-    def scores(self, prompts, ids, mask) -> torch.Tensor:
-        if self.kind == "none" or not prompts:
-            return torch.zeros(len(prompts))
-        if self.kind == "empty":
-            return self.reward_fn(prompts, [""] * len(prompts))
-        with lora_disabled(self.policy):
-            out, _, act, _, _ = sample(self.policy, ids, mask, max_new_tokens=self.max_new_tokens, generator=None,
-                                       eos_id=self.eos_id, greedy=True)
-        return self.reward_fn(prompts, decode_responses(self.tokenizer, out, act, self.eos_id))
-
     def __call__(self, idx, prompt_ids, prompt_mask) -> torch.Tensor:
-        """b(x) of the prompts `idx` (their ids and mask, as batched), the new ones scored now."""
+        """b(x) of prompts `idx` (their ids and mask as batched); the new ones are scored now."""
         new = [j for j, i in enumerate(idx.tolist()) if i not in self.cache]
-        if new:
+        prompts = [self.prompts[i] for i in idx[new].tolist()]
+        if new and self.args.baseline == "empty":
+            self.cache.update(zip(idx[new].tolist(), self.reward_fn(prompts, [""] * len(new)).tolist()))
+        elif new and self.args.baseline == "greedy":
             rows = torch.tensor(new, dtype=torch.long, device=prompt_ids.device)
-            b = self.scores([self.prompts[i] for i in idx[new].tolist()],
-                            *trim_left(prompt_ids[rows], prompt_mask[rows], mask=prompt_mask[rows]))
+            with lora_disabled(self.policy):
+                out, _, act, _, _ = sample(self.policy, *trim_left(prompt_ids[rows], prompt_mask[rows],
+                                                                   mask=prompt_mask[rows]),
+                                           max_new_tokens=self.args.response_max, generator=None, eos_id=self.eos_id,
+                                           greedy=True)
+            b = self.reward_fn(prompts, decode_responses(self.tok, out, act, self.eos_id))
             self.cache.update(zip(idx[new].tolist(), b.tolist()))
-        return torch.tensor([self.cache[i] for i in idx.tolist()], device=prompt_ids.device)
+        return torch.tensor([self.cache.get(i, 0.0) for i in idx.tolist()], device=prompt_ids.device)
 
 
 def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
-    """Eq. 2 per token: R = -beta * (log pi - log pi_sft) on every response token, plus the
-    reward model's score r(x, y) on the last one."""
+    """Eq. 2 per token: R = -beta * (log pi - log pi_sft) on every response token, + r(x, y) on the last."""
     kl = (logprobs - ref_logprobs) * action_mask
     rewards = -kl_coef * kl
     last = (torch.arange(action_mask.shape[1], device=action_mask.device) * action_mask).argmax(-1)
@@ -1011,36 +843,29 @@ def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
     return rewards, kl.sum(-1)
 
 
-def whiten_trajectory(advantages, action_mask):
-    """Advantages standardised within each trajectory, never across the batch."""
-    mu = masked_mean(advantages, action_mask)[:, None]
-    sd = masked_mean((advantages - mu) ** 2, action_mask)[:, None].sqrt()
-    return (advantages - mu) / (sd + 1e-8) * action_mask
-
-
 def ppo_update(state: TrainState, loss_fn, ro: Rollout, advantages, returns, plan: StagePlan, args, generator):
-    """Algorithm 3's update: each trajectory goes to one of k minibatches, drawn independently of the
-    data, so with T_PPO = 1 it is in exactly one noisy update (normalised by the expected minibatch
-    size qN / k). Returns each trajectory's (policy loss, value loss, clip fraction)."""
-    k = args.minibatches
-    minibatch_of = torch.randint(k, (len(ro),), generator=generator)
-    r = slice(ro.prompt_len - 1, None)  # target columns that can hold response tokens
+    """Each trajectory to one of k minibatches, drawn apart from the data: with T_PPO = 1 it is in one
+    noisy update (divided by the expected qN / k). Returns (policy loss, value loss, clip fraction)."""
+    if args.whiten == "trajectory":  # within one trajectory, never across the batch
+        mu = masked_mean(advantages, ro.action_mask)[:, None]
+        sd = masked_mean((advantages - mu) ** 2, ro.action_mask)[:, None].sqrt()
+        advantages = (advantages - mu) / (sd + 1e-8) * ro.action_mask
+    minibatch_of = torch.randint(args.minibatches, (len(ro.ids),), generator=generator)
+    r = slice(ro.prompt_len - 1, None)  # the target columns that can hold response tokens
     batch = (ro.ids, ro.mask, ro.action_mask[:, r], ro.logprobs[:, r], ro.values[:, r], advantages[:, r], returns[:, r])
     stats = []
-    for _ in range(args.epochs):
-        for j in range(k):
-            sel = (minibatch_of == j).nonzero().flatten().to(ro.ids.device)
-            _, aux = dp_step(state, loss_fn, tuple(x[sel] for x in batch), plan, generator=generator,
-                             expected_batch_size=plan.expected_batch_size / k, chunk_size=args.chunk_size,
-                             has_aux=True)
-            stats += [aux] if aux is not None else []
+    for _, j in itertools.product(range(args.epochs), range(args.minibatches)):
+        sel = (minibatch_of == j).nonzero().flatten().to(ro.ids.device)
+        _, aux = dp_step(state, loss_fn, tuple(x[sel] for x in batch), plan, generator=generator,
+                         expected_batch_size=plan.expected_batch_size / args.minibatches, chunk_size=args.chunk_size,
+                         has_aux=True)
+        stats += [aux] if aux is not None else []
     return torch.cat(stats) if stats else torch.zeros(0, 3)
 
 
 def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: StagePlan, args: PPOArgs, *,
           generator, eos_id=None, hooks: Hooks = NO_HOOKS) -> dict:
-    """Stage 3, Algorithm 3: PPO on D3's prompts with DP-SGD, `reward_fn(prompts, responses)` the
-    reward (public, or the DP reward model). Returns the ledger entry."""
+    """Stage 3, Algorithm 3: PPO with DP-SGD on D3's prompts, rewarded by `reward_fn(prompts, responses)`."""
     args.validate(plan.epsilon)
     state = hooks.restore("ppo", TrainState.new(policy, args.lr), plan)
     device = next(iter(state.params.values())).device
@@ -1064,8 +889,6 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
             centred = scores - baseline(idx, x_ids, x_mask)
         rewards, kl = kl_rewards(centred, ro.logprobs, ro.ref_logprobs, ro.action_mask, args.kl_coef)
         advantages, returns = gae(rewards, ro.values, ro.action_mask, gamma=args.gamma, lam=args.lam)
-        if args.whiten == "trajectory":
-            advantages = whiten_trajectory(advantages, ro.action_mask)
         # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss, over k minibatches of the trajectories.
         with hooks.phase("update"):
             stats = ppo_update(state, loss_fn, ro, advantages, returns, plan, args, generator)
@@ -1077,37 +900,32 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
     return entry
 
 
-# =============================================================================================
-# PRIVACY LEDGER: what each stage spent, and the total over the three stages
-# =============================================================================================
-# Each stage accounts for its own steps (above); the run composes them. The paper's D1, D2, D3
-# are disjoint, so a user is in one stage and the total is the max (parallel composition).
+# ===== PRIVACY LEDGER: what each stage spent (its own accountant, above), and the total over stages =========
 
 
 def ledger_entry(accountant, plan: StagePlan) -> dict:
     """One stage's line of the privacy ledger; epsilon is what was *spent* (<= the target)."""
-    spent = accountant.get_epsilon(plan.delta) if plan.private else math.inf
-    return {"epsilon": spent, "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
-            "sample_rate": plan.sample_rate, "steps": plan.steps, "num_private_examples": plan.num_private_examples}
+    return {"epsilon": accountant.get_epsilon(plan.delta) if plan.private else math.inf, "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
+            "num_private_examples": plan.num_private_examples}
 
 
 def compose_ledger(stages: dict, delta: float, composition: str) -> float:
-    """Total epsilon. Parallel composition over disjoint D1/D2/D3 (the paper's theorem): the
-    max over stages. Sequential (a user may be in several stages): add the stages' RDP curves,
-    each rebuilt from its ledger entry (sigma, q, steps), and convert once."""
+    """Total epsilon: parallel over disjoint D1/D2/D3 (the paper's theorem), the max; sequential (a user
+    in several stages), the stages' RDP curves from their ledger entries, added and converted once."""
     if composition == "parallel":
         return max(s["epsilon"] for s in stages.values())
     if any(math.isinf(s["epsilon"]) for s in stages.values()):
         return math.inf
-    accountant = ACCOUNTANT()  # one accountant over every stage's steps: RDP adds them up
+    accountant = ACCOUNTANT()
     for s in stages.values():
         accountant.step(noise_multiplier=s["noise_multiplier"], sample_rate=s["sample_rate"], num_steps=s["steps"])
     return accountant.get_epsilon(delta)
 
 
 # #############################################################################################
-# PART II: RUNNING IT. Built-in tasks and base model, loaders, the split, one pipeline for both
-# tasks, run directories, checkpoints, sweeps. Nothing here changes what Part I computes.
+# PART II: RUNNING IT. Built-in tasks and base model, loaders, the split by protected unit, one
+# pipeline for both tasks, run directories and checkpoints, sweeps. Nothing here changes Part I.
 # #############################################################################################
 
 
@@ -1116,46 +934,38 @@ class UserError(Exception):
 
 
 def flag_words(error: ValueError, prefix: str = "", **flags) -> UserError:
-    """Part I's ValueError, worded with its field names (`epochs=4`), in the CLI's flag names
-    (`--ppo-epochs 4`): `flags` maps a field to its flag, others get `--<prefix><field>`."""
-    return UserError(re.sub(r"\b([a-z_]+)=", lambda m: flags.get(m[1], "--" + (prefix + m[1]).replace("_", "-")) + " ",
-                            str(error)))
+    """Part I's ValueError in the CLI's words: `epochs=4` -> `--ppo-epochs 4` (`flags`: field -> flag;
+    any other field -> `--<prefix><field>`)."""
+    flag = lambda m: flags.get(m[1], "--" + (prefix + m[1]).replace("_", "-")) + " "
+    return UserError(re.sub(r"\b([a-z_]+)=", flag, str(error)))
 
 
-# =============================================================================================
-# DATA: built-in synthetic tasks (offline), Hub/local loaders, disjoint D1/D2/D3 splits
-# =============================================================================================
-# The built-in tasks stand in for IMDb and Reddit TL;DR. Everything is generated from a seed, so
-# a run is reproducible; the public pre-training corpus uses its own seed, and the private data
-# generators skip every public text (`exclude`), so "public" really is disjoint from "private".
+# ===== DATA: built-in synthetic tasks (offline), base model, loaders, the split by protected unit ============
+# The built-in tasks stand in for IMDb and Reddit TL;DR, generated from a seed; the public pre-training
+# corpus has its own seed, and the private generators skip every public text (`exclude`).
 
-NOUNS = ("film movie story plot acting cast director script soundtrack ending dialogue "
-         "cinematography characters pacing visuals performances music humor effects").split()
-POSITIVE = ("great wonderful brilliant moving beautiful superb charming delightful fantastic "
-            "gripping hilarious memorable stunning excellent touching clever good fun lovely").split()
-NEGATIVE = ("boring awful terrible dull bad weak clumsy predictable tedious poor messy "
-            "forgettable painful horrible bland silly lazy ugly cheap").split()
+NOUNS = ("film movie story plot acting cast director script soundtrack ending dialogue cinematography characters "
+         "pacing visuals performances music humor effects").split()
+POSITIVE = ("great wonderful brilliant moving beautiful superb charming delightful fantastic gripping hilarious "
+            "memorable stunning excellent touching clever good fun lovely").split()
+NEGATIVE = ("boring awful terrible dull bad weak clumsy predictable tedious poor messy forgettable painful horrible "
+            "bland silly lazy ugly cheap").split()
 NEUTRAL = "long quiet slow strange simple old dark loud familiar short serious odd".split()
 POS_VERBS, NEG_VERBS = "loved enjoyed liked adored".split(), "hated disliked regretted loathed".split()
-INTENSIFIERS = "really very truly quite so pretty incredibly".split()
-NEGATIONS = ("not", "never", "hardly", "n't")
-GENRES = ("drama comedy thriller western romance documentary musical mystery cartoon sequel "
-          "remake").split()
-TOPICS = ["a family", "a small town", "two brothers", "a lost dog", "a war", "a detective",
-          "first love", "a heist", "a haunted house", "a long journey", "a robot", "an old sailor",
-          "a band", "a school", "a wedding", "a storm", "a king", "a farmer", "a spy", "a chef"]
-ACTORS = ("smith jones garcia chen patel novak rossi kim silva murphy okafor tanaka berg "
-          "dubois moreau lopez khan ward").split()
+INTENSIFIERS, NEGATIONS = "really very truly quite so pretty incredibly".split(), ("not", "never", "hardly", "n't")
+GENRES = "drama comedy thriller western romance documentary musical mystery cartoon sequel remake".split()
+TOPICS = ["a family", "a small town", "two brothers", "a lost dog", "a war", "a detective", "first love", "a heist",
+          "a haunted house", "a long journey", "a robot", "an old sailor", "a band", "a school", "a wedding",
+          "a storm", "a king", "a farmer", "a spy", "a chef"]
+ACTORS = "smith jones garcia chen patel novak rossi kim silva murphy okafor tanaka berg dubois moreau lopez khan ward"
+ACTORS = ACTORS.split()
+REVIEW_KINDS = ("positive", "negative", "mixed", "neutral")
+REVIEW_KIND_CDF = np.cumsum([0.4, 0.4, 0.1, 0.1]) / np.cumsum([0.4, 0.4, 0.1, 0.1])[-1]  # as rng.choice(p=) builds it
 
 
 def pick(rng: np.random.Generator, options):
-    """One of `options`, uniformly: the same draw as rng.choice(options), without converting
-    `options` to an array on every call (the generators are a third faster; same data)."""
+    """rng.choice(options)'s draw, without making an array of `options` each call (a third faster)."""
     return options[rng.integers(len(options))]
-
-
-REVIEW_KINDS = ("positive", "negative", "mixed", "neutral")
-REVIEW_KIND_CDF = np.cumsum([0.4, 0.4, 0.1, 0.1]) / np.cumsum([0.4, 0.4, 0.1, 0.1])[-1]  # as rng.choice(p=) builds it
 
 
 def _review(rng: np.random.Generator, sentiment: str) -> str:
@@ -1164,10 +974,8 @@ def _review(rng: np.random.Generator, sentiment: str) -> str:
         return pick(rng, {1: POSITIVE, -1: NEGATIVE, 0: NEUTRAL}[pol])
 
     def polarity():
-        if sentiment == "mixed":
-            return pick(rng, (1, -1))
-        if sentiment == "neutral":
-            return pick(rng, (0, 0, 1, -1))
+        if sentiment in ("mixed", "neutral"):
+            return pick(rng, (1, -1) if sentiment == "mixed" else (0, 0, 1, -1))
         base = 1 if sentiment == "positive" else -1
         return base if rng.random() < 0.85 else -base
 
@@ -1197,56 +1005,45 @@ def _review(rng: np.random.Generator, sentiment: str) -> str:
 
 def make_reviews(n: int, seed: int, exclude: set = frozenset()) -> list[dict]:
     """Synthetic reviews: 40 % positive, 40 % negative, 10 % mixed, 10 % neutral; none in `exclude`."""
-    rng = np.random.default_rng(seed)
-    out = []
+    rng, out = np.random.default_rng(seed), []
     while len(out) < n:
         kind = REVIEW_KINDS[int(np.searchsorted(REVIEW_KIND_CDF, rng.random(), side="right"))]
-        text = _review(rng, kind)
-        if text not in exclude:
+        if (text := _review(rng, kind)) not in exclude:
             out.append({"text": text, "label": kind})
     return out
 
 
 def sentiment_score(text: str) -> float:
-    """The built-in *public* reward: a transparent lexicon sentiment scorer that handles negation
-    and intensifiers, returning a logit-like score in (-4, 4). It knows no private data."""
-    words = text.lower().replace("n't", " n't").split()
-    total = 0.0
+    """The built-in *public* reward: a lexicon scorer with negation and intensifiers, 4 tanh(S / 4)."""
+    words, total = text.lower().replace("n't", " n't").split(), 0.0
     for t, w in enumerate(words):
         pol = 1.0 if w in POSITIVE or w in POS_VERBS else -1.0 if w in NEGATIVE or w in NEG_VERBS else 0.0
-        if pol == 0:
-            continue
-        window = words[max(0, t - 3):t]
-        if any(x in NEGATIONS for x in window):
-            pol *= -0.5  # "not bad" is weakly positive, "not great" weakly negative
-        if any(x in INTENSIFIERS for x in window):
-            pol *= 1.5
-        total += pol
+        if pol:
+            window = words[max(0, t - 3):t]
+            pol *= -0.5 if any(x in NEGATIONS for x in window) else 1.0  # "not bad" is weakly positive
+            total += pol * (1.5 if any(x in INTENSIFIERS for x in window) else 1.0)
     return 4.0 * math.tanh(total / 4.0)
 
 
-PEOPLE = ("sister brother boyfriend girlfriend roommate boss mom dad friend coworker neighbor "
-          "cousin husband wife teacher landlord").split()
-EVENTS = ["forgot my birthday", "borrowed my car", "moved to another city", "quit their job",
-          "lied to me", "read my diary", "broke my phone", "ignored my messages", "got a new dog",
-          "cancelled our trip", "took my money", "started a band", "failed the exam",
-          "won the lottery", "crashed my bike", "sold the house"]
-FEELINGS = ("angry sad anxious confused happy guilty lonely hurt nervous relieved jealous "
-            "embarrassed").split()
+PEOPLE = ("sister brother boyfriend girlfriend roommate boss mom dad friend coworker neighbor cousin husband wife "
+          "teacher landlord").split()
+EVENTS = ["forgot my birthday", "borrowed my car", "moved to another city", "quit their job", "lied to me",
+          "read my diary", "broke my phone", "ignored my messages", "got a new dog", "cancelled our trip",
+          "took my money", "started a band", "failed the exam", "won the lottery", "crashed my bike", "sold the house"]
+FEELINGS = "angry sad anxious confused happy guilty lonely hurt nervous relieved jealous embarrassed".split()
 TIMES = ["yesterday", "last week", "last night", "this morning", "last month", "on friday"]
-FILLER = ["we have known each other for years .", "it was raining all day .",
-          "i did not sleep much after that .", "i work long hours these days .",
-          "this is my first post here .", "sorry for the long post .", "we live in a small town .",
-          "my family thinks i am overreacting .", "things were fine until then .",
+FILLER = ["we have known each other for years .", "it was raining all day .", "i did not sleep much after that .",
+          "i work long hours these days .", "this is my first post here .", "sorry for the long post .",
+          "we live in a small town .", "my family thinks i am overreacting .", "things were fine until then .",
           "i tried to talk about it over dinner ."]
+TLDR_PROMPT = "post : {post} tl;dr :"
 
 
 def _post(rng: np.random.Generator) -> dict:
     """One synthetic Reddit-style post with its three key facts (who, what, how I feel)."""
     person, event, feeling = pick(rng, PEOPLE), pick(rng, EVENTS), pick(rng, FEELINGS)
     filler = list(rng.choice(FILLER, size=rng.integers(1, 4), replace=False))
-    facts = [f"{pick(rng, TIMES)} my {person} {event} .",
-             f"now i feel {feeling} and do not know what to do ."]
+    facts = [f"{pick(rng, TIMES)} my {person} {event} .", f"now i feel {feeling} and do not know what to do ."]
     body = [f"i ( {rng.integers(18, 60)} ) need some advice ."] + filler[:1] + facts[:1] + filler[1:] + facts[1:]
     if rng.random() < 0.5:
         body.append(pick(rng, ("should i talk to them ?", "what would you do ?", "am i wrong ?")))
@@ -1254,21 +1051,19 @@ def _post(rng: np.random.Generator) -> dict:
 
 
 def _summary(rng: np.random.Generator, post: dict, style: str) -> str:
-    """A candidate summary. `reference`: what a hurried human writes (often chatty, sometimes
-    missing the feeling); `candidate`: anything from terse to wrong, for comparisons."""
-    person, event, feeling = post["person"], post["event"], post["feeling"]
-    if style == "candidate":
-        if rng.random() < 0.25:
-            person = pick(rng, PEOPLE)  # an invented fact
-        if rng.random() < 0.25:
-            feeling = pick(rng, FEELINGS)
-    parts = []
-    if rng.random() < (0.6 if style == "reference" else 0.4):
-        parts.append(pick(rng, ("so basically", "long story short ,", "ok so", "well")))
+    """A summary: `reference`, what a hurried human writes (chatty, often without the feeling);
+    `candidate`, anything from terse to wrong, for comparisons."""
+    person, event, feeling, ref = post["person"], post["event"], post["feeling"], style == "reference"
+    if not ref and rng.random() < 0.25:
+        person = pick(rng, PEOPLE)  # an invented fact
+    if not ref and rng.random() < 0.25:
+        feeling = pick(rng, FEELINGS)
+    opener = rng.random() < (0.6 if ref else 0.4)
+    parts = [pick(rng, ("so basically", "long story short ,", "ok so", "well"))] if opener else []
     parts.append(f"my {person} {event}" if rng.random() < 0.85 else f"my {person} did something")
-    if rng.random() < (0.55 if style == "reference" else 0.6):
+    if rng.random() < (0.55 if ref else 0.6):
         parts.append(f"and i feel {feeling}")
-    if rng.random() < (0.5 if style == "reference" else 0.4):
+    if rng.random() < (0.5 if ref else 0.4):
         parts.append(pick(rng, ("and we have known each other for years", "and it was raining",
                                 "and my family thinks i am overreacting")))
     if rng.random() < 0.4:
@@ -1277,28 +1072,20 @@ def _summary(rng: np.random.Generator, post: dict, style: str) -> str:
 
 
 def true_preference(post: dict, summary: str) -> float:
-    """The hidden preference of the built-in RLHF task: +1 for each key fact stated (who, what,
-    how they feel), -1 for each invented person or feeling, -0.15 per word past ten. It labels
-    D2 (with Bradley-Terry noise) and scores evaluations; it never trains anything."""
-    words = summary.split()
-    post_words = set(post["post"].split())
+    """The built-in RLHF task's hidden preference: +1 per key fact stated, -1 per invented person or
+    feeling, -0.15 per word past ten. It labels D2 (Bradley-Terry) and scores evaluations, never trains."""
+    words, post_words = summary.split(), set(post["post"].split())
     score = float(post["person"] in words) + float(post["event"] in summary) + float(post["feeling"] in words)
     score -= sum(1.0 for w in words if w in PEOPLE + FEELINGS and w not in post_words)
     return score - 0.15 * max(0, len(words) - 10)
 
 
-TLDR_PROMPT = "post : {post} tl;dr :"
-
-
 def make_tldr(n_posts: int, n_comparisons: int, seed: int, exclude: set = frozenset()) -> tuple[list, list]:
-    """The built-in TL;DR task as two files, like a user's: `n_posts` rows (prompt, label: a reference
-    summary) and `n_comparisons` comparisons (prompt, chosen, rejected) of other posts; each record
-    keeps its post's key facts in `meta` (for `true_preference`); no post in `exclude`."""
-    rng = np.random.default_rng(seed)
-    rows, cmps = [], []
+    """The built-in TL;DR task as a user's two files: `n_posts` rows (prompt, label: a reference summary)
+    and `n_comparisons` (prompt, chosen, rejected) of other posts; `meta`: the post's facts."""
+    rng, rows, cmps = np.random.default_rng(seed), [], []
     while len(rows) + len(cmps) < n_posts + n_comparisons:
-        p = _post(rng)
-        if p["post"] in exclude:
+        if (p := _post(rng))["post"] in exclude:
             continue
         prompt = TLDR_PROMPT.format(post=p["post"])
         if len(rows) < n_posts:
@@ -1313,10 +1100,9 @@ def make_tldr(n_posts: int, n_comparisons: int, seed: int, exclude: set = frozen
 
 @dataclass
 class BaseModelArgs:
-    """The built-in "public pre-trained" GPT-2: trained here, non-privately, on public text.
-
-    The recipe is what made a model this small copy from its prompt (NOTES.md, "The built-in base
-    model"): no dropout, one document per row, and a copy curriculum of random repeated sequences."""
+    """The built-in "public pre-trained" GPT-2, trained here non-privately on public text. What made
+    a model this small copy from its prompt (NOTES.md): no dropout, one document per row, and a copy
+    curriculum of random repeated sequences."""
     n_layer: int = arg(2, "transformer blocks", limit=">=1")
     n_embd: int = arg(128, "hidden size", limit=">=1")
     n_head: int = arg(4, "attention heads", limit=">=1")
@@ -1329,15 +1115,16 @@ class BaseModelArgs:
     copy_steps: int = arg(50, "first steps train only on copy rows ([eos] s s, loss on the second s)", limit=">=0")
     copy_rows: int = arg(8, "copy rows in every batch after that", limit=">=0")
     copy_len: int = arg(24, "tokens in the random sequence s of a copy row", limit=">=1")
-    seed: int = arg(1234, "seed of the public corpus and of the initial weights; private data never uses it", limit=">=0")
+    seed: int = arg(1234, "seed of the public corpus and the initial weights (never of private data)", limit=">=0")
+
+
+_PUBLIC_CORPUS = {}
 
 
 def public_corpus(args: BaseModelArgs) -> tuple[list[str], list[str]]:
-    """(documents, texts): the public pre-training text, from its own seed (the stand-in for the
-    web): reviews, and posts each followed by a "tl;dr" of web quality (terse or chatty, sometimes
-    wrong), as GPT-2 saw "TL;DR:" on the web; and the reviews and posts alone, which the built-in
-    private data must not repeat. SFT then learns the private reference style; RLHF, what people
-    prefer. Generated once per process (7 s), then reused."""
+    """(documents, texts), the public pre-training text from its own seed (the web's stand-in):
+    reviews, and posts each with a web-quality "tl;dr" (as GPT-2 saw "TL;DR:"); and the reviews and
+    posts alone, which the built-in private data must not repeat. Generated once per process."""
     key = (args.seed, args.corpus_size)
     if key not in _PUBLIC_CORPUS:
         rng = np.random.default_rng(args.seed)
@@ -1345,11 +1132,7 @@ def public_corpus(args: BaseModelArgs) -> tuple[list[str], list[str]]:
         posts = [_post(rng) for _ in range(args.corpus_size)]
         tldrs = [TLDR_PROMPT.format(post=p["post"]) + " " + _summary(rng, p, "candidate") for p in posts]
         _PUBLIC_CORPUS[key] = (reviews + tldrs, reviews + [p["post"] for p in posts])
-    documents, texts = _PUBLIC_CORPUS[key]
-    return list(documents), list(texts)
-
-
-_PUBLIC_CORPUS = {}
+    return tuple(list(x) for x in _PUBLIC_CORPUS[key])
 
 
 def cache_dir() -> str:
@@ -1357,165 +1140,124 @@ def cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dp_rlhf")
 
 
+@contextlib.contextmanager
 def _atomic_dir(final: str):
     """A temporary sibling directory, renamed to `final` only if the block succeeds."""
-
-    @contextlib.contextmanager
-    def ctx():
-        os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(final) or ".")
-        try:
-            yield tmp
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ctx()
+    os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(final) or ".")
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def public_tokenizer(corpus: list[str], vocab_size: int):
     """A byte-level BPE (GPT-2's kind) trained on the public corpus; eos doubles as bos and pad."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                        show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos)
 
 
 def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu") -> str:
-    """Path of the built-in base model, pre-training it on the public corpus once (cached)."""
-    key = "-".join(f"{v}" for v in dataclasses.astuple(args))
-    path = os.path.join(cache_dir(), f"builtin-v3-{key}")
+    """Path of the built-in base model, pre-trained on the public corpus once (cached), from its own
+    seed: the global RNG is left as it was, so a run that builds it draws what a cached run draws."""
+    path = os.path.join(cache_dir(), "builtin-v3-" + "-".join(f"{v}" for v in dataclasses.astuple(args)))
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return path
-    t0 = time.time()
-    corpus = public_corpus(args)[0]
+    t0, corpus = time.time(), public_corpus(args)[0]
     tokenizer = public_tokenizer(corpus, args.vocab_size)
     eos, t = tokenizer.eos_token_id, args.seq_len
-    # One document per row, [eos] + doc + [eos], right-padded; padding is masked out of the loss.
-    docs = torch.full((len(corpus), t), eos)
-    labels = torch.full((len(corpus), t), -100)
+    docs, labels = torch.full((len(corpus), t), eos), torch.full((len(corpus), t), -100)  # one document per row
     for i, ids in enumerate(tokenizer(corpus)["input_ids"]):
         row = torch.tensor([eos] + ids + [eos])[:t]
         docs[i, :len(row)], labels[i, 1:len(row)] = row, row[1:]
-    torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=args.n_embd,
-                        n_layer=args.n_layer, n_head=args.n_head, bos_token_id=eos,
-                        eos_token_id=eos, pad_token_id=eos, attn_implementation="eager",
-                        activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU, fused
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config).to(device).train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=args.n_embd, n_layer=args.n_layer,
+                            n_head=args.n_head, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                            attn_implementation="eager", activation_function="gelu_pytorch_tanh",  # fused tanh GELU
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(config).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     bar = Progress(args.steps, "pre-training the built-in base model (public data, once, about 2 min on 2 cores)")
-    for step in bar:
-        # The copy curriculum: rows [eos] s s of random tokens s, the loss on the second s. Only
-        # such rows at first, then a quarter of each batch; without the block at the start, a model
-        # this small never learns to copy (NOTES.md).
+    for step in range(args.steps):
+        # The copy curriculum: rows [eos] s s of random tokens s, the loss on the second s; only such rows
+        # at first, then a quarter of each batch. Without the first block a model this small never copies.
         n_copy = args.batch_size if step < args.copy_steps else min(args.copy_rows, args.batch_size)
         s = torch.randint(0, len(tokenizer) - 1, (n_copy, args.copy_len), generator=gen)
         s = s + (s >= eos).long()  # any token but eos
         copy_ids = torch.cat([torch.full((n_copy, 1), eos), s, s], 1)
         copy_labels = torch.cat([torch.full((n_copy, 1 + args.copy_len), -100), s], 1)
-        rows = torch.randint(0, len(corpus), (args.batch_size - n_copy,), generator=gen)
-        w = max(copy_ids.shape[1], t)
+        rows, w = torch.randint(0, len(corpus), (args.batch_size - n_copy,), generator=gen), max(copy_ids.shape[1], t)
         pad = lambda x, v: torch.nn.functional.pad(x, (0, w - x.shape[1]), value=v)
         x = torch.cat([pad(docs[rows], eos), pad(copy_ids, eos)])
         y = torch.cat([pad(labels[rows], -100), pad(copy_labels, -100)])
         width = int((y != -100).any(0).nonzero().max()) + 1  # drop columns that are padding in every row
-        x, y = x[:, :width].to(device), y[:, :width].to(device)
-        loss = model(input_ids=x, labels=y).loss
+        loss = model(input_ids=x[:, :width].to(device), labels=y[:, :width].to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    probe = copy_probe(model, tokenizer, public_probe_posts(args), device=device)
-    print(f"built-in base model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"final loss {loss.item():.3f}, copy probe: person {probe['person']:.2f}, feeling "
-          f"{probe['feeling']:.2f} (chance {1 / len(PEOPLE):.2f} / {1 / len(FEELINGS):.2f}), "
-          f"{time.time() - t0:.0f}s -> {path}", file=sys.stderr)
+        bar.update(step + 1)
+    bar.close()
+    probe = copy_probe(model.eval(), tokenizer, public_probe_posts(args), device=device)
+    print(f"built-in base model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, final loss "
+          f"{loss.item():.3f}, copy probe: person {probe['person']:.2f}, feeling {probe['feeling']:.2f} (chance "
+          f"{1 / len(PEOPLE):.2f} / {1 / len(FEELINGS):.2f}), {time.time() - t0:.0f}s -> {path}", file=sys.stderr)
     with _atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return path
 
 
-DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
-
-
 def _is_local(spec: str) -> bool:
-    """A path, existing or not: starts like one or names a data file (a Hub id is "name" or "org/name")."""
+    """A path, existing or not: it starts like one or names a data file (a Hub id is "name" or "org/name")."""
     return (os.path.exists(os.path.expanduser(spec)) or spec.startswith((".", "/", "~")) or spec.endswith("/")
-            or spec.count("/") > 1 or spec.lower().endswith(DATA_FILE_EXTENSIONS))
+            or spec.count("/") > 1 or spec.lower().endswith((".jsonl", ".json", ".csv", ".parquet")))
 
 
-def _hub_guard(spec: str):
-    """If `spec` needs the Hugging Face Hub and it is unreachable, switch the Hub clients to offline
-    mode at once (they would retry for a minute), so the error comes in a second, in one line."""
-    if _is_local(spec) or os.environ.get("HF_HUB_OFFLINE") == "1":
-        return
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=2).close()
-    except OSError:  # what is already in the local Hugging Face cache still loads
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-        # The clients read those variables when imported; tell the ones already imported.
-        for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-                             ("datasets.config", "HF_DATASETS_OFFLINE")):
-            if hasattr(sys.modules.get(module), name):
-                setattr(sys.modules[module], name, True)
-
-
-def check_model_spec(spec: str | None, what: str):
-    """Fail at once, before any data or base model is built, on a model that cannot load: a local
-    path that is not a directory, or a Hub id while the Hub is unreachable and nothing is cached."""
-    if spec is None or spec == "builtin":
-        return
-    path = os.path.expanduser(spec)
-    hint = "'builtin' or a local directory saved with save_pretrained"
-    if _is_local(path):
-        if not os.path.isdir(path):
-            raise UserError(f"{what} '{spec}' is not a directory; use {hint}")
-        return
-    _hub_guard(path)
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+def _hub(spec: str, what: str, hint: str, load):
+    """`load()`, a Hub or local load, with one line if it fails. A Hub id while the Hub is unreachable
+    switches its clients offline at once (they would retry for a minute); the local cache still loads."""
+    if not _is_local(spec) and os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
-            cached = try_to_load_from_cache(path, "config.json")
-        except ValueError:  # not even a well-formed Hub id
-            raise UserError(f"{what} '{spec}' is neither a local directory nor a Hub id; use {hint}") from None
-        if not isinstance(cached, str):
-            raise UserError(f"cannot load {what} '{spec}': the Hugging Face Hub is unreachable and it is not "
-                            f"in the local cache; use {hint}")
-
-
-def _hub_error(spec: str, what: str, offline_hint: str, err: Exception) -> UserError:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _is_local(spec):
-        return UserError(f"cannot load {what} '{spec}': the Hugging Face Hub is unreachable and it is "
-                         f"not in the local cache; use {offline_hint}")
-    return UserError(f"cannot load {what} '{spec}': {str(err).splitlines()[0][:300]}")
+            socket.create_connection(("huggingface.co", 443), timeout=2).close()
+        except OSError:  # the clients read these when imported: tell the ones already imported too
+            os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+            for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                                 ("datasets.config", "HF_DATASETS_OFFLINE")):
+                if hasattr(sys.modules.get(module), name):
+                    setattr(sys.modules[module], name, True)
+    try:
+        return load()
+    except (OSError, ValueError, ConnectionError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" and not _is_local(spec)
+        raise UserError(f"cannot load {what} '{spec}': " + (f"the Hugging Face Hub is unreachable and it is not in "
+                        f"the local cache; use {hint}" if offline else str(e).splitlines()[0][:300])) from None
 
 
 def load_lm(spec: str, device: str, base: BaseModelArgs = BaseModelArgs()):
-    """(GPT-2 LM, tokenizer) from 'builtin', a Hub id (gpt2, gpt2-medium, ...) or a local dir."""
+    """(GPT-2 LM, tokenizer) from 'builtin', a Hub id (gpt2, gpt2-medium, ...) or a local directory."""
     path = builtin_base_model(base, device) if spec == "builtin" else os.path.expanduser(spec)
-    hint = "--model builtin or a local directory saved with save_pretrained"
-    _hub_guard(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def load():
         config = AutoConfig.from_pretrained(path)
-        if getattr(config, "activation_function", None) == "gelu_new":  # GPT-2's tanh GELU, as one fused
-            config.activation_function = "gelu_pytorch_tanh"             # kernel: 5 memory passes -> 1
-        lm = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation="eager", dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise _hub_error(path, "model", hint, e) from None
+        if getattr(config, "activation_function", None) == "gelu_new":  # GPT-2's tanh GELU as one fused kernel
+            config.activation_function = "gelu_pytorch_tanh"             # (5 memory passes -> 1)
+        return (AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation="eager",
+                                                     dtype=torch.float32), AutoTokenizer.from_pretrained(path))
+    lm, tokenizer = _hub(path, "model", "--model builtin or a local directory saved with save_pretrained", load)
     try:
-        _attn_blocks(lm)  # GPT-2 architecture check, one line if not
+        _attn_blocks(lm)
     except ValueError as e:
         raise UserError(f"model '{spec}': {e}") from None
     if not tokenizer("hello world")["input_ids"]:
@@ -1524,37 +1266,31 @@ def load_lm(spec: str, device: str, base: BaseModelArgs = BaseModelArgs()):
     if len(tokenizer) > lm.config.vocab_size:
         raise UserError(f"model '{spec}' has {lm.config.vocab_size} token embeddings but its tokenizer "
                         f"{len(tokenizer)} tokens; use the tokenizer it was trained with")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return lm.to(device).eval(), tokenizer
 
 
 def check_fits(lm: nn.Module, args):
     """Every sequence a stage builds fits the model's positions (else an IndexError mid-run)."""
-    for name in ("sft", "rm", "ppo"):
-        stage = getattr(args, name, None)
-        if stage is None:
-            continue
-        flag, tail = (("response-max", stage.response_max) if name == "ppo" else
-                      ("max-completion", stage.max_completion))
-        longest = 1 + stage.max_prompt + tail + (name != "ppo")  # [bos] prompt completion [eos]
-        if longest > lm.config.n_positions:
+    for name in (s for s in ("sft", "rm", "ppo") if hasattr(args, s)):
+        stage = getattr(args, name)
+        flag, tail = ("response-max", stage.response_max) if name == "ppo" else ("max-completion", stage.max_completion)
+        if (longest := 1 + stage.max_prompt + tail + (name != "ppo")) > lm.config.n_positions:  # bos, eos
             raise UserError(f"--{name}-max-prompt {stage.max_prompt} with --{name}-{flag} {tail} is not allowed: "
                             f"{longest} tokens, the model has {lm.config.n_positions} positions")
 
 
 def _read_local(spec: str, path: str, ext: str) -> list:
-    """A local file's rows, each parsed on its own: JSON values keep their own types and CSV cells
-    stay text ("007", "N/A"), so one record cannot change how another is read (a column-wide type
-    inference would: one float id in a column of ints turns every id into a float)."""
-    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(ext)
-    if kind is None:
+    """A local file's rows, each parsed on its own: JSON values keep their own types and CSV cells stay
+    text ("007", "N/A"), so one record cannot change how another is read (a column-wide type inference
+    would: one float id among ints turns every id into a float)."""
+    if ext not in (".jsonl", ".json", ".csv", ".parquet"):
         raise UserError(f"dataset file '{spec}' has extension '{ext}'; allowed: .jsonl .json .csv .parquet")
     try:
-        if kind == "csv":
+        if ext == ".csv":
             with open(path, newline="") as f:
                 return list(csv.DictReader(f))
-        if kind == "parquet":  # a typed schema, fixed by the file itself
+        if ext == ".parquet":  # a typed schema, fixed by the file itself
             return datasets.load_dataset("parquet", data_files=path, split="train").to_list()
         with open(path) as f:
             text = f.read()
@@ -1563,12 +1299,12 @@ def _read_local(spec: str, path: str, ext: str) -> list:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     except Exception as e:  # a truncated or malformed file: the parser's own error types
         cause = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot read dataset file '{spec}' as {kind}: {cause}") from None
+        raise UserError(f"cannot read dataset file '{spec}' as {ext[1:].replace('jsonl', 'json')}: {cause}") from None
 
 
 def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user_columns: tuple = ()) -> list[dict]:
-    """Rows with `columns` (non-empty text) and `user_columns` (any non-null id) from a Hub dataset
-    id (its own typed schema) or a local .jsonl/.json/.csv/.parquet file."""
+    """Rows with `columns` (non-empty text) and `user_columns` (any non-null id), from a Hub dataset id
+    (its own typed schema) or a local .jsonl/.json/.csv/.parquet file."""
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors reach us as exceptions
     ext, path = os.path.splitext(spec)[1].lower(), os.path.expanduser(spec)
@@ -1578,30 +1314,25 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user
         with open(path, "rb") as f:
             if not f.read().strip():
                 raise UserError(f"dataset file '{spec}' is empty")
-    _hub_guard(spec)
-    try:
-        rows = _read_local(spec, path, ext) if _is_local(spec) else datasets.load_dataset(spec, split=split).to_list()
-    except (OSError, ValueError, ConnectionError, FileNotFoundError) as e:
-        raise _hub_error(spec, "dataset", "--dataset builtin or a local .jsonl/.csv/.parquet file", e) from None
+    rows = _read_local(spec, path, ext) if _is_local(spec) else _hub(
+        spec, "dataset", "--dataset builtin or a local .jsonl/.csv/.parquet file",
+        lambda: datasets.load_dataset(spec, split=split).to_list())
     if not rows:
         raise UserError(f"dataset '{spec}' has no rows")
-    columns = tuple(columns) + tuple(user_columns)
-    names = sorted({k for r in rows if isinstance(r, dict) for k in r})
+    columns, names = tuple(columns) + tuple(user_columns), sorted({k for r in rows if isinstance(r, dict) for k in r})
     if missing := [c for c in columns if c not in names]:
         raise UserError(f"dataset '{spec}' lacks column(s) {missing}; it has {names}")
-    for i, row in enumerate(rows):  # a null or a number would silently train on "None" or "5"
-        row = row if isinstance(row, dict) else {}
+    for i, row in enumerate(r if isinstance(r, dict) else {} for r in rows):  # "None" or "5" is no text
         bad = [c for c in columns if c not in user_columns and not (isinstance(row.get(c), str) and row[c].strip())]
-        bad += [c for c in user_columns if row.get(c) is None]
-        if bad:
-            raise UserError(f"dataset '{spec}' row {i}: column '{bad[0]}' is {row.get(bad[0])!r}; "
-                            f"{'a user id must not be null' if bad[0] in user_columns else 'it must be non-empty text'}")
+        if bad := bad + [c for c in user_columns if row.get(c) is None]:
+            why = "a user id must not be null" if bad[0] in user_columns else "it must be non-empty text"
+            raise UserError(f"dataset '{spec}' row {i}: column '{bad[0]}' is {row.get(bad[0])!r}; {why}")
     return [{c: row[c] for c in columns} for row in rows]
 
 
 def prefix_prompts(tokenizer, texts: list[str], lo: int, hi: int, seed: int) -> list[str]:
-    """The first lo..hi tokens of each review, as in TRL's gpt2-sentiment. Each review's length is
-    drawn from a keyed hash of that review alone, so it is the same whatever else is in the data."""
+    """The first lo..hi tokens of each review (TRL's gpt2-sentiment), the length drawn from a keyed hash
+    of that review alone: the same whatever else is in the data."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [tokenizer.decode(t[:lo + int(keyed_uniform(text, seed, "prompt") * (hi - lo + 1))])
             for text, t in zip(texts, ids)]
@@ -1616,9 +1347,9 @@ def keyed_digest(text: str, seed: int, purpose: str) -> bytes:
 
 
 def keyed_uniform(text: str, seed: int, purpose: str) -> float:
-    """u in [0, 1) from a BLAKE2b hash of `text` alone, keyed with the public seed and `purpose`.
-    A record's stage and its prompt length are drawn from it, so neither depends on another record:
-    a draw from a stream consumed record by record would move every later record when one is added."""
+    """u in [0, 1) from a BLAKE2b hash of `text` alone, keyed with the public seed and `purpose`: a
+    record's stage and prompt length come from it, not from a stream consumed record by record
+    (which would move every later record when one is added)."""
     return int.from_bytes(keyed_digest(text, seed, purpose), "big") / 2.0**64
 
 
@@ -1628,10 +1359,9 @@ def unit_key(unit: str, seed: int) -> str:
 
 
 def hash_split(records: list, key, fractions: list[float], seed: int) -> list[list]:
-    """Disjoint parts, in proportion to `fractions`, by a keyed hash of each record's normalised
-    `key(record)` (its protected unit: the post or review, or the user) alone. Adding or removing a
-    record moves no other record between stages, which parallel composition needs (a permutation
-    of row numbers, or a cap on a part's size, would move many)."""
+    """Disjoint parts in proportion to `fractions`, by the keyed hash of each record's normalised
+    `key(record)` (its unit) alone: adding or removing a record moves no other record between
+    stages, as parallel composition needs (a permutation of rows, or a cap on a part's size, would)."""
     bounds, parts = np.cumsum(fractions) / sum(fractions), [[] for _ in fractions]
     for r in records:
         u = keyed_uniform(normalise(key(r)), seed, "split")
@@ -1641,18 +1371,16 @@ def hash_split(records: list, key, fractions: list[float], seed: int) -> list[li
 
 def with_units(records: list[dict], args, column: str) -> list[dict]:
     """Each record with `_unit`, the unit the guarantee protects: its --user-column, else `column`
-    (a whole-number id is the same unit as an int or a float: 7 and 7.0 are one user)."""
+    (a whole-number id is one unit, written 7 or 7.0)."""
     col = getattr(args, "user_column", None) or column
     unit = lambda v: int(v) if isinstance(v, float) and v.is_integer() else v
     return [{**r, "_unit": normalise(unit(r[col] if col in r else r[column]))} for r in records]
 
 
 def public_test_split(spec: str, columns: tuple[str, ...]) -> list[dict] | None:
-    """The Hub dataset's own "test" split (public, so evaluating on it costs no privacy), if any."""
-    if _is_local(spec):
-        return None
+    """The Hub dataset's own "test" split (public: evaluating on it costs no privacy), if any."""
     try:
-        return load_records(spec, columns, split="test")
+        return None if _is_local(spec) else load_records(spec, columns, split="test")
     except UserError:
         return None
 
@@ -1662,47 +1390,35 @@ def private_fractions(args, public) -> list[float]:
     real: halves, less --test-fraction held out when the dataset has no public test split."""
     if args.dataset == "builtin":
         return [args.num_sft, args.num_ppo]
-    given = getattr(args, "given", ())
-    if public is None and "num_test" in given:
+    if public is None and "num_test" in args.given:
         raise UserError(f"--num-test is not allowed here: '{args.dataset}' has no public test split; its test set "
                         "is the --test-fraction held out")
-    if public is not None and "test_fraction" in given:
+    if public is not None and "test_fraction" in args.given:
         raise UserError(f"--test-fraction is not allowed here: '{args.dataset}' has a public test split, which is "
                         "the test set (--num-test caps it)")
     return [0.5, 0.5] if public else [(1 - args.test_fraction) / 2, (1 - args.test_fraction) / 2, args.test_fraction]
 
 
-def records_per_unit(parts: dict) -> dict:
-    """The most records one unit (post, review or user) has in each private part: above 1, that
-    unit's guarantee is the group-privacy one for that many records."""
-    return {name: max(Counter(r["_unit"] for r in rows).values(), default=0) for name, rows in parts.items()}
-
-
-def report_split(report: dict):
-    """One line on stderr per thing a user of real data must know about its split."""
-    if report.get("dropped_tldr_rows_with_comparisons"):
-        print(f"data: {report['dropped_tldr_rows_with_comparisons']} TL;DR rows dropped: their {report['unit']} also "
-              "has comparisons (one unit, one stage)", file=sys.stderr)
+def split_report(data: dict, public, unit: str, what: str, dropped: int | None = None) -> dict:
+    """The split's report (`summary.json`'s `data`), a line on stderr for each thing a user must know,
+    and a refusal naming any part left with fewer than 2 records and why."""
+    private = {k: v for k, v in data.items() if "test" not in k}
+    report = {"split": f"keyed hash of {unit}", "unit": unit, "public_test": public is not None,
+              "sizes": {k: len(v) for k, v in data.items()},  # the most records of one unit in a part:
+              "max_records_per_unit": {k: max(Counter(r["_unit"] for r in v).values(), default=0)
+                                       for k, v in private.items()}}  # above 1, group privacy
+    why = f"{dropped} TL;DR rows were dropped because their {unit} also has comparisons (one unit, one stage)"
+    if empty := [f"{name} ({len(part)})" for name, part in data.items() if len(part) < 2]:
+        raise UserError(f"too few records for {', '.join(empty)}: {what}" + (f"; {why}" if dropped else ""))
+    if dropped is not None:
+        report["dropped_tldr_rows_with_comparisons"] = dropped
+    if dropped:
+        print(f"data: {why}", file=sys.stderr)
     for part, n in report["max_records_per_unit"].items():
         if n > 1:
-            print(f"warning: a {report['unit']} has {n} records in {part}; its guarantee is that of {n} records "
-                  f"(group privacy), not one", file=sys.stderr)
-
-
-def check_sizes(data: dict, report: dict, what: str):
-    """Refuse a split with a part of fewer than 2 records, saying which part and why."""
-    empty = [f"{name} ({len(part)})" for name, part in data.items() if len(part) < 2]
-    if empty:
-        dropped = report.get("dropped_tldr_rows_with_comparisons")
-        why = (f"; {dropped} TL;DR rows were dropped because their {report['unit']} also has comparisons "
-               "(one unit, one stage)" if dropped else "")
-        raise UserError(f"too few records for {', '.join(empty)}: {what}{why}")
-
-
-def split_report(args, data: dict, public, unit: str) -> dict:
-    return {"split": f"keyed hash of {unit}", "unit": unit, "public_test": public is not None,
-            "sizes": {k: len(v) for k, v in data.items()},
-            "max_records_per_unit": records_per_unit({k: v for k, v in data.items() if "test" not in k})}
+            print(f"warning: a {unit} has {n} records in {part}; its guarantee is that of {n} records (group "
+                  "privacy), not one", file=sys.stderr)
+    return report
 
 
 def sentiment_records(args) -> tuple[list[dict], list[dict] | None]:
@@ -1716,15 +1432,13 @@ def sentiment_records(args) -> tuple[list[dict], list[dict] | None]:
 
 
 def split_sentiment(records, public, args) -> tuple[dict, dict]:
-    """D1 (reviews for SFT), D3 (reviews whose first tokens are PPO prompts) and test. A review's
-    part is drawn from its unit's keyed hash alone (its text, or --user-column)."""
-    d1, d3, *held = hash_split(with_units(records, args, "text"), lambda r: r["_unit"], private_fractions(args, public),
-                               args.seed)
-    test = with_units(public, args, "text")[:args.num_test] if public else held[0]
-    data = {"sft": d1, "ppo": d3, "test": test}
-    report = split_report(args, data, public, "user" if args.user_column else "review")
-    check_sizes(data, report, f"{len(records)} records in '{args.dataset}'")
-    return data, report
+    """D1 (reviews for SFT), D3 (reviews whose first tokens are PPO prompts) and test, each review's
+    part drawn from its unit's keyed hash alone (its text, or --user-column)."""
+    d1, d3, *held = hash_split(with_units(records, args, "text"), lambda r: r["_unit"],
+                               private_fractions(args, public), args.seed)
+    data = {"sft": d1, "ppo": d3, "test": with_units(public, args, "text")[:args.num_test] if public else held[0]}
+    unit = "user" if args.user_column else "review"
+    return data, split_report(data, public, unit, f"{len(records)} records in '{args.dataset}'")
 
 
 def sentiment_data(args) -> tuple[dict, dict]:
@@ -1732,8 +1446,8 @@ def sentiment_data(args) -> tuple[dict, dict]:
 
 
 def rlhf_records(args) -> tuple[list[dict], list[dict], list[dict] | None, list[dict] | None]:
-    """(private TL;DR rows, private comparisons, public test rows, public test comparisons; None
-    where there are none): generated from the seed, or loaded from --dataset and --comparisons."""
+    """(private TL;DR rows, private comparisons, public test rows, public test comparisons; None where
+    there are none): generated from the seed, or loaded from --dataset and --comparisons."""
     if args.dataset == "builtin":
         exclude = set(public_corpus(args.base)[1])
         rows, cmps = make_tldr(args.num_sft + args.num_ppo, args.num_comparisons, 20_000 + args.seed, exclude)
@@ -1748,101 +1462,77 @@ def rlhf_records(args) -> tuple[list[dict], list[dict], list[dict] | None, list[
 
 
 def split_rlhf(rows, cmps, public, public_cmps, args) -> tuple[dict, dict]:
-    """D1 (post, reference summary), D2 (post, chosen, rejected) and its held-out tenth, D3 (posts)
-    and test. One unit, one stage, where the unit is the post (or the user, --user-column): a unit
-    with any comparison goes to D2 or its held-out part by its keyed hash, and its TL;DR rows are
-    dropped; every other unit goes to D1, D3 or test. Each decision reads the unit's own records
-    only, never another unit's: a post two users share may sit in two stages under --user-column."""
+    """D1 (post, reference summary), D2 (post, chosen, rejected) and its held-out tenth, D3 (posts), test.
+    One unit, one stage (the post, or the user with --user-column): a unit with any comparison goes to
+    D2 or its held-out part by its keyed hash, its TL;DR rows dropped; any other unit to D1, D3 or test.
+    Each decision reads the unit's own records only (a post two users share may sit in two stages)."""
     def summaries(rs):  # the unit first, from the row as loaded
         return [{**r, "completion": " " + r["label"].strip()} for r in with_units(rs, args, "prompt")]
     cmps = [{**c, "chosen": " " + c["chosen"].strip(), "rejected": " " + c["rejected"].strip()}
             for c in with_units(cmps, args, "prompt")]
-    with_comparisons = {c["_unit"] for c in cmps}
+    with_comparisons, by_unit = {c["_unit"] for c in cmps}, lambda r: r["_unit"]
     kept = [r for r in summaries(rows) if r["_unit"] not in with_comparisons]
-    by_unit = lambda r: r["_unit"]
     d1, d3, *held = hash_split(kept, by_unit, private_fractions(args, public), args.seed)
-    if public_cmps is not None:  # the built-in task's test comparisons are public, generated apart
-        d2, d2_test = cmps, with_units(public_cmps, args, "prompt")
-    else:
-        d2, d2_test = hash_split(cmps, by_unit, [0.9, 0.1], args.seed)
+    d2, d2_test = (cmps, with_units(public_cmps, args, "prompt")) if public_cmps is not None else \
+        hash_split(cmps, by_unit, [0.9, 0.1], args.seed)  # (the built-in test comparisons are public)
     data = {"sft": d1, "comparisons": d2, "comparisons_test": d2_test, "ppo": d3,
             "test": summaries(public)[:args.num_test] if public else held[0]}
-    report = split_report(args, data, public, "user" if args.user_column else "post")
-    report["dropped_tldr_rows_with_comparisons"] = len(rows) - len(kept)
-    check_sizes(data, report, f"{len(rows)} rows in '{args.dataset}', {len(cmps)} in '{args.comparisons}'")
-    return data, report
+    what = f"{len(rows)} rows in '{args.dataset}', {len(cmps)} in '{args.comparisons}'"
+    return data, split_report(data, public, "user" if args.user_column else "post", what, len(rows) - len(kept))
 
 
 def rlhf_data(args) -> tuple[dict, dict]:
     return split_rlhf(*rlhf_records(args), args)
 
 
-# =============================================================================================
-# PIPELINES: one pipeline for both tasks, run directories, checkpoints, evaluation, sweeps
-# =============================================================================================
+# ===== PIPELINES: one pipeline for both tasks, run directories, checkpoints, evaluation, sweeps ===============
 
 
 @dataclass
 class CommonArgs:
     """What every command that trains shares."""
     model: str = arg("builtin", "policy base: 'builtin', a Hub id (gpt2, gpt2-medium, gpt2-large) or a local dir")
-    epsilon: float = arg(4.0, "target epsilon of every stage ('inf': the same loops without clipping or noise)",
-                         limit=">0")
-    delta: float | None = arg(None, "target delta (default 1/|D|, D = all private examples of the run; the paper's, "
-                              "weak: prefer e.g. 1e-6)", limit="(0,1)")
-    seed: int = arg(0, "public seed: data split, initial weights, evaluation (DP noise and sampling use secret "
-                    "entropy)", limit=">=0")
-    reproducible_noise: bool = arg(False, "draw DP noise and sampling from --seed too (classrooms; the guarantee "
-                                   "then assumes the seed is secret)")
-    out: str | None = arg(None, "output directory (default runs/<task>-eps<epsilon>-seed<seed>); written as "
-                          "<out>.partial, renamed when done")
-    overwrite: bool = arg(False, "replace an existing --out (whole, once the new run has finished); without it a "
-                          "non-empty --out is refused")
-    resume: str | None = arg(None, "continue an interrupted run from its <out>.partial directory, with the settings "
-                             "it was started with")
-    checkpoint_every: int = arg(10, "write a checkpoint to <out>.partial every N iterations of a stage (also on "
-                                "Ctrl-C or a crash; 0: only then)", limit=">=0")
+    epsilon: float = arg(4.0, "target epsilon of every stage ('inf': the same loops, no clipping or noise)", limit=">0")
+    delta: float | None = arg(None, "target delta (default 1/N, the paper's; weak: prefer e.g. 1e-6)", limit="(0,1)")
+    seed: int = arg(0, "public seed: split, initial weights, evaluation (DP noise uses secret entropy)", limit=">=0")
+    reproducible_noise: bool = arg(False, "DP noise and sampling from --seed too (classrooms; not private)")
+    out: str | None = arg(None, "output directory (default runs/<task>-eps<epsilon>-seed<seed>), via <out>.partial")
+    overwrite: bool = arg(False, "replace an existing --out, whole, once the new run has finished")
+    resume: str | None = arg(None, "continue the interrupted run in this <out>.partial, with its own settings")
+    checkpoint_every: int = arg(10, "checkpoint every N iterations of a stage (and on Ctrl-C; 0: only then)",
+                                limit=">=0")
     device: str | None = arg(None, "'cpu' or 'cuda' (default: cuda when available)")
     base: BaseModelArgs = field(default_factory=BaseModelArgs)
+    given: tuple = field(default=(), metadata={"cli": False})  # the flags the command line gave
 
 
 @dataclass
 class RunArgs(CommonArgs):
     """What both pipelines share."""
     dataset: str = arg("builtin", "private data: 'builtin', a Hub id, or a local .jsonl/.csv/.parquet file")
-    num_sft: int = arg(10000, "expected examples in D1 (built-in data; real data is split by a keyed hash)",
-                       limit=">=1")
-    num_ppo: int = arg(10000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)",
-                       limit=">=1")
-    num_test: int = arg(256, "evaluation prompts: the built-in task's public test set, or the first of a Hub "
-                        "dataset's public test split", limit=">=1")
-    test_fraction: float = arg(0.1, "real data without a public test split: the fraction held out (by the keyed "
-                               "hash) for evaluation", limit="(0,1)")
+    num_sft: int = arg(10000, "expected examples in D1 (built-in data; real data: a keyed hash)", limit=">=1")
+    num_ppo: int = arg(10000, "expected prompts in D3 (built-in data; real data: a keyed hash)", limit=">=1")
+    num_test: int = arg(256, "test prompts: the built-in public test set, or a Hub test split's first", limit=">=1")
+    test_fraction: float = arg(0.1, "real data without a public test split: the share held out to evaluate",
+                               limit="(0,1)")
     num_samples: int = arg(4, "generations shown side by side at the end", limit=">=0")
-    dry_run: bool = arg(False, "load and split the data and calibrate sigma for every stage, train nothing: "
-                        "print the plan, write plan.json and inputs/<stage>.jsonl")
-    user_column: str | None = arg(None, "real data: a column naming each record's user; records are split into "
-                                  "stages by it, and the guarantee is per user (default: per post or review)")
-    given: tuple = field(default=(), metadata={"cli": False})  # the flags the command line gave (no-effect checks)
-    composition: str = arg("parallel", "'parallel' (disjoint D1/D2/D3, the paper) or 'sequential' (a user may be in "
-                           "several stages)", choices=("parallel", "sequential"))
+    dry_run: bool = arg(False, "split, calibrate sigma, train nothing: plan.json, inputs/<stage>.jsonl")
+    user_column: str | None = arg(None, "real data: the column naming each record's user (the guarantee is then "
+                                  "per user)")
+    composition: str = arg("parallel", "'parallel' (disjoint stages, the paper) or 'sequential'",
+                           choices=("parallel", "sequential"))
 
 
 @dataclass
 class SentimentArgs(RunArgs):
     """`sentiment`: the paper's no-human-in-the-loop scenario (IMDb positive reviews)."""
-    reward_model: str | None = arg(None, "public reward: a Hub id or local dir of a sequence classifier (default: "
-                                   "the built-in lexicon scorer)")
-    reward_label: str | None = arg(None, "its label to score (name or index; default: one named like 'positive', "
-                                   "else 1)")
+    reward_model: str | None = arg(None, "public reward: a sequence classifier (default: the built-in lexicon)")
+    reward_label: str | None = arg(None, "its label to score (name or index; default: like 'positive', else 1)")
     prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)", limit=">=1")
     prompt_max: int = arg(8, "most prompt tokens", limit=">=1")
-    num_sft: int = arg(5000, "expected examples in D1 (built-in data; real data is split by a keyed hash)",
-                       limit=">=1")
-    num_ppo: int = arg(40000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)",
-                       limit=">=1")
-    num_test: int = arg(2000, "evaluation prompts: the built-in task's public test set, or the first of a Hub "
-                        "dataset's public test split", limit=">=1")
+    num_sft: int = arg(5000, "expected examples in D1 (built-in data; real data: a keyed hash)", limit=">=1")
+    num_ppo: int = arg(40000, "expected prompts in D3 (built-in data; real data: a keyed hash)", limit=">=1")
+    num_test: int = arg(2000, "test prompts: the built-in public test set, or a Hub test split's first", limit=">=1")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
     ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=1024, kl_coef=0.075))
 
@@ -1850,20 +1540,14 @@ class SentimentArgs(RunArgs):
 @dataclass
 class RLHFArgs(RunArgs):
     """`rlhf`: the paper's RLHF scenario (Reddit TL;DR): DP SFT -> DP reward model -> DPPPO."""
-    num_sft: int = arg(16000, "expected examples in D1 (built-in data; real data is split by a keyed hash)",
-                       limit=">=1")
-    num_ppo: int = arg(16000, "expected prompts in D3 (built-in data; real data is split by a keyed hash)",
-                       limit=">=1")
-    num_comparisons: int = arg(16000, "comparisons in D2 (built-in data; real data: all of --comparisons but the "
-                               "held-out tenth)", limit=">=1")
-    num_comparisons_test: int = arg(1000, "the built-in task's public test comparisons, for the reward model's "
-                                    "accuracy (real data: the held-out tenth of --comparisons)", limit=">=1")
-    comparisons: str | None = arg(None, "D2 when --dataset is not builtin: Hub id or local file with "
-                                  "prompt/chosen/rejected")
-    reward_base: str | None = arg(None, "base of the reward model: 'builtin', Hub id or dir (default: the SFT model)")
-    eval_reward_model: str | None = arg(None, "a non-private sequence classifier to score summaries in evaluation")
-    # Half an epoch over 16,000 examples: the same 125 steps as 2 epochs over 4,000 at a quarter of
-    # the sample rate, so less noise for the same epsilon (NOTES.md, "More private data, same compute").
+    num_sft: int = arg(16000, "expected examples in D1 (built-in data; real data: a keyed hash)", limit=">=1")
+    num_ppo: int = arg(16000, "expected prompts in D3 (built-in data; real data: a keyed hash)", limit=">=1")
+    num_comparisons: int = arg(16000, "comparisons in D2 (built-in data; real data: all but a tenth)", limit=">=1")
+    num_comparisons_test: int = arg(1000, "the built-in public test comparisons (real data: the tenth)", limit=">=1")
+    comparisons: str | None = arg(None, "D2 with a real --dataset: a Hub id or file of prompt/chosen/rejected")
+    reward_base: str | None = arg(None, "the reward model's base: 'builtin', Hub id or dir (default: the SFT model)")
+    eval_reward_model: str | None = arg(None, "a public sequence classifier that scores summaries in evaluation")
+    # Half an epoch over 16,000: the steps of 2 epochs over 4,000, a quarter of the sample rate, less noise.
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=0.5))
     rm: RMArgs = field(default_factory=lambda: RMArgs(epochs=0.5, lr=1e-2))
     ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=256, minibatches=4, lr=3e-3,
@@ -1878,20 +1562,19 @@ def stage_epsilon(args, name: str) -> float:
 
 
 def plan_stages(args, sizes: dict, delta: float) -> dict[str, StagePlan]:
-    """Each stage's plan (`plan_stage`: q, steps, sigma) before anything trains."""
+    """Each stage's plan (q, steps, sigma: `plan_stage`), before anything trains."""
     plans = {}
     for name, n in sizes.items():
-        eps = stage_epsilon(args, name)
         try:
-            plans[name] = plan_stage(getattr(args, name), n, eps, delta)
+            plans[name] = plan_stage(getattr(args, name), n, stage_epsilon(args, name), delta)
         except ValueError as e:
-            raise flag_words(e, f"{name}_", epsilon="--epsilon" if getattr(args, name).epsilon is None
-                             else f"--{name}-epsilon", delta="--delta") from None
+            flag = f"--{name}-epsilon" if getattr(args, name).epsilon is not None else "--epsilon"
+            raise flag_words(e, f"{name}_", epsilon=flag, delta="--delta") from None
     return plans
 
 
 def write_text(path: str, text: str):
-    """Write-then-rename, so a crash never leaves half a file."""
+    """Write, then rename: a crash never leaves half a file."""
     with open(path + ".partial", "w") as f:
         f.write(text)
     os.replace(path + ".partial", path)
@@ -1901,30 +1584,28 @@ def write_json(path: str, obj):
     write_text(path, json.dumps(obj, indent=2))
 
 
-def save_model(model: nn.Module, tokenizer, path: str):
-    """save_pretrained (safetensors) into a temp dir, then rename into place."""
+def save_model(model: nn.Module, tokenizer, path: str, extra: dict | None = None):
+    """save_pretrained (safetensors) into a temp dir, then renamed into place; `extra`: more tensors."""
     with _atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if extra:
+            save_file(extra, os.path.join(tmp, "reward_head.safetensors"))
 
 
 def save_reward_model(rm: RewardModel, tokenizer, path: str):
-    """`last` head: a one-label GPT2ForSequenceClassification (the same transformer and bias-free
-    head), which loads with AutoModelForSequenceClassification. `tokens` head: the LM with LoRA
-    merged (save_pretrained) plus `reward_head.safetensors`; `load_reward_model` reads both."""
+    """`last`: a one-label GPT2ForSequenceClassification (the same transformer and bias-free head), for
+    AutoModelForSequenceClassification. `tokens`: the LM, LoRA merged, and reward_head.safetensors."""
     lm = merge_lora(copy.deepcopy(rm.lm))
-    if rm.head == "last":
-        config = copy.deepcopy(lm.config)
-        config.num_labels, config.pad_token_id = 1, rm.pad_token_id
-        clf = GPT2ForSequenceClassification(config)
-        clf.transformer.load_state_dict(lm.transformer.state_dict())
-        clf.score.weight.data.copy_(rm.score.weight.data)
-        return save_model(clf, tokenizer, path)
-    head = {k: v.detach().cpu().contiguous() for k, v in rm.named_parameters() if not k.startswith("lm.")}
-    with _atomic_dir(path) as tmp:
-        lm.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        save_file(head, os.path.join(tmp, "reward_head.safetensors"))
+    if rm.head == "tokens":
+        head = {k: v.detach().cpu().contiguous() for k, v in rm.named_parameters() if not k.startswith("lm.")}
+        return save_model(lm, tokenizer, path, head)
+    config = copy.deepcopy(lm.config)
+    config.num_labels, config.pad_token_id = 1, rm.pad_token_id
+    clf = GPT2ForSequenceClassification(config)
+    clf.transformer.load_state_dict(lm.transformer.state_dict())
+    clf.score.weight.data.copy_(rm.score.weight.data)
+    save_model(clf, tokenizer, path)
 
 
 def load_reward_model(path: str, device: str = "cpu"):
@@ -1935,61 +1616,57 @@ def load_reward_model(path: str, device: str = "cpu"):
     return rm.to(device).eval(), tokenizer
 
 
+@torch.no_grad()
+def reward_model_scores(rm: RewardModel, tokenizer, prompts, completions, *, max_prompt, max_completion,
+                        device, batch: int = 128) -> torch.Tensor:
+    """r(x, y) for each pair, encoded exactly as in training."""
+    out = [rm(*(t.to(device) for t in encode(tokenizer, prompts[s:s + batch], completions[s:s + batch],
+                                              max_prompt=max_prompt, max_completion=max_completion))).float().cpu()
+           for s in range(0, len(prompts), batch)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def builtin_sentiment_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
     """The public reward of the built-in sentiment task, on prompt + response (as TRL scores)."""
     return torch.tensor([sentiment_score(p + r) for p, r in zip(prompts, responses)])
 
 
-def hub_sentiment_reward(spec: str, label: str | None, device: str):
-    """A Hugging Face sequence classifier as the public reward: the logit of the positive label
-    (`label`: a name or an index; default: the label named like 'positive', else index 1)."""
-    hint = "the built-in reward (leave --reward-model unset) or a local directory"
+def hub_sentiment_reward(spec: str, label: str | None, device: str, batch: int = 128):
+    """A sequence classifier as the public reward: the logit of the positive label (`label`: a name
+    or an index; default: the label named like 'positive', else index 1)."""
     path = os.path.expanduser(spec)
-    _hub_guard(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        clf = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise _hub_error(path, "reward model", hint, e) from None
-    names = {int(i): str(n).lower() for i, n in clf.config.id2label.items()}
-    if label is None:
-        pos = [i for i, n in names.items() if "pos" in n]
-        index = pos[0] if pos else 1
-    elif label.isdigit():
-        index = int(label)
-    else:
-        matches = [i for i, n in names.items() if n == label.lower()]
-        if not matches:
-            raise UserError(f"--reward-label '{label}' is not a label of {spec}; it has {sorted(names.values())}")
-        index = matches[0]
+    hint = "the built-in reward (leave --reward-model unset) or a local directory"
+    tok, clf = _hub(path, "reward model", hint, lambda: (AutoTokenizer.from_pretrained(path),
+                                                          AutoModelForSequenceClassification.from_pretrained(path)))
+    clf, names = clf.to(device).eval(), {int(i): str(n).lower() for i, n in clf.config.id2label.items()}
+    index = (next((i for i, n in names.items() if "pos" in n), 1) if label is None else int(label) if label.isdigit()
+             else next((i for i, n in names.items() if n == label.lower()), None))
+    if index is None:
+        raise UserError(f"--reward-label '{label}' is not a label of {spec}; it has {sorted(names.values())}")
     if index >= clf.config.num_labels:
         raise UserError(f"--reward-label {index} is out of range: {spec} has {clf.config.num_labels} labels")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok.pad_token = tok.pad_token or tok.eos_token
 
     @torch.no_grad()
     def reward_fn(prompts, responses):
-        if not prompts:
-            return torch.zeros(0)
-        enc = tok([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True,
-                  truncation=True, max_length=512).to(device)
-        return clf(**enc).logits[:, index].float().cpu()
+        texts = [p + r for p, r in zip(prompts, responses)]
+        return torch.cat([clf(**tok(texts[s:s + batch], return_tensors="pt", padding=True, truncation=True,
+                                    max_length=512).to(device)).logits[:, index].float().cpu()
+                          for s in range(0, len(texts), batch)] or [torch.zeros(0)])
     return reward_fn
 
 
 def rouge(prediction: str, reference: str) -> dict:
     """ROUGE-1/2/L F-measures as the rouge-score package computes them (lower-cased alphanumeric
     tokens, no stemming): n-gram overlap with counts, and the longest common subsequence."""
-    p = re.sub(r"[^a-z0-9]+", " ", prediction.lower()).split()
-    r = re.sub(r"[^a-z0-9]+", " ", reference.lower()).split()
+    p, r = (re.sub(r"[^a-z0-9]+", " ", x.lower()).split() for x in (prediction, reference))
 
     def f1(overlap, n_p, n_r):
         prec, rec = (overlap / n_p if n_p else 0.0), (overlap / n_r if n_r else 0.0)
         return 2 * prec * rec / (prec + rec) if prec + rec else 0.0
     out = {}
     for n in (1, 2):
-        cp = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
-        cr = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        cp, cr = (Counter(tuple(x[i:i + n]) for i in range(len(x) - n + 1)) for x in (p, r))
         out[f"rouge{n}"] = f1(sum((cp & cr).values()), sum(cp.values()), sum(cr.values()))
     lcs = [[0] * (len(r) + 1) for _ in range(len(p) + 1)]
     for i, a in enumerate(p):
@@ -2000,48 +1677,45 @@ def rouge(prediction: str, reference: str) -> dict:
 
 
 class Progress:
-    """A progress bar on a terminal; where there is none (piped, logged, CI) a start line, a status
-    line every `every` seconds and an end line: stage, step/total, the postfix (epsilon spent,
-    reward...), elapsed and ETA."""
+    """A bar on a terminal; elsewhere (piped, logged, CI) a start line, a status line every `every`
+    seconds and an end line: stage, step/total, the postfix (epsilon spent, reward...), elapsed, ETA."""
 
-    def __init__(self, steps: int, desc: str, start: int = 0,
-                 every: float = float(os.environ.get("DP_RLHF_STATUS_EVERY", 30))):
-        self.steps, self.start, self.step, self.desc, self.every, self.postfix = steps, start, start, desc, every, {}
-        self.t0 = self.last = time.time()
-        self.bar = tqdm(desc=desc, leave=False, initial=start, total=steps) if sys.stderr.isatty() else None
-        if self.bar is None:
-            print(f"{desc}: {steps} steps" + (f", from step {start}" if start else ""), file=sys.stderr)
+    def __init__(self, steps: int, desc: str, start: int = 0, every: float | None = None):
+        self.steps, self.start, self.step, self.desc, self.postfix = steps, start, start, desc, {}
+        self.every, self.t0 = float(os.environ.get("DP_RLHF_STATUS_EVERY", 30)) if every is None else every, time.time()
+        self.last, self.bar = self.t0, tqdm(desc=desc, leave=False, initial=start, total=steps) if sys.stderr.isatty() \
+            else print(f"{desc}: {steps} steps" + (f", from step {start}" if start else ""), file=sys.stderr)
 
     def set_postfix(self, **values):
         self.postfix = values
-        if self.bar is not None:
+        if self.bar:
             self.bar.set_postfix(**values)
 
     def update(self, step: int):
-        if self.bar is not None:
+        if self.bar:
             self.bar.update(step - self.step)
         elif time.time() - self.last >= self.every:
             self.last = time.time()
-            self._line(step)
+            self.line(step)
         self.step = step
 
-    def close(self):
-        self.bar.close() if self.bar is not None else self._line(self.steps)
-
-    def _line(self, step: int):
+    def line(self, step: int):
         elapsed = time.time() - self.t0
         eta = elapsed / (step - self.start) * (self.steps - step) if step > self.start else float("nan")
         extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
         print(f"{self.desc}: {step}/{self.steps}{extra}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s", file=sys.stderr)
 
+    def close(self):
+        if self.bar:
+            return self.bar.close()
+        self.line(self.steps)
+
 
 class Checkpoint:
-    """What --resume needs, in <work>/checkpoint/: meta.json (the run's settings) and, for each stage
-    begun, one <stage>.safetensors (trainable parameters and AdamW state; in its metadata the next
-    step, the accountant's history and counts) as of the stage's last *finished* iteration, written
-    then renamed. An interrupted iteration is redone from there with fresh noise and a fresh Poisson
-    sample: nothing of it left the process and its accountant step was not taken, so the parameters
-    never run ahead of the ledger. The generator is never saved: it is the secret."""
+    """--resume's files in <work>/checkpoint/: meta.json (settings); per stage one <stage>.safetensors
+    (parameters, AdamW; in its metadata the next step, accountant, counts) as of its last *finished*
+    iteration, written then renamed: an interrupted one is redone with fresh noise (it never left the
+    process, its accountant step was not taken). The generator, the secret, is never saved."""
 
     def __init__(self, work: str, every: int, config: dict | None = None):
         self.dir, self.every, self.pending = os.path.join(work, "checkpoint"), every, None
@@ -2049,56 +1723,49 @@ class Checkpoint:
             os.makedirs(self.dir, exist_ok=True)
             write_json(os.path.join(self.dir, "meta.json"), {"config": config})
 
-    def saved(self, stage: str) -> tuple[dict, dict] | None:
-        """(the stage's state as JSON, its tensors) on disk, or None."""
-        path = os.path.join(self.dir, f"{stage}.safetensors")
-        if not os.path.exists(path):
-            return None
-        with safe_open(path, "pt") as f:
-            return json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
+    def saved(self, stage: str) -> tuple[dict, dict] | None:  # (its state as JSON, its tensors)
+        if os.path.exists(path := os.path.join(self.dir, f"{stage}.safetensors")):
+            with safe_open(path, "pt") as f:
+                return json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
 
     def restore(self, stage: str, state: TrainState, plan: StagePlan) -> TrainState:
-        if (saved := self.saved(stage)) is None:
-            return state
-        meta, tensors = saved
-        with torch.no_grad():
-            for k, p in state.params.items():
-                p.copy_(tensors[f"param/{k}"])
-        opt = {int(i): {n: tensors[f"opt/{i}/{n}"] for n in names} for i, names in meta["optimizer_state"].items()}
-        state.optimizer.load_state_dict({"state": opt, "param_groups": meta["param_groups"]})
-        state.accountant.load_state_dict(meta["accountant"])
-        state.step, state.nonfinite = meta["step"], meta["nonfinite"]
-        done = state.step >= plan.steps
-        print(f"resume: {stage} " + ("finished before, its parameters restored" if done else f"from step {state.step}"),
-              file=sys.stderr)
+        if (saved := self.saved(stage)) is not None:
+            meta, tensors = saved
+            with torch.no_grad():
+                for k, p in state.params.items():
+                    p.copy_(tensors[f"param/{k}"])
+            opt = {int(i): {n: tensors[f"opt/{i}/{n}"] for n in names} for i, names in meta["optimizer"].items()}
+            state.optimizer.load_state_dict({"state": opt, "param_groups": meta["param_groups"]})
+            state.accountant.load_state_dict(meta["accountant"])
+            state.step, state.nonfinite = meta["step"], meta["nonfinite"]
+            print(f"resume: {stage} " + ("finished before, its parameters restored" if state.step >= plan.steps
+                                         else f"from step {state.step}"), file=sys.stderr)
         return state
 
     def mark(self, stage: str, state: TrainState, final: bool = False):
-        """After each finished iteration: a copy in memory; on disk every `every` iterations, when the
-        stage ends, and on `flush` (Ctrl-C, a crash)."""
+        """A finished iteration, in memory; on disk every `every` steps, at the stage's end, on `flush`."""
         opt = state.optimizer.state_dict()
         tensors = {f"param/{k}": p.detach().cpu().clone() for k, p in state.params.items()}
-        tensors.update({f"opt/{i}/{n}": t.detach().cpu().clone() for i, s in opt["state"].items() for n, t in s.items()})
-        meta = {"step": state.step, "nonfinite": state.nonfinite, "accountant": state.accountant.state_dict(),
-                "optimizer_state": {str(i): list(s) for i, s in opt["state"].items()}, "param_groups": opt["param_groups"]}
-        self.pending = (stage, tensors, meta)
+        tensors |= {f"opt/{i}/{n}": t.detach().cpu().clone() for i, s in opt["state"].items() for n, t in s.items()}
+        self.pending = (stage, tensors, {"step": state.step, "nonfinite": state.nonfinite, "param_groups":
+                                         opt["param_groups"], "accountant": state.accountant.state_dict(),
+                                         "optimizer": {str(i): list(s) for i, s in opt["state"].items()}})
         if final or (self.every and state.step % self.every == 0):
             self.flush()
 
     def flush(self) -> bool:
         """Write the last finished iteration; whether there is a checkpoint to resume from."""
         if self.pending is not None:
-            stage, tensors, meta = self.pending
+            (stage, tensors, meta), self.pending = self.pending, None
             path = os.path.join(self.dir, f"{stage}.safetensors")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".partial", metadata={"state": json.dumps(meta)})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".partial", {"state": json.dumps(meta)})
             os.replace(path + ".partial", path)
-            self.pending = None
         return os.path.isdir(self.dir) and any(f.endswith(".safetensors") for f in os.listdir(self.dir))
 
 
 class RunHooks(Hooks):
-    """A run's view of its stages: progress on stderr, one row per logged step into `log`
-    (metrics.jsonl), a checkpoint after each iteration, and seconds per phase (CUDA synchronised)."""
+    """A run's view of its stages: progress on stderr, a row per logged step into `log` (metrics.jsonl),
+    a checkpoint after each iteration, and seconds per phase (CUDA synchronised)."""
 
     def __init__(self, ckpt: Checkpoint | None = None, log=None, device: str = "cpu"):
         self.ckpt, self.log, self.seconds, self.bar = ckpt, log, {}, None
@@ -2119,27 +1786,25 @@ class RunHooks(Hooks):
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
     def step(self, stage, state, plan, batch_size, aux=None, update=None, **stats):
-        step, eps = state.step - 1, (lambda: state.accountant.get_epsilon(plan.delta) if plan.private else math.inf)
-        row = {f"{stage}/step": step, f"{stage}/batch_size": batch_size, f"{stage}/nonfinite_grads": state.nonfinite}
+        step, row = state.step - 1, {f"{stage}/step": state.step - 1, f"{stage}/batch_size": batch_size,
+                                     f"{stage}/nonfinite_grads": state.nonfinite}
         if stage == "ppo":
             a = aux.mean(0).tolist() if len(aux) else [math.nan] * 3
             row.update({"ppo/lr": stats["lr"], "ppo/reward_mean": stats["reward"].mean().item(),
                         "ppo/kl": stats["kl"].mean().item(), "ppo/loss_policy": a[0], "ppo/loss_value": a[1],
-                        "ppo/clip_frac": a[2], "ppo/response_len": stats["response_len"].float().mean().item(),
-                        "privacy/epsilon": eps(), **{f"time/{k}": v for k, v in self.seconds.items()}})
+                        "ppo/clip_frac": a[2], "ppo/response_len": stats["response_len"].float().mean().item()})
             postfix = dict(reward=f"{row['ppo/reward_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}")
-        elif step % 20 == 0 or state.step == plan.steps:
-            row["privacy/epsilon"] = eps()
-            if stage == "rm":  # the share of the step's comparisons ranked right, before the update
-                row["rm/accuracy"] = aux.mean().item() if aux is not None else math.nan
-            postfix = {"accuracy": f"{row['rm/accuracy']:.3f}"} if stage == "rm" else {}
+        elif stage == "rm":  # the share of the step's comparisons ranked right, before the update
+            row["rm/accuracy"] = aux.mean().item() if aux is not None else math.nan
+            postfix = {"accuracy": f"{row['rm/accuracy']:.3f}"}
         else:
-            row = None
-        self.seconds = {}
-        if row is not None:
+            postfix = {}
+        if stage == "ppo" or step % 20 == 0 or state.step == plan.steps:
+            row["privacy/epsilon"] = state.accountant.get_epsilon(plan.delta) if plan.private else math.inf
             self.bar.set_postfix(**postfix, eps=f"{row['privacy/epsilon']:.2f}")
             if self.log is not None:
-                self.log(row)
+                self.log({**row, **{f"time/{k}": v for k, v in self.seconds.items()}})
+        self.seconds = {}
         if self.ckpt is not None:
             self.ckpt.mark(stage, state)
         self.bar.update(state.step)
@@ -2151,18 +1816,18 @@ class RunHooks(Hooks):
 
 
 class RunLog:
-    """metrics.jsonl: one JSON row per logged step (inside the run's unfinished directory)."""
+    """metrics.jsonl: one JSON row per logged step, appended (a resumed run goes on)."""
 
     def __init__(self, path: str):
         self.t0, self.path, self.file = time.time(), path, None
 
     def __call__(self, row: dict):
-        self.file = self.file or open(self.path, "a")  # a resumed run goes on
+        self.file = self.file or open(self.path, "a")
         self.file.write(json.dumps({**row, "time/seconds": round(time.time() - self.t0, 2)}) + "\n")
         self.file.flush()
 
     def close(self):
-        if self.file is not None:
+        if self.file:
             self.file.close()
 
 
@@ -2178,26 +1843,25 @@ class Run:
 
 @contextlib.contextmanager
 def run_directory(args, task: str):
-    """A run whole or not at all: it writes into <out>.partial/, renamed to <out> when the block has
+    """A run, whole or not at all: it writes into <out>.partial/, renamed to <out> when the block has
     finished; a non-empty --out is refused, or with --overwrite replaced whole at the end. On Ctrl-C
-    or a crash the last finished iteration is checkpointed there, to --resume; with no checkpoint
-    nothing is left."""
+    or a crash the last finished iteration is checkpointed there (to --resume); else nothing stays."""
     validate(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = args.out or os.path.join("runs", f"{task}-eps{args.epsilon:g}-seed{args.seed}")
-    if args.resume:  # args are the checkpoint's own (main)
-        work, out = args.resume, args.resume.removesuffix(".partial")
-        if args.reproducible_noise:  # replaying the seed's stream would reuse noise already added
+    device, out = args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.out or os.path.join(
+        "runs", f"{task}-eps{args.epsilon:g}-seed{args.seed}")
+    work = args.resume or out.rstrip("/") + ".partial"
+    if args.resume:  # args are the checkpoint's own (main); replaying the seed's stream would reuse noise
+        out = args.resume.removesuffix(".partial")
+        if args.reproducible_noise:
             print("warning: a resumed run draws secret noise; --reproducible-noise covers uninterrupted runs only",
                   file=sys.stderr)
     elif os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is an existing file; give a directory")
     elif os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise UserError(f"--out {out} already holds a run; add --overwrite to replace it, or give another --out")
+    elif os.path.exists(os.path.join(work, "checkpoint", "meta.json")) and not args.overwrite:
+        raise UserError(f"{work} holds an interrupted run: continue it with --resume {work}, or add --overwrite")
     else:
-        work = out.rstrip("/") + ".partial"
-        if os.path.exists(os.path.join(work, "checkpoint", "meta.json")) and not args.overwrite:
-            raise UserError(f"{work} holds an interrupted run: continue it with --resume {work}, or add --overwrite")
         shutil.rmtree(work, ignore_errors=True)  # what an earlier crash left
         os.makedirs(work)
     ckpt = Checkpoint(work, args.checkpoint_every, None if args.resume else {"task": task, **config_of(args)})
@@ -2218,8 +1882,7 @@ def run_directory(args, task: str):
             raise SystemExit(130) from None
         raise
     log.close()
-    old = out.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old := out.rstrip("/") + ".old", ignore_errors=True)
     if os.path.exists(out):
         os.replace(out, old)
     shutil.rmtree(os.path.join(work, "checkpoint"), ignore_errors=True)
@@ -2227,62 +1890,34 @@ def run_directory(args, task: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, tokenizer, prompts: list[str], reward_fn, *, lengths, eos_id,
-             max_prompt, seed, device, batch: int = 128):
-    """Sample one response per held-out prompt (the same seed for every model) and score it."""
-    gen = torch.Generator().manual_seed(seed)
-    responses, scores = [], []
-    for s in range(0, len(prompts), batch):
-        ids, mask, _ = encode(tokenizer, prompts[s:s + batch], max_prompt=max_prompt)
-        out, _, act, _, _ = sample(model, ids.to(device), mask.to(device), generator=gen, eos_id=eos_id,
-                                   max_new_tokens=lengths[s:s + batch].to(device))
-        r = decode_responses(tokenizer, out, act, eos_id)
-        responses += r
-        scores.append(reward_fn(prompts[s:s + batch], r).float())
-    return torch.cat(scores), responses
-
-
 def stage_inputs(task: str, data: dict, tok, args, rm_tok=None) -> dict[str, list[dict]]:
-    """What each stage is given, one line per example: {"key": its unit's keyed hash, "input": the
-    texts, "tokens": the exact token ids the stage encodes, unpadded}. The pipeline trains on these
-    texts, --dry-run writes these lines, and the property tests compare them between neighbours."""
-    def rows(tokenizer, prompts, completions, a):
-        return encode_rows(tokenizer, prompts, completions, max_prompt=a.max_prompt,
-                           max_completion=getattr(a, "max_completion", 0))[0]
-
-    def lines(part, inputs, tokens):
-        return [{"key": unit_key(r["_unit"], args.seed), "input": x, "tokens": t}
-                for r, x, t in zip(data[part], inputs, tokens)]
-
-    def prompts_only(part, prompts, extra=None):  # PPO prompts, evaluation prompts
-        return lines(part, [{"prompt": p, **(e or {})} for p, e in zip(prompts, extra or [None] * len(prompts))],
-                     rows(tok, prompts, None, args.ppo))
-
-    def pairs(part, prompts, completions):  # SFT
-        return lines(part, [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)],
-                     rows(tok, prompts, completions, args.sft))
-
-    def comparisons(part):  # the reward model's, chosen and rejected side by side
-        cs, t = data[part], rm_tok or tok
-        p = [c["prompt"] for c in cs]
-        both = zip(rows(t, p, [c["chosen"] for c in cs], args.rm), rows(t, p, [c["rejected"] for c in cs], args.rm))
-        return lines(part, [{k: c[k] for k in ("prompt", "chosen", "rejected")} for c in cs], [list(x) for x in both])
-
+    """What each stage is given, a line per example: {"key": its unit's keyed hash, "input": the texts,
+    "tokens": the exact token ids it encodes}. The pipeline trains on these texts, --dry-run writes
+    these lines, and the property tests compare them between neighbouring datasets."""
+    def lines(part, inputs, tokenizer, a, completion=None):
+        rows = [encode_rows(tokenizer, [x["prompt"] for x in inputs], [x[c] for x in inputs] if c else None,
+                            max_prompt=a.max_prompt, max_completion=getattr(a, "max_completion", 0))[0]
+                for c in (completion if isinstance(completion, tuple) else (completion,))]
+        return [{"key": unit_key(r["_unit"], args.seed), "input": x, "tokens": t[0] if len(t) == 1 else list(t)}
+                for r, x, *t in zip(data[part], inputs, *rows)]
+    pick_ = lambda part, *fields: [{f: r[f] for f in fields} for r in data[part]]
     if task == "sentiment":
-        texts = {k: [r["text"] for r in v] for k, v in data.items()}
-        prefix = lambda k: prefix_prompts(tok, texts[k], args.prompt_min, args.prompt_max, args.seed)
-        return {"sft": pairs("sft", [""] * len(texts["sft"]), texts["sft"]), "ppo": prompts_only("ppo", prefix("ppo")),
-                "test": prompts_only("test", prefix("test"))}
-    col = lambda part, f: [r[f] for r in data[part]]
-    return {"sft": pairs("sft", col("sft", "prompt"), col("sft", "completion")), "rm": comparisons("comparisons"),
-            "ppo": prompts_only("ppo", col("ppo", "prompt")),
-            "test": prompts_only("test", col("test", "prompt"), [{"completion": c} for c in col("test", "completion")]),
-            "rm_test": comparisons("comparisons_test")}
+        prompts = {k: prefix_prompts(tok, [r["text"] for r in data[k]], args.prompt_min, args.prompt_max, args.seed)
+                   for k in ("ppo", "test")}
+        return {"sft": lines("sft", [{"prompt": "", "completion": r["text"]} for r in data["sft"]], tok, args.sft,
+                             "completion"),
+                **{k: lines(k, [{"prompt": p} for p in prompts[k]], tok, args.ppo) for k in ("ppo", "test")}}
+    both = ("chosen", "rejected")
+    return {"sft": lines("sft", pick_("sft", "prompt", "completion"), tok, args.sft, "completion"),
+            "rm": lines("comparisons", pick_("comparisons", "prompt", *both), rm_tok or tok, args.rm, both),
+            "ppo": lines("ppo", pick_("ppo", "prompt"), tok, args.ppo),
+            "test": lines("test", pick_("test", "prompt", "completion"), tok, args.ppo),
+            "rm_test": lines("comparisons_test", pick_("comparisons_test", "prompt", *both), rm_tok or tok, args.rm,
+                             both)}
 
 
 def texts_of(lines: list[dict], *fields) -> list[list[str]]:
-    """The columns `fields` of a stage's input lines, e.g. its prompts and completions."""
+    """The columns `fields` of a stage's input lines, e.g. its prompts and its completions."""
     return [[x["input"][f] for x in lines] for f in fields]
 
 
@@ -2294,30 +1929,18 @@ def write_plan(run: Run, task: str, args, plans: dict, inputs: dict, report: dic
     for name, p in plans.items():
         accountant = ACCOUNTANT()
         accountant.step(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, num_steps=p.steps)
-        stages[name] = {**dataclasses.asdict(p), "epsilon_spent": accountant.get_epsilon(p.delta) if p.private else math.inf}
-        print(f"  {name:4s} N={p.num_private_examples} q={p.sample_rate:.4f} steps={p.steps} sigma={p.noise_multiplier:.3f} "
-              f"epsilon={stages[name]['epsilon_spent']:.3f} (target {p.epsilon:g}) delta={p.delta:.2e}", file=sys.stderr)
-    plan = {"task": task, "config": config_of(args), "data": report, "stages": stages}
-    write_json(os.path.join(run.work, "plan.json"), plan)
+        stages[name] = {**dataclasses.asdict(p), "epsilon_spent": accountant.get_epsilon(p.delta) if p.private
+                        else math.inf}
+        print(f"  {name:4s} N={p.num_private_examples} q={p.sample_rate:.4f} steps={p.steps} sigma="
+              f"{p.noise_multiplier:.3f} epsilon={stages[name]['epsilon_spent']:.3f} (target {p.epsilon:g}) "
+              f"delta={p.delta:.2e}", file=sys.stderr)
+    write_json(os.path.join(run.work, "plan.json"), plan := {"task": task, "config": config_of(args), "data": report,
+                                                             "stages": stages})
     os.makedirs(os.path.join(run.work, "inputs"))
     for name, lines in inputs.items():
         write_text(os.path.join(run.work, "inputs", f"{name}.jsonl"), "".join(json.dumps(x) + "\n" for x in lines))
     print(f"wrote {run.out}/plan.json and inputs/")
     return plan
-
-
-def sentiment_metrics(args, data, texts, scores) -> dict:
-    return {"reward": scores.mean().item()}
-
-
-def rlhf_metrics(args, data, texts, scores) -> dict:
-    """The learned reward, ROUGE against the reference summaries, and on the built-in task the
-    hidden preference the comparisons were drawn from."""
-    by_row = [rouge(y, r["completion"]) for y, r in zip(texts, data["test"])]
-    out = {"reward": scores.mean().item(), **{k: float(np.mean([s[k] for s in by_row])) for k in ("rouge1", "rouge2", "rougeL")}}
-    if args.dataset == "builtin":
-        out["true_preference"] = float(np.mean([true_preference(r["meta"], y) for y, r in zip(texts, data["test"])]))
-    return out
 
 
 def sentiment_reward(args, device):
@@ -2327,14 +1950,14 @@ def sentiment_reward(args, device):
 
 
 def eval_reward(args, device):
-    """--eval-reward-model: a public, non-private classifier that scores summaries in evaluation."""
+    """--eval-reward-model: a public classifier that scores summaries in evaluation (none: None)."""
     return hub_sentiment_reward(args.eval_reward_model, "0", device) if args.eval_reward_model else None
 
 
 def learned_reward(args, run: Run, sft_lm, tok, rm_base, inputs: dict, plans: dict) -> tuple:
-    """STAGE 2: the DP reward model on D2, from LM_sft (or --reward-base) with a fresh head (and
-    LoRA). Its scores are DPPPO's reward: post-processing. Returns (reward_fn, its ledger entry,
-    its held-out accuracy, a function that saves it)."""
+    """STAGE 2: the DP reward model on D2, from LM_sft (or --reward-base) with a fresh head (and LoRA).
+    Its scores are DPPPO's reward, post-processing. Returns (reward_fn, its ledger entry, its held-out
+    accuracy, a function that saves it)."""
     rm_lm, rm_tok = rm_base if rm_base else (copy.deepcopy(sft_lm), tok)
     rm = RewardModel(add_lora(rm_lm, rank=args.rm.lora_rank), head=args.rm.head,
                      pad_token_id=rm_tok.pad_token_id).to(run.device).eval()
@@ -2347,6 +1970,20 @@ def learned_reward(args, run: Run, sft_lm, tok, rm_base, inputs: dict, plans: di
     prompts, chosen, rejected = texts_of(inputs["rm_test"], "prompt", "chosen", "rejected")
     accuracy = (rm_reward(prompts, chosen) > rm_reward(prompts, rejected)).float().mean().item()
     return rm_reward, entry, {"rm_accuracy": accuracy}, lambda path: save_reward_model(rm, rm_tok, path)
+
+
+def sentiment_metrics(args, data, texts, scores) -> dict:
+    return {"reward": scores.mean().item()}
+
+
+def rlhf_metrics(args, data, texts, scores) -> dict:
+    """The learned reward, ROUGE against the reference summaries, and (built-in task) the hidden
+    preference the comparisons were drawn from."""
+    by_row = [rouge(y, r["completion"]) for y, r in zip(texts, data["test"])]
+    out = {"reward": scores.mean().item(), **{k: float(np.mean([s[k] for s in by_row])) for k in by_row[0]}}
+    if args.dataset == "builtin":
+        out["true_preference"] = float(np.mean([true_preference(r["meta"], y) for y, r in zip(texts, data["test"])]))
+    return out
 
 
 @dataclass
@@ -2368,20 +2005,17 @@ TASKS = {"sentiment": Task("sentiment", sentiment_data, (("sft", "sft"), ("ppo",
 
 
 def run_pipeline(args: RunArgs, task: Task) -> dict:
-    """Split -> DP SFT on D1 -> (rlhf: DP reward model on D2) -> DPPPO on D3 -> evaluate the
-    pre-trained, SFT and aligned models on the test prompts; --dry-run stops before training."""
+    """Split -> DP SFT on D1 -> (rlhf: DP reward model on D2) -> DPPPO on D3 -> evaluate the pre-trained,
+    SFT and aligned models on the test prompts. --dry-run stops before training."""
     t0 = time.time()
-    for spec in ("model", "reward_model", "reward_base", "eval_reward_model"):
-        check_model_spec(getattr(args, spec, None), "--" + spec.replace("_", "-"))
     with run_directory(args, task.name) as run:
-        data, report = task.data(args)
-        report_split(report)
-        sizes = {stage: len(data[part]) for stage, part in task.stages}
-        delta = args.delta if args.delta is not None else 1 / sum(sizes.values())
-        plans = plan_stages(args, sizes, delta)
         base_lm, tok = load_lm(args.model, run.device, args.base)
         check_fits(base_lm, args)
         rm_base = load_lm(args.reward_base, run.device, args.base) if getattr(args, "reward_base", None) else None
+        data, report = task.data(args)
+        sizes = {stage: len(data[part]) for stage, part in task.stages}
+        delta = args.delta if args.delta is not None else 1 / sum(sizes.values())
+        plans = plan_stages(args, sizes, delta)
         inputs = stage_inputs(task.name, data, tok, args, rm_base[1] if rm_base else None)
         if args.dry_run:
             return write_plan(run, task.name, args, plans, inputs, report)
@@ -2395,7 +2029,8 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
         merge_lora(sft_lm)
         reward_fn, extra, save_rm = public, {}, None
         if task.learned_reward is not None:  # STAGE 2 (rlhf): the DP reward model on D2
-            reward_fn, ledger["rm"], extra, save_rm = task.learned_reward(args, run, sft_lm, tok, rm_base, inputs, plans)
+            reward_fn, ledger["rm"], extra, save_rm = task.learned_reward(args, run, sft_lm, tok, rm_base, inputs,
+                                                                          plans)
         # STAGE 3: DPPPO on D3 from LM_sft, with a fresh LoRA and value head.
         policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(run.device)
         eos_id = tok.eos_token_id if task.eos else None
@@ -2415,17 +2050,31 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
     return summary
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, prompts: list[str], reward_fn, *, lengths, eos_id, max_prompt, seed,
+             device, batch: int = 128):
+    """One response per test prompt (the same draws for every model, from `seed`), and its score."""
+    gen, responses, scores = torch.Generator().manual_seed(seed), [], []
+    for s in range(0, len(prompts), batch):
+        ids, mask, _ = encode(tokenizer, prompts[s:s + batch], max_prompt=max_prompt)
+        out, _, act, _, _ = sample(model, ids.to(device), mask.to(device), generator=gen, eos_id=eos_id,
+                                   max_new_tokens=lengths[s:s + batch].to(device))
+        responses += (r := decode_responses(tokenizer, out, act, eos_id))
+        scores.append(reward_fn(prompts[s:s + batch], r).float())
+    return torch.cat(scores), responses
+
+
 def evaluate_models(args, task: Task, models: dict, tok, data, inputs, reward_fn, public, device) -> tuple:
-    """Each model samples one response per test prompt (the same draws for all); its metrics, and
-    the public --eval-reward-model's score where the reward was learned."""
+    """Each model's metrics on the test prompts, and the public --eval-reward-model's where the reward
+    was learned. Reviews continue for a drawn length (public seed), summaries to eos."""
     prompts = texts_of(inputs["test"], "prompt")[0]
-    lengths = (torch.full((len(prompts),), args.ppo.response_max) if task.eos else  # reviews: drawn lengths
+    lengths = (torch.full((len(prompts),), args.ppo.response_max) if task.eos else
                torch.randint(args.ppo.response_min, args.ppo.response_max + 1, (len(prompts),),
                              generator=torch.Generator().manual_seed(args.seed + 3)))
     evals, generations = {}, {}
     for name, model in models.items():
-        scores, texts = evaluate(model, tok, prompts, reward_fn, lengths=lengths, eos_id=tok.eos_token_id if task.eos
-                                 else None, max_prompt=args.ppo.max_prompt, seed=args.seed + 4, device=device)
+        scores, texts = evaluate(model, tok, prompts, reward_fn, lengths=lengths, device=device, seed=args.seed + 4,
+                                 eos_id=tok.eos_token_id if task.eos else None, max_prompt=args.ppo.max_prompt)
         evals[name], generations[name] = task.metrics(args, data, texts, scores), (texts, scores)
         if public is not None and public is not reward_fn:
             evals[name]["eval_reward"] = public(prompts, texts).mean().item()
@@ -2438,11 +2087,10 @@ def print_report(summary, prompts, generations: dict, n: int, out: str):
     for name, s in summary["stages"].items():
         print(f"  {name:4s} eps={s['epsilon']:.3f} delta={s['delta']:.2e} sigma={s['noise_multiplier']:.3f} "
               f"q={s['sample_rate']:.4f} steps={s['steps']} N={s['num_private_examples']}")
-    print(f"  total eps={summary['total_epsilon']:.3f} ({summary['composition']} composition)")
-    print("evaluation on held-out prompts:")
-    for name, e in summary["eval"].items():
-        if isinstance(e, dict):
-            print(f"  {name:10s} " + "  ".join(f"{k}={v:+.3f}" for k, v in e.items()))
+    print(f"  total eps={summary['total_epsilon']:.3f} ({summary['composition']} composition)\n"
+          "evaluation on held-out prompts:")
+    for name, e in ((k, v) for k, v in summary["eval"].items() if isinstance(v, dict)):
+        print(f"  {name:10s} " + "  ".join(f"{k}={v:+.3f}" for k, v in e.items()))
     print("sample generations (prompt | model: response [score]):")
     for i in range(min(n, len(prompts))):
         print(f"  {prompts[i][-120:]!r}")
@@ -2467,15 +2115,13 @@ def mean_ci(values) -> tuple[float, float]:
 def _cell(values, percent=False) -> str:
     if not len(values):
         return "n/a"
-    m, ci = mean_ci(values)
-    f = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:+.3f}")
+    (m, ci), f = mean_ci(values), (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:+.3f}")
     return f(m) if math.isnan(ci) else f"{f(m)} ± {f(ci).lstrip('+')}"
 
 
 def recovered(results: dict, eps: float, metric: str) -> list[float]:
-    """Per seed: (aligned at eps - pre-trained) / (aligned at inf - pre-trained). A seed whose
-    non-private run ends at or below the pre-trained model has no gain to recover: it is left out,
-    so the sign of the ratio always means what it says."""
+    """Per seed: (aligned at eps - pre-trained) / (aligned at inf - pre-trained). A seed whose non-private
+    run ends at or below the pre-trained model has no gain to recover, and is left out."""
     out = []
     for s_e, s_inf in zip(results[eps], results[math.inf]):
         pre, full = s_inf["eval"]["pretrained"][metric], s_inf["eval"]["aligned"][metric]
@@ -2485,32 +2131,28 @@ def recovered(results: dict, eps: float, metric: str) -> list[float]:
 
 
 def sweep_table(results: dict, task: str) -> str:
-    """Markdown tables in the shape of the paper's Tables 1 and 3: one column per epsilon, each
-    cell the mean over seeds with its 95 % confidence interval. `results[eps]` lists one summary
-    per seed."""
+    """Markdown tables in the shape of the paper's Tables 1 and 3: a column per epsilon, each cell the
+    mean over seeds with its 95 % confidence interval. `results[eps]`: one summary per seed."""
     eps = list(results)
     head = "| | " + " | ".join(f"eps={e:g}" for e in eps) + " |\n|---|" + "---|" * len(eps) + "\n"
+    row = lambda name, cells: f"| {name} | " + " | ".join(cells) + " |"
     if task == "audit":
         return ("claimed epsilon vs the audited lower bound (one per seed; the bound must stay below the claim)\n\n"
-                + head + "| claimed (spent) | " + " | ".join(_cell([s["stages"]["sft"]["epsilon"] for s in results[e]])
-                                                         for e in eps)
-                + " |\n| lower bound | " + " | ".join(" / ".join(f"{s['epsilon_lower_bound']:.2f}" for s in results[e])
-                                                   for e in eps) + " |\n")
-    metrics = ["reward"] + (["true_preference", "rouge1", "rouge2", "rougeL"] if task == "rlhf" else [])
+                + head + row("claimed (spent)", (_cell([s["stages"]["sft"]["epsilon"] for s in results[e]])
+                                                 for e in eps))
+                + "\n" + row("lower bound", (" / ".join(f"{s['epsilon_lower_bound']:.2f}" for s in results[e])
+                                             for e in eps)) + "\n")
     out = []
-    for metric in metrics:
-        if metric not in results[eps[0]][0]["eval"]["aligned"]:
-            continue
-        rows = [f"| {m} | " + " | ".join(_cell([s["eval"][m][metric] for s in results[e]]) for e in eps) + " |"
-                for m in ("pretrained", "sft", "aligned")]
-        # Not for rlhf's learned reward, which is a different (DP) reward model in every column.
-        if math.inf in results and not (task == "rlhf" and metric == "reward"):
-            rows.append("| recovered | " + " | ".join(_cell(recovered(results, e, metric), percent=True)
-                                                      for e in eps) + " |")
-        out.append(f"{metric}\n\n" + head + "\n".join(rows))
+    for metric in ["reward"] + (["true_preference", "rouge1", "rouge2", "rougeL"] if task == "rlhf" else []):
+        if metric in results[eps[0]][0]["eval"]["aligned"]:
+            rows = [row(m, (_cell([s["eval"][m][metric] for s in results[e]]) for e in eps))
+                    for m in ("pretrained", "sft", "aligned")]
+            if math.inf in results and not (task == "rlhf" and metric == "reward"):  # (a DP RM per column)
+                rows.append(row("recovered", (_cell(recovered(results, e, metric), percent=True) for e in eps)))
+            out.append(f"{metric}\n\n" + head + "\n".join(rows))
     if task == "rlhf":
-        out.append("reward-model held-out accuracy\n\n" + head + "| accuracy | " +
-                   " | ".join(_cell([s["eval"]["rm_accuracy"] for s in results[e]]) for e in eps) + " |")
+        out.append("reward-model held-out accuracy\n\n" + head + row(
+            "accuracy", (_cell([s["eval"]["rm_accuracy"] for s in results[e]]) for e in eps)))
     return "\n\n".join(out) + "\n"
 
 
@@ -2519,19 +2161,16 @@ def sweep_csv(results: dict, task: str) -> str:
     lines = ["metric,model,epsilon,seed,value"]
     for e, runs in results.items():
         for s in runs:
-            if task == "audit":
-                lines += [f"epsilon_spent,sft,{e:g},{s['seed']},{s['stages']['sft']['epsilon']}",
-                          f"epsilon_lower_bound,sft,{e:g},{s['seed']},{s['epsilon_lower_bound']}"]
-                continue
-            for model, ev in s["eval"].items():
-                for metric, v in (ev.items() if isinstance(ev, dict) else [("accuracy", ev)]):
-                    lines.append(f"{metric},{model},{e:g},{s['seed']},{v}")
+            evals = ({"sft": {"epsilon_spent": s["stages"]["sft"]["epsilon"], "epsilon_lower_bound":
+                              s["epsilon_lower_bound"]}} if task == "audit" else s["eval"])
+            lines += [f"{metric},{model},{e:g},{s['seed']},{v}" for model, ev in evals.items()
+                      for metric, v in (ev.items() if isinstance(ev, dict) else [("accuracy", ev)])]
     return "\n".join(lines) + "\n"
 
 
 def plot_sweep(results: dict, task: str, path: str) -> bool:
-    """The paper's Fig. 3 shape: the aligned model's score against epsilon, the non-private run and
-    the pre-trained model as lines. Only if matplotlib is installed (an optional extra)."""
+    """The paper's Fig. 3 shape: the aligned model's score against epsilon, the non-private run and the
+    pre-trained model as lines. Only if matplotlib is installed (an optional extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -2540,20 +2179,19 @@ def plot_sweep(results: dict, task: str, path: str) -> bool:
         print("--plot: matplotlib is not installed (pip install matplotlib); wrote the table and CSV only",
               file=sys.stderr)
         return False
-    metric = "true_preference" if task == "rlhf" and "true_preference" in results[next(iter(results))][0]["eval"]["aligned"] else "reward"
+    first = results[next(iter(results))]
+    metric = "true_preference" if task == "rlhf" and "true_preference" in first[0]["eval"]["aligned"] else "reward"
     finite = [e for e in results if math.isfinite(e)]
     stats = [mean_ci([s["eval"]["aligned"][metric] for s in results[e]]) for e in finite]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.errorbar(finite, [m for m, _ in stats], yerr=[0 if math.isnan(c) else c for _, c in stats], marker="o",
                 capsize=3, label="DP aligned (mean, 95 % CI)")
-    for e, style, label in ((math.inf, "--", "non-private aligned"), (None, ":", "pre-trained")):
-        if e is None or e in results:
-            runs = results[e if e is not None else next(iter(results))]
-            ax.axhline(np.mean([s["eval"]["aligned" if e else "pretrained"][metric] for s in runs]), ls=style,
-                       color="gray", label=label)
+    for runs, model, style, label in ((results.get(math.inf), "aligned", "--", "non-private aligned"),
+                                      (first, "pretrained", ":", "pre-trained")):
+        if runs:
+            ax.axhline(np.mean([s["eval"][model][metric] for s in runs]), ls=style, color="gray", label=label)
+    ax.set(xlabel="epsilon", ylabel=metric)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("epsilon")
-    ax.set_ylabel(metric)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path + ".partial.png", dpi=120)
@@ -2562,13 +2200,13 @@ def plot_sweep(results: dict, task: str, path: str) -> bool:
 
 
 def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[int], plot: bool = False) -> str:
-    """The pipeline once per (epsilon, seed); writes table.md, results.csv (and plot.png) to --out."""
+    """The pipeline once per (epsilon, seed); table.md, results.csv (and plot.png) in --out. A cell
+    already run with the same settings (say, by a parallel job) is reused."""
     base = args.out or os.path.join("runs", f"{task}-sweep")
 
-    def cell(e, s):  # a cell already run with the same settings (e.g. by a parallel job) is reused
+    def cell(e, s):
         cell_args = dataclasses.replace(args, epsilon=e, seed=s, out=os.path.join(base, f"eps{e:g}-seed{s}"))
-        done = os.path.join(cell_args.out, "summary.json")
-        if os.path.exists(done):
+        if os.path.exists(done := os.path.join(cell_args.out, "summary.json")):
             with open(done) as f:
                 summary = json.load(f)
             if summary.get("config") == config_of(cell_args):
@@ -2588,13 +2226,21 @@ def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[
 
 # #############################################################################################
 # PART III: TOOLS. Probes of the built-in task's design, a privacy audit, the benchmark: they
-# measure the method and the runs; nothing above needs them.
+# measure the method and the runs, and nothing above needs them.
 # #############################################################################################
 
 
-# =============================================================================================
-# PROBES: the measurements behind the built-in task's design (NOTES.md), re-runnable
-# =============================================================================================
+# ===== PROBES: the measurements behind the built-in task's design (NOTES.md), re-runnable ==================
+
+
+@dataclass
+class ProbeArgs:
+    """`probe`: the copy probe and the reward-feature probe of a base model (no private data)."""
+    model: str = arg("builtin", "'builtin', a Hub id or a local dir")
+    num_comparisons: int = arg(4000, "built-in comparisons to fit the linear probes on", limit=">=1")
+    seed: int = arg(0, "seed of the probe's comparisons", limit=">=0")
+    device: str | None = arg(None, "'cpu' or 'cuda'")
+    base: BaseModelArgs = field(default_factory=BaseModelArgs)
 
 
 def public_probe_posts(args: BaseModelArgs, n: int = 500) -> list[dict]:
@@ -2605,15 +2251,13 @@ def public_probe_posts(args: BaseModelArgs, n: int = 500) -> list[dict]:
 
 @torch.no_grad()
 def copy_probe(lm: nn.Module, tokenizer, posts: list[dict], device: str = "cpu", batch: int = 250) -> dict:
-    """Does the model read its prompt? Top-1 accuracy of the post's person among all PEOPLE after
-    "post : ... tl;dr : my", and of its feeling among all FEELINGS after "... my <person> <event>
-    and i feel". A model that ignores the post scores about chance (1/16, 1/12); one that copies, 1.
-    A candidate's score is the log-probability of all its tokens."""
+    """Does the model read its prompt? Top-1 accuracy of the post's person among PEOPLE after "... tl;dr :
+    my", and of its feeling among FEELINGS after "... my <person> <event> and i feel": chance (1/16,
+    1/12) if it ignores the post, 1 if it copies. A candidate scores the log-probability of its tokens."""
     model = CausalLM(lm)
 
     def top1(prompts, candidates, answers):
-        words = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates]
-        scores = []
+        words, scores = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates], []
         for s in range(0, len(prompts), batch):
             chunk = prompts[s:s + batch]
             if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution
@@ -2638,11 +2282,12 @@ def copy_probe(lm: nn.Module, tokenizer, posts: list[dict], device: str = "cpu",
 
 @torch.no_grad()
 def reward_features(lm, tokenizer, prompts, responses, *, batch: int = 256) -> dict:
-    """What a reward head could read from a frozen LM, per (x, y): the last hidden state, the mean
-    and sum of y's hidden states, y's summed and mean log-likelihood, and y's length."""
+    """What a reward head could read from a frozen LM per (x, y): the last hidden state, the mean and
+    sum of y's hidden states, y's summed and mean log-likelihood, y's length."""
     out = {k: [] for k in ("last", "mean_h", "sum_h", "loglik", "mean_loglik", "length")}
     for s in range(0, len(prompts), batch):
-        ids, mask, resp = encode(tokenizer, prompts[s:s + batch], responses[s:s + batch], max_prompt=96, max_completion=48)
+        ids, mask, resp = encode(tokenizer, prompts[s:s + batch], responses[s:s + batch], max_prompt=96,
+                                 max_completion=48)
         h = hidden_states(lm, ids, mask)
         lp, n = (token_logprobs(lm.lm_head(h), ids) * resp).sum(-1), resp.sum(-1)
         pooled = (h[:, 1:] * resp[..., None]).sum(1)
@@ -2654,8 +2299,7 @@ def reward_features(lm, tokenizer, prompts, responses, *, batch: int = 256) -> d
 
 def linear_probe_accuracy(train: tuple, test: tuple, keys: list[str]) -> float:
     """Held-out accuracy of a Bradley-Terry logistic regression on (chosen - rejected) features."""
-    diff = lambda pair: torch.cat([pair[0][k] - pair[1][k] for k in keys], 1)
-    x, x_test = diff(train), diff(test)
+    x, x_test = (torch.cat([pair[0][k] - pair[1][k] for k in keys], 1) for pair in (train, test))
     scale = x.std(0) + 1e-6
     x, x_test = x / scale, x_test / scale
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -2663,46 +2307,33 @@ def linear_probe_accuracy(train: tuple, test: tuple, keys: list[str]) -> float:
 
     def closure():
         opt.zero_grad()
-        loss = nn.functional.softplus(-x @ w).mean() + 1e-4 * w.pow(2).sum()
-        loss.backward()
+        (loss := nn.functional.softplus(-x @ w).mean() + 1e-4 * w.pow(2).sum()).backward()
         return loss
     opt.step(closure)
     return float((x_test @ w.detach() > 0).double().mean())
 
 
-def cmd_probe(args: "ProbeArgs"):
+def cmd_probe(args: ProbeArgs):
     """Does the model copy from its prompt, and what can a reward head read from it?"""
     lm, tok = load_lm(args.model, args.device or "cpu", args.base)
     print(f"copy probe ({args.model}, 500 public held-out posts): "
           + ", ".join(f"{k} top-1 {v:.3f}" for k, v in copy_probe(lm, tok, public_probe_posts(args.base)).items())
           + f" (chance {1 / len(PEOPLE):.3f}, {1 / len(FEELINGS):.3f})")
-    cmps = make_tldr(0, args.num_comparisons + 1000, seed=50_000 + args.seed)[1]
-    feats = [tuple(reward_features(lm, tok, [c["prompt"] for c in part], [" " + c[w] for c in part]) for w in ("chosen", "rejected"))
-             for part in (cmps[:args.num_comparisons], cmps[args.num_comparisons:])]
+    cmps, n = make_tldr(0, args.num_comparisons + 1000, seed=50_000 + args.seed)[1], args.num_comparisons
+    feats = [tuple(reward_features(lm, tok, [c["prompt"] for c in part], [" " + c[w] for c in part])
+                   for w in ("chosen", "rejected")) for part in (cmps[:n], cmps[n:])]
     tp = lambda c, w: true_preference(c["meta"], c[w])
     ceiling = np.mean([(tp(c, "chosen") > tp(c, "rejected")) + 0.5 * (tp(c, "chosen") == tp(c, "rejected"))
-                       for c in cmps[args.num_comparisons:]])
+                       for c in cmps[n:]])
     print(f"\nwhat a linear reward head can read from the frozen model: held-out accuracy on 1,000 built-in "
-          f"comparisons (trained on {args.num_comparisons}; the hidden preference itself: {ceiling:.3f})\n")
+          f"comparisons (trained on {n}; the hidden preference itself: {ceiling:.3f})\n")
     print("| features | accuracy |\n|---|---|")
     for keys in (["last"], ["mean_h"], ["sum_h", "length"], ["loglik"], ["loglik", "length"],
                  ["mean_loglik", "length"], ["mean_loglik", "length", "mean_h"], ["loglik", "length", "mean_h"]):
         print(f"| {' + '.join(keys)} | {linear_probe_accuracy(*feats, keys):.3f} |")
 
 
-@dataclass
-class ProbeArgs:
-    """`probe`: the copy probe and the reward-feature probe of a base model (no private data)."""
-    model: str = arg("builtin", "'builtin', a Hub id or a local dir")
-    num_comparisons: int = arg(4000, "built-in comparisons to fit the linear probes on", limit=">=1")
-    seed: int = arg(0, "seed of the probe's comparisons", limit=">=0")
-    device: str | None = arg(None, "'cpu' or 'cuda'")
-    base: BaseModelArgs = field(default_factory=BaseModelArgs)
-
-
-# =============================================================================================
-# AUDIT: a one-run privacy audit of DP SFT (Steinke, Nasr, Jagielski 2023)
-# =============================================================================================
+# ===== AUDIT: a one-run privacy audit of DP SFT (Steinke, Nasr, Jagielski 2023) =============================
 # m canaries, each put into D1 with probability 1/2 by a coin the auditor keeps; train once; guess
 # the k canaries most likely to be in D1; if (epsilon, delta)-DP held, the number of right guesses
 # could not beat randomized response by much, which turns the count into a lower bound on epsilon.
@@ -2762,20 +2393,19 @@ def canary_sft_loss(model: CanaryLM, max_grad_norm: float):
 @dataclass
 class AuditArgs(CommonArgs):
     """`audit`: a one-run audit of DP SFT: is the claimed epsilon at least what an attack shows?"""
-    delta: float | None = arg(1e-5, "target delta (small next to 1/canaries, or the delta term swamps the bound)", limit="(0,1)")
+    delta: float | None = arg(1e-5, "target delta (small beside 1/canaries, or the delta term swamps the bound)",
+                              limit="(0,1)")
     num_sft: int = arg(2000, "real D1 examples (built-in reviews) beside the canaries", limit=">=1")
     canaries: int = arg(1000, "m: canaries, each in D1 with probability 1/2", limit=">=1")
     guesses: str = arg("50,100,200", "numbers k of membership guesses tried (the k top-scored canaries); "
                        "the confidence is split over them (Bonferroni)")
     confidence: float = arg(0.95, "confidence of the lower bound", limit="(0,1)")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
-    given: tuple = field(default=(), metadata={"cli": False})
 
 
 def run_audit(args: AuditArgs) -> dict:
     """Train DP SFT once with canaries at the target epsilon; the lower bound the guesses prove."""
     t0 = time.time()
-    check_model_spec(args.model, "--model")
     with run_directory(args, "audit") as run:
         lm, tok = load_lm(args.model, run.device, args.base)
         texts = [r["text"] for r in make_reviews(args.num_sft, seed=30_000 + args.seed,
@@ -2816,12 +2446,10 @@ def run_audit(args: AuditArgs) -> dict:
     return summary
 
 
-# =============================================================================================
-# BENCHMARK: what DP-SGD costs over a non-private step, and a DPPPO iteration beside TRL
-# =============================================================================================
+# ===== BENCHMARK: what DP-SGD costs over a non-private step, and a DPPPO iteration beside TRL ===============
 
 
-GPT2_SIZES = dict(tiny=(2, 64, 2), small=(12, 768, 12), medium=(24, 1024, 16), large=(36, 1280, 20))  # layers, width, heads
+GPT2_SIZES = dict(tiny=(2, 64, 2), small=(12, 768, 12), medium=(24, 1024, 16), large=(36, 1280, 20))  # layers, d, heads
 
 
 def _bench_child(variant: str, ns) -> dict:
@@ -2939,7 +2567,8 @@ def _trl_child(ns) -> dict:
     torch.manual_seed(0)
     random.seed(0)
     # tokenizer.json itself: tokenizer configs written by transformers 5 do not load in 4.x
-    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(ns.model_dir, "tokenizer.json"), eos_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(ns.model_dir, "tokenizer.json"),
+                                  eos_token="<|endoftext|>")
     tok.pad_token = tok.eos_token
     model, ref = (AutoModelForCausalLMWithValueHead.from_pretrained(ns.model_dir) for _ in range(2))
     trainer = PPOTrainer(PPOConfig(batch_size=ns.batch, mini_batch_size=ns.batch, ppo_epochs=1, learning_rate=1.41e-5,
@@ -2983,7 +2612,8 @@ def cmd_bench_ppo(ns):
     print("| loop | sampling | reference | reward | update | s / iteration | x eps=inf | x TRL | peak memory (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        ph = [f"{r['phases'][p]:.3f}" if p in r["phases"] else "" for p in ("sampling", "reference", "reward", "update")]
+        ph = [f"{r['phases'][p]:.3f}" if p in r["phases"] else "" for p in ("sampling", "reference", "reward",
+                                                                             "update")]
         mem = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else ""
         x_trl = f"{r['total'] / trl:.2f}" if trl else ""
         print(f"| {name} | {' | '.join(ph)} | {r['total']:.3f} | {r['total'] / ref:.2f} | {x_trl} | {mem} |")
@@ -3026,9 +2656,7 @@ def cmd_bench(ns):
     print(f"epsilon after 1e5 steps (q=0.001, sigma=1.0, delta=1e-5): {eps:.3f} in {eps_ms:.1f} ms")
 
 
-# =============================================================================================
-# CLI: one --flag per config field; every value checked in one place (`validate`)
-# =============================================================================================
+# ===== CLI: one --flag per config field; every value checked in one place (`validate`) ======================
 
 
 @dataclass
@@ -3044,19 +2672,18 @@ class PrivacyArgs:
 @dataclass
 class BenchArgs:
     """`bench`: time and memory of a DP step against a non-private one ('bench ppo': a DPPPO iteration)."""
-    model: str | None = arg(None, "GPT-2 size, random init (default small, 124M; 'bench ppo': builtin, the built-in "
-                            "base model)", choices=("builtin", "tiny", "small", "medium", "large"))
+    model: str | None = arg(None, "GPT-2 size, random init (default small; 'bench ppo': the built-in model)",
+                            choices=("builtin", "tiny", "small", "medium", "large"))
     batch: int | None = arg(None, "sequences per step (default 8; 'bench ppo': 64 prompts)", limit=">=1")
     seq_len: int = arg(64, "tokens per sequence", limit=">=1")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
     repeats: int = arg(7, "timed steps", limit=">=1")
     warmup: int = arg(2, "untimed steps first", limit=">=0")
-    chunk_size: int | None = arg(None, "chunk size of the chunked DP row (default: half the batch; 'bench ppo': 64)",
+    chunk_size: int | None = arg(None, "the chunked DP row's chunk (default: half the batch; 'bench ppo': 64)",
                                  limit=">=1")
     response: int = arg(15, "'bench ppo': tokens per response (as the TRL peer)", limit=">=1")
     threads: int | None = arg(None, "torch CPU threads, also the peer's (default: torch's default)", limit=">=1")
-    trl: str | None = arg(None, "'bench ppo': the python of a virtual environment with trl 0.11, to run the TRL "
-                          "peer beside our loop (README, Benchmark)")
+    trl: str | None = arg(None, "'bench ppo': the python of a virtual environment with trl 0.11 (README)")
 
 
 LIMITS = {  # a field's `limit` -> (the test, what the one-line refusal says); nan fails every test
@@ -3070,56 +2697,59 @@ LIMITS = {  # a field's `limit` -> (the test, what the one-line refusal says); n
 def check_config(config, prefix: str = ""):
     """Every field's own limit or choices (declared with `arg`), nested configs too."""
     for f in dataclasses.fields(config):
-        value, flag = getattr(config, f.name), "--" + (prefix + f.name).replace("_", "-")
+        value, flag, choices, limit = (getattr(config, f.name), "--" + (prefix + f.name).replace("_", "-"),
+                                       f.metadata.get("choices"), f.metadata.get("limit"))
         if dataclasses.is_dataclass(value):
             check_config(value, prefix + f.name + "_")
-        elif value is not None and f.metadata.get("choices") and value not in f.metadata["choices"]:
-            raise UserError(f"{flag} '{value}' is not allowed; use {' or '.join(map(repr, f.metadata['choices']))}")
-        elif value is not None and f.metadata.get("limit") and not LIMITS[f.metadata["limit"]][0](value):
-            raise UserError(f"{flag} {value} is not allowed; {LIMITS[f.metadata['limit']][1]}")
+        elif value is not None and choices and value not in choices:
+            raise UserError(f"{flag} '{value}' is not allowed; use {' or '.join(map(repr, choices))}")
+        elif value is not None and limit and not LIMITS[limit][0](value):
+            raise UserError(f"{flag} {value} is not allowed; {LIMITS[limit][1]}")
 
 
 def validate(args, epsilons: list[float] | None = None):
-    """All a run's settings, in one place: each field's limit (`check_config`), then the rules
-    between fields, for the run's epsilon or each of a sweep's `epsilons`."""
+    """A run's settings, all in one place: each field's limit (`check_config`), then the rules between
+    fields, for the run's epsilon or each of a sweep's `epsilons`."""
     check_config(args)
-    if args.base.n_embd % args.base.n_head:
-        raise UserError(f"--base-n-embd {args.base.n_embd} is not allowed with --base-n-head {args.base.n_head}: "
-                        "the width must be a multiple of the heads")
-    device = args.device or "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise UserError(f"--device {device} is not allowed; use cpu, cuda or cuda:<index>")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} is not available here; use --device cpu")
-    columns = ("text",) if isinstance(args, SentimentArgs) else ("prompt", "label", "chosen", "rejected")
-    if getattr(args, "user_column", None) in (*columns, "completion", "meta", "_unit"):
-        raise UserError(f"--user-column {args.user_column} is not allowed: it is a data column, not a user id "
-                        f"(the unit is then the text itself: leave --user-column out)")
-    if isinstance(args, SentimentArgs) and args.prompt_min > args.prompt_max:
-        raise UserError(f"--prompt-min {args.prompt_min} is not allowed with --prompt-max {args.prompt_max}")
+    device, columns = args.device or "cpu", ("text",) if isinstance(args, SentimentArgs) else \
+        ("prompt", "label", "chosen", "rejected")
+    rules = [  # (the refusal, when it applies)
+        (f"--base-n-embd {args.base.n_embd} is not allowed with --base-n-head {args.base.n_head}: the width must be "
+         "a multiple of the heads", args.base.n_embd % args.base.n_head),
+        (f"--device {device} is not allowed; use cpu, cuda or cuda:<index>",
+         not re.fullmatch(r"cpu|cuda(:\d+)?", device)),
+        (f"--device {device} is not available here; use --device cpu", device.startswith("cuda") and
+         not torch.cuda.is_available()),
+        (f"--user-column {getattr(args, 'user_column', None)} is not allowed: it is a data column, not a user id "
+         "(the unit is then the text itself: leave --user-column out)",
+         getattr(args, "user_column", None) in (*columns, "completion", "meta", "_unit")),
+        (f"--prompt-min {getattr(args, 'prompt_min', 0)} is not allowed above --prompt-max "
+         f"{getattr(args, 'prompt_max', 0)}", getattr(args, "prompt_min", 0) > getattr(args, "prompt_max", 0)),
+    ]
     if isinstance(args, AuditArgs):
         ks = _parse_list("guesses", args.guesses, int, "numbers of guesses like 50,100,200")
-        if not all(0 < k <= args.canaries for k in ks):
-            raise UserError(f"--guesses {args.guesses} is not allowed with --canaries {args.canaries}: each k must be "
-                            "in [1, canaries]")
-    for e in epsilons or [args.epsilon]:
-        for name in (s for s in ("sft", "rm", "ppo") if hasattr(args, s)):
-            stage = getattr(args, name)
-            eps, flag = (e, "--epsilon") if stage.epsilon is None else (stage.epsilon, f"--{name}-epsilon")
-            if math.isfinite(eps) and not math.isfinite(stage.max_grad_norm):
-                raise UserError(f"--{name}-max-grad-norm {stage.max_grad_norm} is not allowed with epsilon {eps:g}: "
-                                "the noise is sigma * C, so C must be finite (or use --epsilon inf)")
-            if name == "ppo":
-                try:
-                    stage.validate(eps)
-                except ValueError as err:
-                    raise flag_words(err, "ppo_", epsilon=flag) from None
+        rules.append((f"--guesses {args.guesses} is not allowed with --canaries {args.canaries}: each k must be in "
+                      "[1, canaries]", not all(0 < k <= args.canaries for k in ks)))
+    for message, applies in rules:
+        if applies:
+            raise UserError(message)
+    for e, name in itertools.product(epsilons or [args.epsilon], [s for s in ("sft", "rm", "ppo") if hasattr(args, s)]):
+        stage = getattr(args, name)
+        eps, flag = (e, "--epsilon") if stage.epsilon is None else (stage.epsilon, f"--{name}-epsilon")
+        if math.isfinite(eps) and not math.isfinite(stage.max_grad_norm):
+            raise UserError(f"--{name}-max-grad-norm {stage.max_grad_norm} is not allowed with epsilon {eps:g}: the "
+                            "noise is sigma * C, so C must be finite (or use --epsilon inf)")
+        try:
+            stage.validate(eps) if name == "ppo" else None
+        except ValueError as err:
+            raise flag_words(err, "ppo_", epsilon=flag) from None
 
 
 def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] | None):
-    """A flag that would have no effect here is refused, in one line saying why: a user who gave it
-    must not believe it was used. `given`: the flags on the command line; `epsilons`: a sweep's."""
-    builtin, stages = getattr(args, "dataset", "builtin") == "builtin", [s for s in ("sft", "rm", "ppo") if hasattr(args, s)]
+    """A flag that would have no effect here is refused, in one line saying why: whoever gave it must
+    not believe it was used. `given`: the flags on the command line; `epsilons`: a sweep's."""
+    builtin = getattr(args, "dataset", "builtin") == "builtin"
+    stages = [s for s in ("sft", "rm", "ppo") if hasattr(args, s)]
     finite = {s: any(math.isfinite(e) for e in ([getattr(args, s).epsilon] if getattr(args, s).epsilon is not None
                                                 else epsilons or [args.epsilon])) for s in stages}
     uses_base = "builtin" in (args.model, getattr(args, "dataset", "builtin"), getattr(args, "reward_base", None))
@@ -3133,6 +2763,7 @@ def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] |
          "a local file has no public test split: its test set is the --test-fraction held out"),
         ("reward_label", getattr(args, "reward_model", "") is None, "it picks a label of --reward-model, not given"),
         ("delta", not any(finite.values()), "no noise is calibrated when every stage runs at epsilon inf"),
+        ("composition", not any(finite.values()), "at epsilon inf every composition gives inf"),
         *[(f"{s}_max_grad_norm", not finite[s], "the epsilon = inf loop does not clip") for s in stages],
         *[(f"{s}_epochs", f"{s}_steps" in given, f"--{s}-steps sets the number of steps") for s in ("sft", "rm")],
         ("batch_size", all(f"{s}_batch_size" in given for s in stages), "every stage's batch size is given"),
@@ -3141,7 +2772,6 @@ def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] |
         ("plot", not {"sweep", "seeds"} & given, "it draws a sweep's table; add --sweep or --seeds"),
         ("dry_run", bool({"sweep", "seeds"} & given), "a dry run plans one run; drop --sweep and --seeds"),
         ("checkpoint_every", command == "audit" or getattr(args, "dry_run", False), "this run is not checkpointed"),
-        ("composition", not any(finite.values()), "at epsilon inf every composition gives inf"),
         *[(f"base_{f.name}", not uses_base, "the built-in base model is not used by this run")
           for f in dataclasses.fields(BaseModelArgs)],
     ]
@@ -3172,9 +2802,7 @@ def _parse_list(name: str, text: str, kind, example: str) -> list:
 
 def _nested(f: dataclasses.Field):
     """The default instance of a nested config field (e.g. `sft: SFTArgs`), else None."""
-    if f.default_factory is dataclasses.MISSING:
-        return None
-    value = f.default_factory()
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
     return value if dataclasses.is_dataclass(value) else None
 
 
@@ -3183,54 +2811,42 @@ def _add_dataclass_args(parser, config, prefix: str = ""):
     for f in dataclasses.fields(config):
         if _nested(f) is not None:
             _add_dataclass_args(parser, _nested(f), prefix + f.name + "_")
-            continue
-        if f.metadata.get("cli") is False:
-            continue
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        conv = (_parse_bool if "bool" in kind else _parse_float if "float" in kind else int if "int" in kind
-                else str)
-        default, choices = getattr(config, f.name), f.metadata.get("choices")
-        text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
-        parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, type=conv,
-                            default=None, help=text.replace("%", "%%"), required=f.metadata.get("required", False),
-                            metavar="{" + ",".join(choices) + "}" if choices else None,
-                            **({"nargs": "?", "const": True} if conv is _parse_bool else {}))
+        elif f.metadata.get("cli") is not False:
+            kind, default, choices = str(f.type), getattr(config, f.name), f.metadata.get("choices")
+            conv = _parse_bool if "bool" in kind else _parse_float if "float" in kind else int if "int" in kind else str
+            parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, type=conv,
+                                default=None, required=f.metadata.get("required", False),
+                                help=(f.metadata["help"] + ("" if default is None else f" (default: {default})"))
+                                .replace("%", "%%"), metavar="{" + ",".join(choices) + "}" if choices else None,
+                                **({"nargs": "?", "const": True} if conv is _parse_bool else {}))
 
 
 def _build_dataclass(config, ns, prefix: str = ""):
     """`config` (a default instance) with the fields the command line set."""
-    changes = {}
-    for f in dataclasses.fields(config):
-        if _nested(f) is not None:
-            changes[f.name] = _build_dataclass(getattr(config, f.name), ns, prefix + f.name + "_")
-        elif getattr(ns, prefix + f.name, None) is not None:
-            changes[f.name] = getattr(ns, prefix + f.name)
-    return dataclasses.replace(config, **changes)
+    return dataclasses.replace(config, **{
+        f.name: _build_dataclass(getattr(config, f.name), ns, prefix + f.name + "_") if _nested(f) is not None
+        else getattr(ns, prefix + f.name) for f in dataclasses.fields(config)
+        if _nested(f) is not None or getattr(ns, prefix + f.name, None) is not None})
 
 
 def config_of(args) -> dict:
-    """The run's settings as JSON would store them (inf as a float survives json with allow_nan)."""
+    """The run's settings as JSON stores them (inf survives as Infinity); not how a run is kept."""
     return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-            if k not in ("overwrite", "resume", "checkpoint_every", "dry_run", "given")}  # how a run is kept
+            if k not in ("overwrite", "resume", "checkpoint_every", "dry_run", "given")}
 
 
 def args_from_config(cls, config: dict):
     """The dataclass `cls` (nested ones too) from `config_of`'s dict: a checkpoint's settings."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in config:
-            nested = _nested(f)
-            kwargs[f.name] = args_from_config(type(nested), config[f.name]) if nested is not None else config[f.name]
-    return cls(**kwargs)
+    return cls(**{f.name: args_from_config(type(_nested(f)), config[f.name]) if _nested(f) is not None
+                  else config[f.name] for f in dataclasses.fields(cls) if f.name in config})
 
 
 def resume_args(cls, task: str, work: str):
     """The settings of the interrupted run in `work` (its checkpoint's), to continue it."""
-    work = work.rstrip("/")
-    path = os.path.join(work, "checkpoint", "meta.json")
+    path = os.path.join(work := work.rstrip("/"), "checkpoint", "meta.json")
     if not os.path.exists(path):
-        raise UserError(f"--resume {work} has no checkpoint ({path}); give the <out>.partial directory "
-                        "an interrupted run named")
+        raise UserError(f"--resume {work} has no checkpoint ({path}); give the <out>.partial directory an "
+                        "interrupted run named")
     with open(path) as f:
         config = json.load(f)["config"]
     if config.get("task") != task:
@@ -3263,7 +2879,8 @@ def cmd_privacy(args: PrivacyArgs):
                      f"q={args.sample_rate:g}, steps={args.steps}")
     if args.noise_multiplier is None:
         raise UserError("give --noise-multiplier (to get epsilon) or --epsilon (to get sigma)")
-    rdp = compute_rdp(q=args.sample_rate, noise_multiplier=args.noise_multiplier, steps=args.steps, orders=DEFAULT_ORDERS)
+    rdp = compute_rdp(q=args.sample_rate, noise_multiplier=args.noise_multiplier, steps=args.steps,
+                      orders=DEFAULT_ORDERS)
     eps, order = get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=args.delta)
     print(f"epsilon={eps:.4f} (order {order:g}) for sigma={args.noise_multiplier:g}, q={args.sample_rate:g}, "
           f"steps={args.steps}, delta={args.delta:g}")
@@ -3288,13 +2905,10 @@ def cmd_run(command: str, ns):
     args = dataclasses.replace(_build_dataclass(cls(), ns), given=tuple(sorted(given)))
     epsilons = _parse_list("sweep", ns.sweep, float, "epsilons like 1,2,4,8,inf") if ns.sweep else None
     seeds = _parse_list("seeds", ns.seeds, int, "seeds like 0,1,2") if ns.seeds else [args.seed]
-    for name, values in (("sweep", epsilons or []), ("seeds", seeds)):
-        if len(set(values)) < len(values):
-            raise UserError(f"--{name} {getattr(ns, name)} is not allowed: a value twice would count one run twice "
-                            "in the confidence interval")
-        if not all(v > 0 if name == "sweep" else v >= 0 for v in values):
-            raise UserError(f"--{name} {getattr(ns, name)} is not allowed; each must be "
-                            f"{'> 0 (or inf)' if name == 'sweep' else '>= 0'}")
+    for name, values, ok in (("sweep", epsilons or [], lambda v: v > 0), ("seeds", seeds, lambda v: v >= 0)):
+        if len(set(values)) < len(values) or not all(map(ok, values)):
+            raise UserError(f"--{name} {getattr(ns, name)} is not allowed: each value once (a run twice would count "
+                            f"twice in the confidence interval), and {'> 0 or inf' if name == 'sweep' else '>= 0'}")
     validate(args, epsilons)
     refuse_ignored_flags(args, given, command, epsilons)
     if ns.sweep is None and ns.seeds is None:
@@ -3316,30 +2930,27 @@ def main(argv=None):
     p.add_argument("--epsilon", type=_parse_float, default=math.inf, help=argparse.SUPPRESS)
     _add_dataclass_args(sub.add_parser("probe", help=ProbeArgs.__doc__.split(": ", 1)[1]), ProbeArgs())
     for name, cls in (("sentiment", SentimentArgs), ("rlhf", RLHFArgs), ("audit", AuditArgs)):
-        p = sub.add_parser(name, help=cls.__doc__.split(": ", 1)[1].splitlines()[0])
-        _add_dataclass_args(p, cls())
+        _add_dataclass_args(p := sub.add_parser(name, help=cls.__doc__.split(": ", 1)[1]), cls())
         if name != "audit":
-            p.add_argument("--batch-size", type=int, help="expected batch size of every stage (overrides the stage "
-                           "defaults)")
-            p.add_argument("--preset", choices=["paper", "smoke"], help="'paper': App. B hyper-parameters for GPT-2 "
-                           "runs on a GPU; 'smoke': tiny everything, a 40-second check that it runs (flags you give win)")
+            p.add_argument("--batch-size", type=int, help="expected batch size of every stage (a stage's own wins)")
+            p.add_argument("--preset", choices=["paper", "smoke"], help="'paper': App. B hyper-parameters for "
+                           "GPT-2 on a GPU; 'smoke': tiny everything, a 40-second check that it runs (given flags win)")
             p.add_argument("--plot", action="store_true", help="with --sweep: also draw plot.png (needs matplotlib)")
-        p.add_argument("--sweep", help="comma-separated epsilons (e.g. 1,2,4,8,inf): run once per epsilon (and seed) "
-                       "and print a table like the paper's; --out is the sweep's directory")
-        p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): repeat the sweep per seed; cells are "
-                       "means with 95 %% confidence intervals")
+        p.add_argument("--sweep", help="comma-separated epsilons (e.g. 1,2,4,8,inf): a run per epsilon (and seed) "
+                       "and a table like the paper's; --out is the sweep's directory")
+        p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): the sweep per seed; cells are means "
+                       "with 95 %% confidence intervals")
     ns = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        if ns.command in ("privacy", "bench", "probe"):
-            cls = {"privacy": PrivacyArgs, "bench": BenchArgs, "probe": ProbeArgs}[ns.command]
-            args = _build_dataclass(cls(), ns)
-            check_config(args)
-            if ns.command == "bench":
-                vars(ns).update(dataclasses.asdict(args))
-            return {"privacy": cmd_privacy, "bench": lambda a: cmd_bench(ns), "probe": cmd_probe}[ns.command](args)
-        return cmd_run(ns.command, ns)
+        if ns.command not in ("privacy", "bench", "probe"):
+            return cmd_run(ns.command, ns)
+        check_config(args := _build_dataclass({"privacy": PrivacyArgs, "bench": BenchArgs, "probe": ProbeArgs}[
+            ns.command](), ns))
+        if ns.command == "bench":
+            return cmd_bench(argparse.Namespace(**{**vars(ns), **dataclasses.asdict(args)}))
+        return (cmd_privacy if ns.command == "privacy" else cmd_probe)(args)
     except UserError as e:  # only these: any other exception is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

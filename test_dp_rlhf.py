@@ -1,6 +1,7 @@
 """Tests for dp_rlhf.py. Each privacy property is checked against something independent of the
 code under test: published values, brute force, a per-example loop, hand computation."""
 
+import ast
 import dataclasses
 import json
 import math
@@ -16,7 +17,7 @@ import torch
 import dp_rlhf as d
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-O = d.DEFAULT_ORDERS
+ORDERS = d.DEFAULT_ORDERS
 TINY_BASE = ["--base-n-layer", "2", "--base-n-embd", "64", "--base-n-head", "2", "--base-vocab-size", "400",
              "--base-corpus-size", "600", "--base-steps", "150", "--base-batch-size", "16", "--base-seq-len", "64"]
 TINY_BASE_ARGS = d.BaseModelArgs(n_layer=2, n_embd=64, n_head=2, vocab_size=400, corpus_size=600, steps=150,
@@ -75,14 +76,19 @@ def tiny():
     return d.load_lm(path, "cpu")
 
 
+def lora_parameters(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
 def eps_of(q, sigma, steps, delta):
-    return d.get_privacy_spent(orders=O, rdp=d.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=O),
-                               delta=delta)
+    rdp = d.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=ORDERS)
+    return d.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
 
 
 # ------------------------------------------------------------------------------------ accountant
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("q,sigma,steps,delta,eps,order", [
     (0.04, 1.5, 2250, 1e-5, 7.329, None),             # Opacus README / tests
     (150 / 60000, 1.3, 15 * 400, 1e-5, 0.724, 19),     # TF-Privacy MNIST tutorial
@@ -102,6 +108,7 @@ def _brute_force_rdp(q, sigma, alpha):
     return math.log(a) / (alpha - 1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("q,sigma", [(0.01, 1.0), (0.1, 0.8), (0.5, 2.0), (0.003, 0.6)])
 def test_integer_orders_match_brute_force(q, sigma):
     for alpha in (2, 3, 5, 8, 12, 20):
@@ -129,6 +136,7 @@ def test_fractional_orders_bound_the_exact_integral(q, sigma, alpha):
     assert ours <= exact * 1.1
 
 
+@pytest.mark.unit
 def test_rdp_edge_cases():
     orders = np.array([1.5, 2.0, 10.0])
     assert np.all(d.compute_rdp(q=0.0, noise_multiplier=1.0, steps=10, orders=orders) == 0)
@@ -141,6 +149,7 @@ def test_rdp_edge_cases():
             d.compute_rdp(orders=orders, **bad)
 
 
+@pytest.mark.unit
 def test_epsilon_monotone():
     base = eps_of(0.01, 1.0, 1000, 1e-5)[0]
     assert eps_of(0.01, 1.0, 2000, 1e-5)[0] > base
@@ -152,7 +161,8 @@ def test_noise_multiplier_never_overshoots():
     rng = random.Random(0)
     for _ in range(25):
         target = rng.choice([0.5, 1, 2, 4, 8, 16])
-        q, steps, delta = rng.choice([1e-3, 0.01, 0.05, 0.3, 1.0]), rng.choice([1, 10, 300, 3000]), rng.choice([1e-5, 1e-6])
+        q, steps = rng.choice([1e-3, 0.01, 0.05, 0.3, 1.0]), rng.choice([1, 10, 300, 3000])
+        delta = rng.choice([1e-5, 1e-6])
         sigma = d.get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps)
         eps = eps_of(q, sigma, steps, delta)[0]
         assert eps <= target, (target, q, steps, sigma, eps)
@@ -160,6 +170,7 @@ def test_noise_multiplier_never_overshoots():
     assert d.get_noise_multiplier(target_epsilon=math.inf, target_delta=1e-5, sample_rate=0.1, steps=10) == 0.0
 
 
+@pytest.mark.unit
 def test_moments_accountant_matches_compute_rdp_and_round_trips():
     acc = d.MomentsAccountant()
     for _ in range(100):
@@ -168,9 +179,9 @@ def test_moments_accountant_matches_compute_rdp_and_round_trips():
     for _ in range(10):
         acc.step(noise_multiplier=1.1, sample_rate=0.01)
     assert acc.history == [[1.1, 0.01, 100], [0.8, 0.02, 50], [1.1, 0.01, 10]]  # run-length encoded
-    rdp = (d.compute_rdp(q=0.01, noise_multiplier=1.1, steps=110, orders=O)
-           + d.compute_rdp(q=0.02, noise_multiplier=0.8, steps=50, orders=O))
-    assert acc.get_epsilon(1e-5) == pytest.approx(d.get_privacy_spent(orders=O, rdp=rdp, delta=1e-5)[0], rel=1e-12)
+    rdp = (d.compute_rdp(q=0.01, noise_multiplier=1.1, steps=110, orders=ORDERS)
+           + d.compute_rdp(q=0.02, noise_multiplier=0.8, steps=50, orders=ORDERS))
+    assert acc.get_epsilon(1e-5) == pytest.approx(d.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=1e-5)[0], rel=1e-12)
     other = d.MomentsAccountant()
     other.load_state_dict(json.loads(json.dumps(acc.state_dict())))
     assert other.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
@@ -189,7 +200,7 @@ def _batch(tok, texts, max_prompt=0):
 def test_per_sample_grads_match_per_example_loop_with_left_padding(tiny):
     lm, tok = tiny
     model = d.CausalLM(d.add_lora(__import__("copy").deepcopy(lm)))
-    for p in d.lora_parameters(model).values():  # make B non-zero so every LoRA weight has a gradient
+    for p in lora_parameters(model).values():  # make B non-zero so every LoRA weight has a gradient
         torch.nn.init.normal_(p, std=0.05)
     ids, mask, loss_mask = _batch(tok, ["the film was great .", "i hated the plot and the long ending of it .",
                                         "ok ."])
@@ -221,7 +232,7 @@ def test_per_sample_grad_unchanged_when_another_sample_changes(tiny):
     """No padding leak, no batch statistic: sample 0's gradient ignores the rest of the batch."""
     lm, tok = tiny
     model = d.CausalLM(d.add_lora(__import__("copy").deepcopy(lm)))
-    for p in d.lora_parameters(model).values():
+    for p in lora_parameters(model).values():
         torch.nn.init.normal_(p, std=0.05)
     params = {k: v.detach() for k, v in d.trainable(model).items()}
     a = _batch(tok, ["the film was great .", "the plot ."])
@@ -233,6 +244,7 @@ def test_per_sample_grad_unchanged_when_another_sample_changes(tiny):
         torch.testing.assert_close(ga[k][0], gb[k][0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.unit
 def test_privatize_without_noise_is_the_clipped_sum():
     g = {"a": torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]]), "b": torch.tensor([[[0.0]], [[0.0]], [[1.0]]])}
     out = d.privatize(g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=10.0)
@@ -242,6 +254,7 @@ def test_privatize_without_noise_is_the_clipped_sum():
     torch.testing.assert_close(out["b"], torch.tensor([[f3]]) / 10)
 
 
+@pytest.mark.unit
 def test_clipped_norms_at_most_c_and_divisor_is_expected_batch():
     torch.manual_seed(0)
     g = {"w": torch.randn(16, 5) * 10, "v": torch.randn(16, 3)}
@@ -254,6 +267,7 @@ def test_clipped_norms_at_most_c_and_divisor_is_expected_batch():
     torch.testing.assert_close(a["w"], 2 * b["w"])  # scales with 1 / expected size, whatever B is
 
 
+@pytest.mark.unit
 def test_noise_std_is_sigma_c_over_expected_batch():
     gen = torch.Generator().manual_seed(0)
     g = {"w": torch.zeros(3, 200_000)}
@@ -262,6 +276,7 @@ def test_noise_std_is_sigma_c_over_expected_batch():
     assert out.std().item() == pytest.approx(1.5 * 2.0 / 10.0, rel=0.01)
 
 
+@pytest.mark.unit
 def test_empty_batch_gives_noise_only():
     gen = torch.Generator().manual_seed(0)
     out = d.privatize({"w": torch.zeros(0, 50_000)}, max_grad_norm=1.0, noise_multiplier=1.0,
@@ -270,6 +285,7 @@ def test_empty_batch_gives_noise_only():
     assert out.std().item() == pytest.approx(0.2, rel=0.02)
 
 
+@pytest.mark.unit
 def test_accountant_is_pluggable(monkeypatch):
     """Calibration and composition go through ACCOUNTANT: an accountant that charges twice the
     RDP epsilon needs the sigma RDP needs for half the target, and doubles a sequential ledger."""
@@ -286,6 +302,7 @@ def test_accountant_is_pluggable(monkeypatch):
     assert d.compose_ledger(stages, 1e-5, "sequential") == pytest.approx(2 * rdp_total)
 
 
+@pytest.mark.unit
 def test_poisson_sampling_rate():
     gen = torch.Generator().manual_seed(0)
     sizes = [len(d.poisson_sample(1000, 0.05, gen)) for _ in range(400)]
@@ -303,10 +320,10 @@ def test_lora_init_identity_trainable_merge_and_off(tiny):
     ids, mask, _ = _batch(tok, ["the film was great .", "i hated it ."])
     base_logits = d.CausalLM(lm)(ids, mask)
     model = d.add_lora(copy.deepcopy(lm))
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(d.lora_parameters(model))
-    assert len(d.lora_parameters(model)) == 4 * lm.config.n_layer
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_parameters(model))
+    assert len(lora_parameters(model)) == 4 * lm.config.n_layer
     torch.testing.assert_close(d.CausalLM(model)(ids, mask), base_logits)
-    for p in d.lora_parameters(model).values():
+    for p in lora_parameters(model).values():
         torch.nn.init.normal_(p, std=0.1)
     lora_logits = d.CausalLM(model)(ids, mask)
     assert (lora_logits - base_logits).abs().max() > 1e-3
@@ -314,7 +331,7 @@ def test_lora_init_identity_trainable_merge_and_off(tiny):
         torch.testing.assert_close(d.CausalLM(model)(ids, mask), base_logits)
     k_before = lm.transformer.h[0].attn.c_attn.weight[:, lm.config.n_embd:2 * lm.config.n_embd].clone()
     d.merge_lora(model)
-    assert not d.lora_parameters(model)
+    assert not lora_parameters(model)
     torch.testing.assert_close(d.CausalLM(model)(ids, mask), lora_logits, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight[:, lm.config.n_embd:2 * lm.config.n_embd],
                                k_before)  # the key third is untouched
@@ -359,6 +376,7 @@ def _gae_loop(rewards, values, gamma, lam):
     return adv
 
 
+@pytest.mark.unit
 def test_gae_matches_plain_loop():
     torch.manual_seed(0)
     r, v = torch.randn(3, 9), torch.randn(3, 9)
@@ -373,6 +391,7 @@ def test_gae_matches_plain_loop():
         assert (adv[i][m[i] == 0] == 0).all()
 
 
+@pytest.mark.unit
 def test_ppo_loss_on_hand_computed_values():
     class Fixed(torch.nn.Module):  # logits/values as parameters, so the loss is a plain function of them
         def __init__(self):
@@ -397,6 +416,7 @@ def test_ppo_loss_on_hand_computed_values():
     assert loss.item() == pytest.approx(-0.1 + 0.1 * 1.25)
 
 
+@pytest.mark.unit
 def test_kl_rewards_eq2():
     lp, ref = torch.tensor([[0.0, -1.0, -2.0, 0.0]]), torch.tensor([[0.0, -1.5, -1.0, 0.0]])
     act = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
@@ -409,7 +429,7 @@ def test_reference_equals_sft_model_at_ppo_init(tiny):
     import copy
     lm, tok = tiny
     sft = d.add_lora(copy.deepcopy(lm))
-    for p in d.lora_parameters(sft).values():
+    for p in lora_parameters(sft).values():
         torch.nn.init.normal_(p, std=0.1)
     d.merge_lora(sft)
     policy = d.ActorCritic(d.add_lora(copy.deepcopy(sft)))
@@ -437,7 +457,7 @@ def test_ppo_loss_on_the_response_columns_equals_the_full_loss(tiny):
     import copy
     lm, tok = tiny
     policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
-    for p in d.lora_parameters(policy).values():
+    for p in lora_parameters(policy).values():
         torch.nn.init.normal_(p, std=0.05)
     ids, mask, act, lp, v, adv, ret = _ppo_batch(policy, tok, ["the film was", "a"], [5, 3], seed=0)
     start = int(act.sum(0).nonzero().min())  # the first column that holds a response token
@@ -452,6 +472,7 @@ def test_ppo_loss_on_the_response_columns_equals_the_full_loss(tiny):
         torch.testing.assert_close(cut[k], full[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.unit
 def test_sample_categorical_draws_the_given_distribution():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(100_000, 1)
     draws = d.sample_categorical(probs, torch.Generator().manual_seed(0)).view(-1, 2)
@@ -464,7 +485,8 @@ def test_fused_gelu_gives_gpt2s_logits(tmp_path):
     """load_lm swaps GPT-2's gelu_new for the same function as one fused kernel (speed only)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    ref = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=1024, activation_function="gelu_new")).eval()
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=1024, activation_function="gelu_new")
+    ref = GPT2LMHeadModel(config).eval()
     ref.save_pretrained(tmp_path)
     d.load_lm("builtin", "cpu", TINY_BASE_ARGS)[1].save_pretrained(tmp_path)
     lm, _ = d.load_lm(str(tmp_path), "cpu")
@@ -511,7 +533,7 @@ def test_ppo_per_trajectory_gradient_ignores_the_rest_of_the_batch(tiny):
     import copy
     lm, tok = tiny
     policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
-    for p in d.lora_parameters(policy).values():
+    for p in lora_parameters(policy).values():
         torch.nn.init.normal_(p, std=0.05)
     torch.nn.init.normal_(policy.value_head.weight, std=0.1)
     a = _ppo_batch(policy, tok, ["the film was", "ok"], [5, 5], seed=0)
@@ -558,8 +580,10 @@ def test_cli_privacy_prints_golden_epsilon():
 
 @pytest.mark.parametrize("bad,word", [
     (["--epsilon", "0"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"), (["--delta", "1.5"], "--delta"),
-    (["--delta", "0"], "--delta"), (["--sample-rate", "0"], "--sample-rate"), (["--sample-rate", "1.2"], "--sample-rate"),
-    (["--steps", "-3"], "--steps"), (["--steps", "0"], "--steps"), (["--noise-multiplier", "-0.5"], "--noise-multiplier"),
+    (["--delta", "0"], "--delta"),
+    (["--sample-rate", "0"], "--sample-rate"), (["--sample-rate", "1.2"], "--sample-rate"),
+    (["--steps", "-3"], "--steps"),
+    (["--steps", "0"], "--steps"), (["--noise-multiplier", "-0.5"], "--noise-multiplier"),
     (["--noise-multiplier", "nan"], "--noise-multiplier"), (["--sample-rate", "nan"], "--sample-rate"),
     (["--epsilon", "0.005"], "0.005"),  # below what the conversion's delta term allows: says so at once
 ])
@@ -574,7 +598,8 @@ def test_cli_privacy_bad_values(bad, word, capsys):
     assert len(lines) == 1 and word in lines[0] and "allowed" in lines[0], err
 
 
-TINY_SENTIMENT = ["--num-sft", "200", "--num-ppo", "200", "--num-test", "16", "--sft-steps", "3", "--sft-batch-size", "20",
+TINY_SENTIMENT = ["--num-sft", "200", "--num-ppo", "200", "--num-test", "16",
+                  "--sft-steps", "3", "--sft-batch-size", "20",
                   "--ppo-steps", "2", "--ppo-batch-size", "16", "--ppo-minibatches", "2", *TINY_BASE]
 TINY_REAL = TINY_SENTIMENT[6:]  # without the built-in task's sizes, which real data refuses
 
@@ -674,13 +699,16 @@ def test_sentiment_real_loading_path(tmp_path, tiny):
     # a local file has no public test split: a keyed hash sends about 10 % of it to the test set
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     d1, d3, held = d.hash_split(rows, lambda r: r["text"], [0.45, 0.45, 0.1], seed=0)
-    assert s["stages"]["sft"]["num_private_examples"] == len(d1) and s["stages"]["ppo"]["num_private_examples"] == len(d3)
+    stages = s["stages"]
+    assert stages["sft"]["num_private_examples"] == len(d1) and stages["ppo"]["num_private_examples"] == len(d3)
     assert s["data"]["public_test"] is False and s["data"]["sizes"]["test"] == len(held) > 0
 
 
 @pytest.mark.parametrize("bad,word", [
-    (["--epsilon", "-2"], "--epsilon"), (["--delta", "2"], "--delta"), (["--model", "/nonexistent/dir"], "/nonexistent/dir"),
-    (["--dataset", "/tmp/nope.jsonl"], "nope.jsonl"), (["--ppo-whiten", "batch"], "whiten"), (["--ppo-lr-schedule", "cosine"], "cosine"),
+    (["--epsilon", "-2"], "--epsilon"),
+    (["--delta", "2"], "--delta"), (["--model", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--dataset", "/tmp/nope.jsonl"], "nope.jsonl"),
+    (["--ppo-whiten", "batch"], "whiten"), (["--ppo-lr-schedule", "cosine"], "cosine"),
     (["--ppo-epochs", "4"], "--ppo-epochs"), (["--sft-lr", "-1"], "--sft-lr"),
     (["--ppo-minibatches", "0"], "--ppo-minibatches"), (["--ppo-kl-coef", "-1"], "--ppo-kl-coef"),
     (["--seed", "-1"], "--seed"), (["--device", "tpu"], "--device tpu"),
@@ -744,7 +772,8 @@ def test_bad_model_directories_one_line(tmp_path, tiny, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(small)
     tok.save_pretrained(small)
     for model, word in ((no_tok, "tokenizer"), (small, "100 token embeddings")):
-        code, err = run_main(capsys, "sentiment", "--model", str(model), "--out", str(tmp_path / "run"), *TINY_SENTIMENT)
+        code, err = run_main(capsys, "sentiment", "--model", str(model), "--out", str(tmp_path / "run"),
+                             *TINY_SENTIMENT)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and word in lines[0] and str(model) in lines[0], err[-2000:]
 
@@ -805,6 +834,7 @@ def test_cached_sampling_matches_full_forward(tiny):
 # ------------------------------------------------------------------------------------ RLHF
 
 
+@pytest.mark.unit
 def test_rouge_worked_example():
     # By hand: unigram overlap 6 (the x2, quick, brown, dog, jumps) of 8 predicted / 9 reference;
     # bigram overlap 2 (the quick, quick brown) of 7 / 8; LCS "the quick brown jumps the" = 5.
@@ -816,6 +846,7 @@ def test_rouge_worked_example():
     assert d.rouge("", "a b")["rouge1"] == 0.0 and d.rouge("a b", "a b")["rougeL"] == 1.0
 
 
+@pytest.mark.unit
 def test_reward_loss_by_hand():
     class Fixed(torch.nn.Module):
         def __init__(self):
@@ -825,7 +856,8 @@ def test_reward_loss_by_hand():
         def forward(self, ids, mask, response_mask):
             return self.r
     rm = Fixed()
-    loss, correct = d.reward_loss(rm)(dict(rm.named_parameters()), torch.zeros(2, 3), torch.ones(2, 3), torch.ones(2, 3))
+    ones = torch.ones(2, 3)
+    loss, correct = d.reward_loss(rm)(dict(rm.named_parameters()), torch.zeros(2, 3), ones, ones)
     assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)))  # -log sigma(1.5 - (-0.5))
     assert correct.item() == 1.0
 
@@ -834,7 +866,7 @@ def test_one_comparison_is_one_per_sample_gradient(tiny):
     import copy
     lm, tok = tiny
     rm = d.RewardModel(d.add_lora(copy.deepcopy(lm)))
-    for p in d.lora_parameters(rm).values():
+    for p in lora_parameters(rm).values():
         torch.nn.init.normal_(p, std=0.05)
     params = {k: v.detach() for k, v in d.trainable(rm).items()}
     assert "score.weight" in params
@@ -842,7 +874,8 @@ def test_one_comparison_is_one_per_sample_gradient(tiny):
                                             max_prompt=32, max_completion=16)
     a = enc([("post : my dog ran away tl;dr :", " my dog ran away", " cats"), ("post : hi tl;dr :", " hi", " no")])
     b = enc([("post : my dog ran away tl;dr :", " my dog ran away", " cats"),
-             ("post : a much longer post about my sister and her car tl;dr :", " my sister took the car and i am sad .", " ok")])
+             ("post : a much longer post about my sister and her car tl;dr :",
+               " my sister took the car and i am sad .", " ok")])
     assert a[0].shape != b[0].shape
     ga = d.per_sample_grads(d.reward_loss(rm), params, *a, has_aux=True)[0]
     gb = d.per_sample_grads(d.reward_loss(rm), params, *b, has_aux=True)[0]
@@ -873,12 +906,12 @@ def test_ledger_parallel_and_sequential_against_hand_composition():
         s["epsilon"] = eps_of(s["sample_rate"], s["noise_multiplier"], s["steps"], 1e-5)[0]
     assert d.compose_ledger(stages, 1e-5, "parallel") == max(s["epsilon"] for s in stages.values())
     # Sequential, by hand: add the three RDP curves order by order, then convert once.
-    rdp = np.zeros(len(O))
+    rdp = np.zeros(len(ORDERS))
     for s in stages.values():
-        for i, a in enumerate(O):
+        for i, a in enumerate(ORDERS):
             rdp[i] += s["steps"] * d.compute_rdp(q=s["sample_rate"], noise_multiplier=s["noise_multiplier"], steps=1,
                                                  orders=[a])[0]
-    eps = min(r + math.log1p(-1 / a) - (math.log(1e-5) + math.log(a)) / (a - 1) for a, r in zip(O, rdp))
+    eps = min(r + math.log1p(-1 / a) - (math.log(1e-5) + math.log(a)) / (a - 1) for a, r in zip(ORDERS, rdp))
     seq = d.compose_ledger(stages, 1e-5, "sequential")
     assert seq == pytest.approx(eps, rel=1e-9)
     assert max(s["epsilon"] for s in stages.values()) < seq < sum(s["epsilon"] for s in stages.values())
@@ -891,7 +924,8 @@ TINY_RLHF = ["--num-sft", "120", "--num-comparisons", "120", "--num-ppo", "120",
 
 def test_rlhf_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("rlhf", "--out", str(out), "--epsilon", "2", "--rm-epsilon", "1", "--composition", "sequential", *TINY_RLHF)
+    r = run_cli("rlhf", "--out", str(out), "--epsilon", "2", "--rm-epsilon", "1", "--composition", "sequential",
+                *TINY_RLHF)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["task"] == "rlhf" and s["composition"] == "sequential" and set(s["stages"]) == {"sft", "rm", "ppo"}
@@ -916,7 +950,7 @@ def test_saved_reward_model_scores_like_ours(tmp_path, tiny, head):
     from transformers import AutoModelForSequenceClassification
     lm, tok = tiny
     rm = d.RewardModel(d.add_lora(copy.deepcopy(lm)), head=head).eval()
-    for p in d.lora_parameters(rm).values():
+    for p in lora_parameters(rm).values():
         torch.nn.init.normal_(p, std=0.05)
     d.save_reward_model(rm, tok, str(tmp_path / "rm"))
     prompts, summaries = ["post : my dog ran away tl;dr :", "post : hi tl;dr :"], [" my dog ran", " hi there"]
@@ -971,13 +1005,15 @@ def test_sweep_prints_the_table_with_seeds_and_confidence_intervals(tmp_path):
     mean, ci = d.mean_ci([x["eval"]["aligned"]["reward"] for x in runs])
     assert f"{mean:+.3f} ± {ci:.3f}" in table
     csv = (out / "results.csv").read_text().splitlines()
-    assert csv[0] == "metric,model,epsilon,seed,value" and f"reward,aligned,2,1,{runs[1]['eval']['aligned']['reward']}" in csv
+    assert csv[0] == "metric,model,epsilon,seed,value"
+    assert f"reward,aligned,2,1,{runs[1]['eval']['aligned']['reward']}" in csv
     again = run_cli("sentiment", "--out", str(out), "--sweep", "2,inf", "--seeds", "0,1", *TINY_SENTIMENT)
     assert again.returncode == 0 and again.stderr.count("reusing") == 4 and (out / "table.md").read_text() == table
     r = run_cli("sentiment", "--out", str(out), "--sweep", "2,abc", *TINY_SENTIMENT)
     assert r.returncode != 0 and "--sweep" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.unit
 def test_mean_ci_and_recovered_by_hand():
     mean, ci = d.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2 dof) = 4.303
     assert mean == 2.0 and ci == pytest.approx(4.303 / math.sqrt(3))
@@ -1017,9 +1053,11 @@ def test_private_generator_is_not_the_seed():
 
 
 def test_nonfinite_per_sample_gradient_counts_as_zero():
-    g = {"w": torch.tensor([[3.0, 4.0], [float("nan"), 1.0], [0.3, 0.4]]), "b": torch.tensor([[1.0], [2.0], [float("inf")]])}
+    g = {"w": torch.tensor([[3.0, 4.0], [float("nan"), 1.0], [0.3, 0.4]]),
+         "b": torch.tensor([[1.0], [2.0], [float("inf")]])}
     out = d.privatize(g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4.0)
-    ref = d.privatize({k: v[:1] for k, v in g.items()}, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4.0)
+    ref = d.privatize({k: v[:1] for k, v in g.items()}, max_grad_norm=1.0, noise_multiplier=0.0,
+                      expected_batch_size=4.0)
     for k in g:  # rows 1 and 2 are dropped to zero; row 0 alone remains
         torch.testing.assert_close(out[k], ref[k])
     assert d.finite_rows(g).tolist() == [True, False, False]
@@ -1043,7 +1081,7 @@ def test_nonfinite_gradients_are_logged_and_training_goes_on(tiny):
                d.plan_stage(args, 40, 4.0, 1e-3), args, generator=torch.Generator().manual_seed(0),
                hooks=d.RunHooks(log=rows.append))
     assert rows[-1]["sft/nonfinite_grads"] > 0
-    assert all(torch.isfinite(p).all() for p in d.lora_parameters(model).values())
+    assert all(torch.isfinite(p).all() for p in lora_parameters(model).values())
 
 
 def test_dpppo_takes_noise_only_steps_on_an_empty_batch(tiny):
@@ -1163,7 +1201,8 @@ def _by_unit(inputs: dict) -> dict:
     out = {}
     for stage, lines in inputs.items():
         for x in lines:
-            out.setdefault(x["key"], []).append((stage, json.dumps(x["input"], sort_keys=True), json.dumps(x["tokens"])))
+            out.setdefault(x["key"], []).append((stage, json.dumps(x["input"], sort_keys=True),
+                                                 json.dumps(x["tokens"])))
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -1218,7 +1257,8 @@ def test_sentiment_inputs_move_only_for_the_added_or_removed_record(tiny, tmp_pa
         load = lambda rs: d.split_sentiment(rs, public, args)[0]
     else:
         ids = (lambda i: f"{i % 60:03d}") if fmt == "csv" else (lambda i: i % 60)  # "007" must stay "007"
-        records = [{"text": r["text"], **({"user": ids(i)} if users else {})} for i, r in enumerate(d.make_reviews(300, 5))]
+        reviews = d.make_reviews(300, 5)
+        records = [{"text": r["text"], **({"user": ids(i)} if users else {})} for i, r in enumerate(reviews)]
         write = _writer(tmp_path, fmt)
         args = dataclasses.replace(args, dataset="reviews", user_column="user" if users else None)
         load = lambda rs: d.sentiment_data(dataclasses.replace(args, dataset=write("reviews", rs)))[0]
@@ -1297,7 +1337,8 @@ def test_stages_train_on_exactly_the_dry_runs_inputs(tmp_path, capsys, monkeypat
     what evaluation encodes for the test prompts): every `encode` call of a real run is recorded."""
     flags = ["rlhf", *TINY_RLHF, "--reproducible-noise"]
     assert run_main(capsys, *flags, "--out", str(tmp_path / "plan"), "--dry-run")[0] in (0, None)
-    inputs = {s: [json.loads(x)["tokens"] for x in (tmp_path / "plan" / "inputs" / f"{s}.jsonl").read_text().splitlines()]
+    folder = tmp_path / "plan" / "inputs"
+    inputs = {s: [json.loads(x)["tokens"] for x in (folder / f"{s}.jsonl").read_text().splitlines()]
               for s in ("sft", "rm", "ppo", "test")}
     calls, encode = [], d.encode
 
@@ -1334,16 +1375,21 @@ TINY_SMOKE = ["--num-sft", "200", "--num-ppo", "200", "--num-test", "16", "--sft
     (["rlhf", "--comparisons", "cmp.jsonl"], "--comparisons"),  # the built-in task would never read it
     (["sentiment", "--num-sft", "0"], "--num-sft 0"), (["sentiment", "--num-test", "0"], "--num-test 0"),
     (["sentiment", "--sweep", "4", "--seeds", "0,0"], "--seeds 0,0"), (["sentiment", "--sweep", "4,4"], "--sweep 4,4"),
-    (["sentiment", "--reward-label", "positive"], "--reward-label"), (["sentiment", "--user-column", "u"], "--user-column"),
+    (["sentiment", "--reward-label", "positive"], "--reward-label"),
+    (["sentiment", "--user-column", "u"], "--user-column"),
     (["sentiment", "--sft-steps", "2", "--sft-epochs", "3"], "--sft-epochs"), (["sentiment", "--plot"], "--plot"),
-    (["sentiment", "--dry-run", "--sweep", "4,inf"], "--dry-run"), (["sentiment", "--test-fraction", "0.2"], "--test-fraction"),
+    (["sentiment", "--dry-run", "--sweep", "4,inf"], "--dry-run"),
+    (["sentiment", "--test-fraction", "0.2"], "--test-fraction"),
     (["sentiment", "--epsilon", "inf", "--delta", "1e-6"], "--delta"),
     (["sentiment", "--epsilon", "inf", "--ppo-max-grad-norm", "2"], "--ppo-max-grad-norm"),
-    (["sentiment", "--sweep", "2,4", "--epsilon", "3"], "--epsilon"), (["sentiment", "--seeds", "1,2", "--seed", "3"], "--seed"),
+    (["sentiment", "--sweep", "2,4", "--epsilon", "3"], "--epsilon"),
+    (["sentiment", "--seeds", "1,2", "--seed", "3"], "--seed"),
     (["sentiment", "--dataset", "x.jsonl", "--num-sft", "100"], "--num-sft"),
     (["sentiment", "--dataset", "x.jsonl", "--num-test", "100"], "--num-test"),
-    (["sentiment", "--ppo-chunk-size", "-1"], "--ppo-chunk-size -1"), (["sentiment", "--prompt-min", "0"], "--prompt-min 0"),
-    (["sentiment", "--checkpoint-every", "-1"], "--checkpoint-every"), (["rlhf", "--rm-lora-rank", "-1"], "--rm-lora-rank"),
+    (["sentiment", "--ppo-chunk-size", "-1"], "--ppo-chunk-size -1"),
+    (["sentiment", "--prompt-min", "0"], "--prompt-min 0"),
+    (["sentiment", "--checkpoint-every", "-1"], "--checkpoint-every"),
+    (["rlhf", "--rm-lora-rank", "-1"], "--rm-lora-rank"),
     (["sentiment", "--base-n-embd", "65", "--base-n-head", "2"], "--base-n-embd 65"),
     (["sentiment", "--resume", "somewhere.partial", "--sft-lr", "1"], "--sft-lr"),
     (["audit", "--checkpoint-every", "5"], "--checkpoint-every"), (["rlhf", "--rm-head", "mean"], "--rm-head 'mean'"),
@@ -1373,7 +1419,8 @@ def test_dry_run_plans_what_the_run_then_does(tmp_path, capsys):
     assert not (tmp_path / "plan" / "policy").exists() and not (tmp_path / "plan" / "summary.json").exists()
     lines = {s: [json.loads(x) for x in (tmp_path / "plan" / "inputs" / f"{s}.jsonl").read_text().splitlines()]
              for s in ("sft", "rm", "ppo", "test", "rm_test")}
-    assert {len(lines[s]) for s in ("sft", "rm", "ppo")} and all(set(x) == {"key", "input", "tokens"} for x in lines["rm"])
+    assert {len(lines[s]) for s in ("sft", "rm", "ppo")}
+    assert all(set(x) == {"key", "input", "tokens"} for x in lines["rm"])
     assert set(lines["rm"][0]["input"]) == {"prompt", "chosen", "rejected"} and len(lines["rm"][0]["tokens"]) == 2
     assert not {x["key"] for x in lines["sft"]} & {x["key"] for x in lines["ppo"]} & {x["key"] for x in lines["rm"]}
     r = run_cli(*flags, "--out", str(tmp_path / "run"))
@@ -1389,6 +1436,7 @@ def test_dry_run_plans_what_the_run_then_does(tmp_path, capsys):
 # ------------------------------------------------------------------------------------ audit
 
 
+@pytest.mark.unit
 def test_audit_bound_worked_examples():
     # delta = 0, every one of r = 100 guesses right: reject epsilon while p^100 < 0.05, where
     # p = e^eps / (1 + e^eps); so the bound is log(p / (1 - p)) at p = 0.05^(1/100).
@@ -1398,7 +1446,8 @@ def test_audit_bound_worked_examples():
     # P[2 > Bin >= 2 - i] / i is max(2p(1-p), (1 - p^2) / 2).
     eps, m, delta = 1.0, 50, 1e-3
     p = math.exp(eps) / (1 + math.exp(eps))
-    assert d.audit_p_value(m, 2, 2, eps, delta) == pytest.approx(p * p + 2 * m * delta * max(2 * p * (1 - p), (1 - p * p) / 2))
+    by_hand = p * p + 2 * m * delta * max(2 * p * (1 - p), (1 - p * p) / 2)
+    assert d.audit_p_value(m, 2, 2, eps, delta) == pytest.approx(by_hand)
     # chance-level guessing proves nothing; delta only weakens a bound
     assert d.audit_epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0
     assert d.audit_epsilon_lower_bound(1000, 100, 95, 1e-4) < d.audit_epsilon_lower_bound(1000, 100, 95, 0.0)
@@ -1412,12 +1461,43 @@ def test_audit_passes_an_honest_run_and_catches_noise_switched_off(tmp_path, mon
     honest = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "honest"), **TINY_AUDIT))
     assert honest["stages"]["sft"]["epsilon"] <= 1.0 and honest["epsilon_lower_bound"] <= 1.0
     # q and T from the expected D1 (120 reviews + 200 / 2 canaries), not from the secret coins
-    assert honest["stages"]["sft"]["sample_rate"] == 16 / 220 and honest["stages"]["sft"]["steps"] == math.ceil(2 * 220 / 16)
+    sft = honest["stages"]["sft"]
+    assert sft["sample_rate"] == 16 / 220 and sft["steps"] == math.ceil(2 * 220 / 16)
     real = d.privatize
     monkeypatch.setattr(d, "privatize", lambda grads, **kw: real(grads, **{**kw, "noise_multiplier": 0.0}))
     broken = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "broken"), **TINY_AUDIT))
     assert broken["stages"]["sft"]["epsilon"] <= 1.0  # it still *claims* epsilon 1 ...
     assert broken["epsilon_lower_bound"] > 2.0  # ... and the audit proves it is not
+
+
+# ------------------------------------------------------------------------------------ the file's shape
+
+
+def _top_level_names(tree, lo, hi):
+    """{name: node} of the top-level definitions whose first line is in [lo, hi)."""
+    out = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else getattr(node, "targets", [])
+        for t in targets:
+            named = hasattr(t, "name" if isinstance(t, (ast.FunctionDef, ast.ClassDef)) else "id")
+            if lo <= node.lineno < hi and named:
+                out[getattr(t, "name", getattr(t, "id", None))] = node
+    return out
+
+
+def test_part_one_uses_nothing_defined_after_it():
+    """Part I, the method, reads and runs alone: no top-level definition in it uses a name that Parts
+    II and III define (UserError, the CLI's flags, run directories, checkpoints, progress bars)."""
+    src = open(d.__file__).read()
+    lines = src.splitlines()
+    part1, part2 = (next(i for i, x in enumerate(lines, 1) if x.startswith(b)) for b in ("# PART I:", "# PART II:"))
+    tree = ast.parse(src)
+    method, later = _top_level_names(tree, part1, part2), _top_level_names(tree, part2, len(lines) + 1)
+    assert {"privatize", "dp_train", "dpppo", "Hooks", "StagePlan"} <= set(method)
+    assert {"UserError", "RunHooks"} <= set(later)
+    for name, node in method.items():
+        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        assert not used & set(later), f"Part I's {name} uses {sorted(used & set(later))}, defined after Part I"
 
 
 # ------------------------------------------------------------------------------------ built-in base model
