@@ -75,8 +75,7 @@ def arg(default, help: str, *, choices: tuple | None = None, limit: str | None =
 
 
 # #############################################################################################
-# PART I: THE METHOD, in the paper's order. It uses nothing defined below it: its loops report to
-# a `Hooks` object whose default does nothing, and its errors are ValueErrors in its own words.
+# PART I: THE METHOD, in the paper's order, using nothing defined below it (its loops report to `Hooks`).
 # #############################################################################################
 
 
@@ -227,8 +226,6 @@ ACCOUNTANT = MomentsAccountant  # the accountant every stage uses; swap it here 
 
 
 # ===== DP-SGD (Algorithm 2): Poisson sampling, per-sample gradients, clipping, noise, and the loop ==========
-
-
 def poisson_sample(num_examples: int, sample_rate: float, generator=None) -> torch.Tensor:
     """A Poisson sample, each example with probability q, as the accountant assumes (empty is fine)."""
     return (torch.rand(num_examples, generator=generator) < sample_rate).nonzero().flatten()
@@ -391,8 +388,6 @@ def dp_train(stage: str, module: nn.Module, loss_fn, data: tuple, plan: StagePla
 
 
 # ===== MODELS: LoRA on GPT-2's query and value, a vmap-safe forward, value and reward heads =================
-
-
 class LoRAQueryValue(nn.Module):
     """GPT-2's fused `c_attn` (x -> [q | k | v]) with rank-r updates on q and v. B starts at 0: the base
     model at init (Hu et al. 2021); `enabled = False` is DPPPO's reference model, for free."""
@@ -589,8 +584,6 @@ class RewardModel(nn.Module):
 
 
 # ===== STAGE 1: DP SFT: LoRA fine-tuning on D1 with DP-SGD ==================================================
-
-
 @dataclass
 class SFTArgs:
     """Stage 1 (DP SFT) hyper-parameters (stage 2's too, and two more)."""
@@ -622,8 +615,6 @@ def dp_sft(lm, tokenizer, prompts, completions, plan: StagePlan, args: SFTArgs, 
 
 
 # ===== STAGE 2: DP REWARD MODEL (Eq. 1): Bradley-Terry on D2's comparisons, with DP-SGD =====================
-
-
 @dataclass
 class RMArgs(SFTArgs):
     """Stage 2 (DP reward model) hyper-parameters: stage 1's, and the head."""
@@ -657,8 +648,6 @@ def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, plan:
 
 
 # ===== STAGE 3: DPPPO (Algorithm 3, Eq. 2) ==================================================================
-
-
 def sample_categorical(probs: torch.Tensor, generator=None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row of `probs` [B, V], the CDF inverted at a uniform u [B]: multinomial's law
     from one number per row, not V exponentials (40 % of sampling time on CPU)."""
@@ -673,24 +662,36 @@ _CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).paramete
 
 
 @torch.no_grad()
-def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False):
-    """Pure ancestral sampling with a key/value cache (no top-k/p, no minimum length: valid KL
-    estimates; `greedy`: the argmax). A row stops after max_new_tokens (int or per row) or `eos_id`.
-    Returns ids, mask [B, T] and, over targets ids[:, 1:], action_mask, logprobs, hidden [B, T-1, d]."""
+def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False,
+           chunk_size: int = 0):
+    """Pure ancestral sampling, key/value cached (no top-k/p or minimum length: valid KL estimates; `greedy`: the
+    argmax), a row to max_new_tokens or `eos_id`, `chunk_size` rows at a time: all uniforms drawn at once, rows
+    draw the same in chunks or whole. Returns ids, mask [B, T], action_mask, logprobs, hidden [B, T-1(, d)]."""
+    limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(ids.shape[0])
+    uniforms = torch.rand(int(limit.max()) if len(ids) else 0, len(ids), generator=generator) if not greedy else None
+    parts = [_sample_rows(model, ids[r], mask[r], limit[r], None if greedy else uniforms[:, r], eos_id)
+             for r in row_chunks(len(ids), chunk_size)]
+    if len(parts) == 1:
+        return parts[0]
+    width = max(x[0].shape[1] for x in parts)  # chunks that stopped early: right-pad with zeros, as dead rows are
+    return tuple(torch.cat([nn.functional.pad(x[i], (0, 0) * (i == 4) + (0, width - x[0].shape[1])) for x in parts])
+                 for i in range(5))
+
+
+def row_chunks(n: int, chunk_size: int) -> list[slice]:
+    return [slice(s, s + (chunk_size or n)) for s in range(0, n, chunk_size or max(n, 1))] or [slice(0, 0)]
+
+
+def _sample_rows(model, ids, mask, limit, uniforms, eos_id):
     lm, b, p = model.lm, ids.shape[0], ids.shape[1]
-    limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(b)
-    steps = int(limit.max()) if b else 0
     alive, logprobs, hidden, new, cache = torch.ones(b, dtype=torch.bool, device=ids.device), [], [], ids, None
-    # Every step's uniforms at once (the same numbers as drawing them step by step), so that a batch
-    # sampled in chunks of rows draws exactly what it draws whole, however early it stops.
-    uniforms = torch.rand(steps, b, generator=generator) if not greedy else None
-    for t in range(steps):
+    for t in range(int(limit.max()) if b else 0):
         out = lm.transformer(input_ids=new, position_ids=positions_of(mask)[:, -new.shape[1]:], use_cache=True,
                              attention_mask=additive_mask(mask, new.shape[1], lm.lm_head.weight.dtype),
                              **{_CACHE_ARG: cache})
         cache, h = out.get("cache", out.get("past_key_values")), out.last_hidden_state[:, -1]
         logp = lm.lm_head(h).float().log_softmax(-1)
-        nxt = logp.argmax(-1) if greedy else sample_categorical(logp.exp(), u=uniforms[t])
+        nxt = logp.argmax(-1) if uniforms is None else sample_categorical(logp.exp(), u=uniforms[t])
         alive = alive & (t < limit)
         logprobs.append(logp.gather(1, nxt[:, None]).squeeze(1) * alive)
         hidden.append(h * alive[:, None])
@@ -761,6 +762,7 @@ class PPOArgs:
     response_max: int = arg(16, "most new tokens", limit=">=1")
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)", limit=">=0")
     chunk_size: int = arg(64, "per-sample gradients of this many at once (0: all; 64: fast on CPU)", limit=">=0")
+    rollout_chunk_size: int = arg(256, "rows a pass to sample, the reference, the baseline (0: all)", limit=">=0")
     epsilon: float | None = arg(None, "this stage's own target epsilon (default --epsilon), for ablations", limit=">0")
 
     def validate(self, epsilon: float):
@@ -786,18 +788,19 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id, phase=NO_HOOKS.phase):
+def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id, chunk_size=0,
+            phase=NO_HOOKS.phase):
     """Responses; the sampler's log-probs and states are pi_old and V_old: only the reference needs a pass."""
     policy.eval()
     with phase("sampling"):
         ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
-                                                  generator=generator, eos_id=eos_id)
+                                                  generator=generator, eos_id=eos_id, chunk_size=chunk_size)
     p, ref_logprobs = prompt_ids.shape[1], logprobs  # (an empty Poisson batch has nothing to score)
     with phase("reference"), lora_disabled(policy):  # the frozen SFT model: the same network, LoRA off
         if len(ids):
-            h = hidden_states(policy.lm, ids, mask)[:, p - 1:]
-            ref_logprobs = torch.cat([torch.zeros_like(logprobs[:, :p - 1]),
-                                      token_logprobs(policy.lm.lm_head(h), ids[:, p - 1:])], 1) * act
+            ref = [token_logprobs(policy.lm.lm_head(hidden_states(policy.lm, ids[r], mask[r])[:, p - 1:]),
+                                  ids[r, p - 1:]) for r in row_chunks(len(ids), chunk_size)]
+            ref_logprobs = torch.cat([torch.zeros_like(logprobs[:, :p - 1]), torch.cat(ref)], 1) * act
     return Rollout(ids, mask, act, logprobs, ref_logprobs, policy.value_head(hidden).squeeze(-1) * act, p)
 
 
@@ -828,7 +831,7 @@ class PromptBaseline:
                 out, _, act, _, _ = sample(self.policy, *trim_left(prompt_ids[rows], prompt_mask[rows],
                                                                    mask=prompt_mask[rows]),
                                            max_new_tokens=self.args.response_max, generator=None, eos_id=self.eos_id,
-                                           greedy=True)
+                                           greedy=True, chunk_size=self.args.rollout_chunk_size)
             b = self.reward_fn(prompts, decode_responses(self.tok, out, act, self.eos_id))
             self.cache.update(zip(idx[new].tolist(), b.tolist()))
         return torch.tensor([self.cache.get(i, 0.0) for i in idx.tolist()], device=prompt_ids.device)
@@ -881,7 +884,7 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
         # 2. Roll out y ~ pi(. | x), keeping log pi_old, log LM_sft and V_old per response token.
         lengths = torch.randint(args.response_min, args.response_max + 1, (len(idx),), generator=generator)
         ro = rollout(policy, x_ids, x_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id,
-                     phase=hooks.phase)
+                     chunk_size=args.rollout_chunk_size, phase=hooks.phase)
         # 3. Score r(x, y) - b(x), spread Eq. 2 over the tokens, and estimate advantages (GAE).
         with hooks.phase("reward"):
             responses = decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)
@@ -901,8 +904,6 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
 
 
 # ===== PRIVACY LEDGER: what each stage spent (its own accountant, above), and the total over stages =========
-
-
 def ledger_entry(accountant, plan: StagePlan) -> dict:
     """One stage's line of the privacy ledger; epsilon is what was *spent* (<= the target)."""
     return {"epsilon": accountant.get_epsilon(plan.delta) if plan.private else math.inf, "delta": plan.delta,
@@ -1486,8 +1487,6 @@ def rlhf_data(args) -> tuple[dict, dict]:
 
 
 # ===== PIPELINES: one pipeline for both tasks, run directories, checkpoints, evaluation, sweeps ===============
-
-
 @dataclass
 class CommonArgs:
     """What every command that trains shares."""
@@ -2074,7 +2073,8 @@ def evaluate_models(args, task: Task, models: dict, tok, data, inputs, reward_fn
     evals, generations = {}, {}
     for name, model in models.items():
         scores, texts = evaluate(model, tok, prompts, reward_fn, lengths=lengths, device=device, seed=args.seed + 4,
-                                 eos_id=tok.eos_token_id if task.eos else None, max_prompt=args.ppo.max_prompt)
+                                 eos_id=tok.eos_token_id if task.eos else None, max_prompt=args.ppo.max_prompt,
+                                 batch=min(128, args.ppo.rollout_chunk_size or 128))
         evals[name], generations[name] = task.metrics(args, data, texts, scores), (texts, scores)
         if public is not None and public is not reward_fn:
             evals[name]["eval_reward"] = public(prompts, texts).mean().item()
@@ -2231,8 +2231,6 @@ def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[
 
 
 # ===== PROBES: the measurements behind the built-in task's design (NOTES.md), re-runnable ==================
-
-
 @dataclass
 class ProbeArgs:
     """`probe`: the copy probe and the reward-feature probe of a base model (no private data)."""
@@ -2447,8 +2445,6 @@ def run_audit(args: AuditArgs) -> dict:
 
 
 # ===== BENCHMARK: what DP-SGD costs over a non-private step, and a DPPPO iteration beside TRL ===============
-
-
 GPT2_SIZES = dict(tiny=(2, 64, 2), small=(12, 768, 12), medium=(24, 1024, 16), large=(36, 1280, 20))  # layers, d, heads
 
 
@@ -2535,16 +2531,19 @@ def _bench_model_dir(ns) -> str:
 
 
 def _bench_ppo_child(ns) -> dict:
-    """DPPPO iterations of the real loop (`dpppo`) on one batch size; median seconds per phase."""
+    """DPPPO iterations of the real loop (`dpppo`) on one batch size: median seconds per phase, peak
+    memory above the loaded model and in all. --preset paper: App. B's settings (minibatches of 256,
+    prompts of 2-8 tokens, responses of 4-16) for one iteration."""
     torch.manual_seed(0)
     lm, tok = load_lm(ns.model_dir, ns.device)
     policy = ActorCritic(add_lora(lm)).to(ns.device)
-    base = _memory_now(ns.device)
-    # 2-7 token review openings, as many prompts as the batch: q = 1, every prompt every iteration.
-    prompts = prefix_prompts(tok, [r["text"] for r in make_reviews(ns.batch, seed=0)], 2, 7, seed=0)
-    rows = []
-    args = PPOArgs(steps=ns.warmup + ns.repeats, batch_size=ns.batch, response_min=ns.response,
-                   response_max=ns.response, chunk_size=ns.chunk_size or PPOArgs.chunk_size)
+    base, paper = _memory_now(ns.device), ns.preset == "paper"
+    # review openings, as many prompts as the batch: q = 1, every prompt every iteration.
+    prompts = prefix_prompts(tok, [r["text"] for r in make_reviews(ns.batch, seed=0)], 2, 8 if paper else 7, seed=0)
+    rows, length = [], (4, 16) if paper else (ns.response, ns.response)
+    args = PPOArgs(steps=ns.warmup + ns.repeats, batch_size=ns.batch, response_min=length[0], response_max=length[1],
+                   chunk_size=ns.chunk_size or PPOArgs.chunk_size, minibatches=max(1, ns.batch // 256) if paper else 1,
+                   lr=3e-3 if paper else PPOArgs.lr)
     if ns.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     plan = plan_stage(args, len(prompts), ns.epsilon, 1e-5)
@@ -2553,7 +2552,7 @@ def _bench_ppo_child(ns) -> dict:
     timed = rows[ns.warmup:]
     phases = {k[5:]: float(np.median([r[k] for r in timed])) for k in timed[0] if k.startswith("time/")}
     return {"phases": phases, "total": float(np.median([sum(r[f"time/{p}"] for p in phases) for r in timed])),
-            "peak_bytes": _peak_memory(ns.device, base)}
+            "peak_bytes": _peak_memory(ns.device, base), "peak_total": _peak_memory(ns.device, 0)}
 
 
 def _trl_child(ns) -> dict:
@@ -2598,9 +2597,26 @@ def _child(python: str, ns, variant: str, **flags) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def cmd_bench_paper(ns, model_dir: str):
+    """`bench ppo --preset paper`: one DPPPO iteration at epsilon = 4 with App. B's settings at rollout
+    batches 256, 1,024 and 4,096 (or --batch): what the preset needs before renting a GPU."""
+    print(f"DPPPO iteration, --preset paper: {ns.model} GPT-2 (random init, vocabulary 50,257), epsilon 4, "
+          f"minibatches of 256, {ns.device}, {ns.threads} threads, rollout chunk {PPOArgs.rollout_chunk_size}")
+    print("| batch (minibatches) | sampling | reference | reward | update | s / iteration | s / trajectory | "
+          "peak memory (MiB) |\n|---|---|---|---|---|---|---|---|")
+    for batch in [ns.batch] if "batch" in ns.given else (256, 1024, 4096):
+        r = _child(sys.executable, argparse.Namespace(**{**vars(ns), "batch": batch, "warmup": 0, "repeats": 1}),
+                   "ppo", model_dir=model_dir, epsilon="4", preset="paper")
+        ph = " | ".join(f"{r['phases'].get(p, 0):.1f}" for p in ("sampling", "reference", "reward", "update"))
+        print(f"| {batch:,} ({max(1, batch // 256)}) | {ph} | {r['total']:.1f} | {r['total'] / batch:.4f} | "
+              f"{r['peak_total'] / 2**20:,.0f} |", flush=True)
+
+
 def cmd_bench_ppo(ns):
     """`bench ppo`: one DPPPO iteration at epsilon = inf and 4, by phase, and the TRL peer."""
     model_dir = _bench_model_dir(ns)
+    if ns.preset == "paper":
+        return cmd_bench_paper(ns, model_dir)
     rows = {f"ours, epsilon = {eps}": _child(sys.executable, ns, "ppo", model_dir=model_dir, epsilon=eps,
                                              chunk_size=ns.chunk_size) for eps in ("inf", "4")}
     if ns.trl:
@@ -2623,11 +2639,12 @@ def cmd_bench(ns):
     """Each variant in its own process (clean peak memory), then one table of ratios."""
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    ns.threads = ns.threads or torch.get_num_threads()
-    ns.model = ns.model or ("builtin" if ns.what == "ppo" else "small")
+    ns.threads, ns.given = ns.threads or torch.get_num_threads(), {k for k in ("batch", "model") if getattr(ns, k)}
+    ns.model = ns.model or ("builtin" if ns.what == "ppo" and not ns.preset else "small")
     ns.batch = ns.batch or (64 if ns.what == "ppo" else 8)
-    if ns.what == "step" and ns.model == "builtin":
-        raise UserError("bench step --model builtin is not allowed; use tiny, small, medium or large (or 'bench ppo')")
+    if ns.what == "step" and (ns.model == "builtin" or ns.preset):
+        raise UserError("bench step --model builtin or --preset is not allowed; use tiny, small, medium or large "
+                        "(or 'bench ppo')")
     if ns.variant:  # a child
         child = {"ppo": _bench_ppo_child, "trl": _trl_child}.get(ns.variant)
         return print(json.dumps(child(ns) if child else _bench_child(ns.variant, ns)))
@@ -2657,8 +2674,6 @@ def cmd_bench(ns):
 
 
 # ===== CLI: one --flag per config field; every value checked in one place (`validate`) ======================
-
-
 @dataclass
 class PrivacyArgs:
     """`privacy`: epsilon of DP-SGD for (sigma, q, steps, delta), or sigma for a target epsilon."""
@@ -2684,6 +2699,8 @@ class BenchArgs:
     response: int = arg(15, "'bench ppo': tokens per response (as the TRL peer)", limit=">=1")
     threads: int | None = arg(None, "torch CPU threads, also the peer's (default: torch's default)", limit=">=1")
     trl: str | None = arg(None, "'bench ppo': the python of a virtual environment with trl 0.11 (README)")
+    preset: str | None = arg(None, "'bench ppo --preset paper': App. B's DPPPO on GPT-2 124M, batch 256-4,096",
+                             choices=("paper",))
 
 
 LIMITS = {  # a field's `limit` -> (the test, what the one-line refusal says); nan fails every test

@@ -831,6 +831,45 @@ def test_cached_sampling_matches_full_forward(tiny):
     torch.testing.assert_close(ro.values, values[:, :-1] * act, atol=1e-4, rtol=1e-4)
 
 
+def test_rollout_in_chunks_is_the_rollout_whole(tiny):
+    """Sampling and the reference pass `rollout_chunk_size` rows at a time give what the whole batch
+    gives: the same draws (every step's uniforms are drawn at once), tokens, log-probs and values,
+    also when chunks stop at different steps (eos, per-row lengths)."""
+    import copy
+    lm, tok = tiny
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+    for p in d.trainable(policy).values():
+        torch.nn.init.normal_(p, std=0.05)
+    prompts = ["the film", "it is a very long", "i", "watching it", "smith gives a", "the plot was", "but"]
+    ids, mask, _ = d.encode(tok, prompts, max_prompt=8)
+    lengths = torch.tensor([5, 9, 3, 12, 1, 7, 4])
+    whole, *chunked = (d.rollout(policy, ids, mask, lengths=lengths, generator=torch.Generator().manual_seed(0),
+                                 eos_id=tok.eos_token_id, chunk_size=c) for c in (0, 3, 1))
+    for ro in chunked:
+        assert torch.equal(ro.ids, whole.ids) and torch.equal(ro.action_mask, whole.action_mask)
+        for name in ("logprobs", "ref_logprobs", "values"):
+            torch.testing.assert_close(getattr(ro, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
+
+
+def test_a_dpppo_iteration_never_runs_the_lm_head_on_more_rows_than_the_chunk(tiny):
+    """Memory is set by the chunk, not the rollout batch: in sampling, the reference pass and the
+    greedy baseline, the LM head (the [rows, tokens, vocabulary] tensors) sees at most
+    `rollout_chunk_size` rows; the update, at most one trajectory per vmapped sample."""
+    import copy
+    lm, tok = tiny
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+    rows = []
+    handle = policy.lm.lm_head.register_forward_hook(lambda module, inputs, out: rows.append(out.shape[0]))
+    args = d.PPOArgs(steps=2, batch_size=40, rollout_chunk_size=8, baseline="greedy", response_min=3, response_max=5)
+    prompts = ["the film was", "it is a", "i loved the", "but the"] * 10
+    try:
+        d.dpppo(policy, tok, prompts, lambda p, r: torch.zeros(len(r)), d.plan_stage(args, 40, 4.0, 1e-3), args,
+                generator=torch.Generator().manual_seed(0), eos_id=tok.eos_token_id)
+    finally:
+        handle.remove()
+    assert max(rows) == 8 and len(rows) > 10  # q = 1: 40 trajectories an iteration, in chunks of 8
+
+
 # ------------------------------------------------------------------------------------ RLHF
 
 
