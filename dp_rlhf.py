@@ -1530,7 +1530,7 @@ class SentimentArgs(RunArgs):
     prompt_min: int = arg(2, "fewest prompt tokens (the first tokens of a review)", limit=">=1")
     prompt_max: int = arg(8, "most prompt tokens", limit=">=1")
     num_sft: int = arg(5000, "expected examples in D1 (built-in data; real data: a keyed hash)", limit=">=1")
-    num_ppo: int = arg(40000, "expected prompts in D3 (built-in data; real data: a keyed hash)", limit=">=1")
+    num_ppo: int = arg(160000, "expected prompts in D3 (built-in data; real data: a keyed hash)", limit=">=1")
     num_test: int = arg(2000, "test prompts: the built-in public test set, or a Hub test split's first", limit=">=1")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
     ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=1024, kl_coef=0.075))
@@ -1540,7 +1540,7 @@ class SentimentArgs(RunArgs):
 class RLHFArgs(RunArgs):
     """`rlhf`: the paper's RLHF scenario (Reddit TL;DR): DP SFT -> DP reward model -> DPPPO."""
     num_sft: int = arg(16000, "expected examples in D1 (built-in data; real data: a keyed hash)", limit=">=1")
-    num_ppo: int = arg(16000, "expected prompts in D3 (built-in data; real data: a keyed hash)", limit=">=1")
+    num_ppo: int = arg(64000, "expected prompts in D3 (built-in data; real data: a keyed hash)", limit=">=1")
     num_comparisons: int = arg(16000, "comparisons in D2 (built-in data; real data: all but a tenth)", limit=">=1")
     num_comparisons_test: int = arg(1000, "the built-in public test comparisons (real data: the tenth)", limit=">=1")
     comparisons: str | None = arg(None, "D2 with a real --dataset: a Hub id or file of prompt/chosen/rejected")
@@ -2137,11 +2137,7 @@ def sweep_table(results: dict, task: str) -> str:
     head = "| | " + " | ".join(f"eps={e:g}" for e in eps) + " |\n|---|" + "---|" * len(eps) + "\n"
     row = lambda name, cells: f"| {name} | " + " | ".join(cells) + " |"
     if task == "audit":
-        return ("claimed epsilon vs the audited lower bound (one per seed; the bound must stay below the claim)\n\n"
-                + head + row("claimed (spent)", (_cell([s["stages"]["sft"]["epsilon"] for s in results[e]])
-                                                 for e in eps))
-                + "\n" + row("lower bound", (" / ".join(f"{s['epsilon_lower_bound']:.2f}" for s in results[e])
-                                             for e in eps)) + "\n")
+        return audit_table(results, head, row)
     out = []
     for metric in ["reward"] + (["true_preference", "rouge1", "rouge2", "rougeL"] if task == "rlhf" else []):
         if metric in results[eps[0]][0]["eval"]["aligned"]:
@@ -2156,13 +2152,32 @@ def sweep_table(results: dict, task: str) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def audit_table(results: dict, head: str, row) -> str:
+    """The audit's sweep: the claim, each observer's proved bound per seed, and TPR at three FPRs."""
+    eps = list(results)
+    rows = [row("claimed (spent)", (_cell([s["stages"]["sft"]["epsilon"] for s in results[e]]) for e in eps))]
+    for o in ("every_step", "final"):
+        bounds = (" / ".join(f"{s[o]['epsilon_lower_bound']:.2f}" for s in results[e]) for e in eps)
+        rows.append(row(f"lower bound, {o.replace('_', '-')}", bounds))
+    for name, key in (("the mechanism", None), ("every-step attack", "every_step"), ("final-iterate attack", "final")):
+        tprs = [[s[key]["tpr_at_fpr"] if key else s["mechanism_tpr_at_fpr"] for s in results[e]] for e in eps]
+        rows.append(row(f"TPR, {name}", (" / ".join(f"{np.mean([t[i] for t in ts]):.3f}" for i in range(3))
+                                         for ts in tprs)))
+    return ("claimed epsilon and the proved lower bounds (per seed; each must stay below the claim), and TPR at FPR "
+            "0.1 % / 1 % / 10 % (mean over seeds)\n\n" + head + "\n".join(rows) + "\n")
+
+
 def sweep_csv(results: dict, task: str) -> str:
     """Every number behind the tables, one per line: metric, model, epsilon, seed, value."""
     lines = ["metric,model,epsilon,seed,value"]
     for e, runs in results.items():
         for s in runs:
-            evals = ({"sft": {"epsilon_spent": s["stages"]["sft"]["epsilon"], "epsilon_lower_bound":
-                              s["epsilon_lower_bound"]}} if task == "audit" else s["eval"])
+            evals = s["eval"] if task != "audit" else {
+                "sft": {"epsilon_spent": s["stages"]["sft"]["epsilon"],
+                        "epsilon_lower_bound": s["epsilon_lower_bound"]},
+                **{o: {"epsilon_lower_bound": s[o]["epsilon_lower_bound"],
+                       **{f"tpr_at_fpr_{f:g}": t for f, t in zip(s["fpr"], s[o]["tpr_at_fpr"])}}
+                   for o in ("every_step", "final")}}
             lines += [f"{metric},{model},{e:g},{s['seed']},{v}" for model, ev in evals.items()
                       for metric, v in (ev.items() if isinstance(ev, dict) else [("accuracy", ev)])]
     return "\n".join(lines) + "\n"
@@ -2332,19 +2347,19 @@ def cmd_probe(args: ProbeArgs):
 
 
 # ===== AUDIT: a one-run privacy audit of DP SFT (Steinke, Nasr, Jagielski 2023) =============================
-# m canaries, each put into D1 with probability 1/2 by a coin the auditor keeps; train once; guess
-# the k canaries most likely to be in D1; if (epsilon, delta)-DP held, the number of right guesses
-# could not beat randomized response by much, which turns the count into a lower bound on epsilon.
-# Our canaries are white-box "Dirac" gradient canaries: canary i is a record whose gradient is 2C
-# on its own coordinate of an extra parameter vector that no real record touches (clipped to C,
-# like every sample). Its score is how far training moved that coordinate. A private run may move
-# it by noise alone; a run that leaks moves the members' coordinates and no other.
+# m canaries, each put into D1 with probability 1/2 by a coin the auditor keeps; train once; guess the k
+# canaries most likely in D1: if (epsilon, delta)-DP held, the right guesses could not beat randomized response
+# by much, which turns their count into a lower bound on epsilon. The canaries are white-box "Dirac" records:
+# canary i's gradient is 2C on its own coordinate of an extra vector no real record touches, clipped to C like
+# every sample. Two observers: `every-step` reads each privatised update on those coordinates (what DP-SGD's
+# guarantee covers), where a member's coordinate is b_t + sigma z_t, b_t ~ Bernoulli(q), and scores each canary
+# by the exact log-likelihood ratio (the optimal test); `final` reads the last iterate, after AdamW.
 
 
 def audit_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
-    """P[>= v of r guesses right] under (epsilon, delta)-DP, m canaries (Steinke et al., Thm. 3.3 as
-    in their code): P[Bin(r, p) >= v] + 2 m delta max_i P[v > Bin(r, p) >= v - i] / i,
-    p = e^eps / (1 + e^eps), the accuracy of epsilon-DP randomized response."""
+    """P[>= v of r guesses right] under (epsilon, delta)-DP, m canaries (Steinke et al., Thm. 3.3 as in their
+    code): P[Bin(r, p) >= v] + 2 m delta max_i P[v > Bin(r, p) >= v - i] / i, p = e^eps / (1 + e^eps), the
+    accuracy of epsilon-DP randomized response."""
     p = 1 / (1 + math.exp(-epsilon))
     k = torch.arange(r + 1, dtype=torch.float64)
     log_pmf = (torch.lgamma(torch.tensor(r + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) - torch.lgamma(r - k + 1)
@@ -2355,8 +2370,8 @@ def audit_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float
 
 
 def audit_epsilon_lower_bound(m: int, r: int, v: int, delta: float, alpha: float = 0.05) -> float:
-    """The largest epsilon that v right guesses out of r reject at level alpha: with probability
-    >= 1 - alpha the mechanism is not (epsilon', delta)-DP for any epsilon' below it."""
+    """The largest epsilon that v right guesses out of r reject at level alpha: with probability >= 1 - alpha
+    the mechanism is not (epsilon', delta)-DP for any epsilon' below it."""
     if audit_p_value(m, r, v, 0.0, delta) >= alpha:
         return 0.0
     lo, hi = 0.0, 1.0
@@ -2368,6 +2383,29 @@ def audit_epsilon_lower_bound(m: int, r: int, v: int, delta: float, alpha: float
     return lo
 
 
+def canary_llr(x: torch.Tensor, q: float, sigma: float) -> torch.Tensor:
+    """[m]: each canary's log-likelihood ratio of "in D1" (every step's coordinate b + sigma z, b ~ Bernoulli(q))
+    against "not" (sigma z), from its observations x [m, T] in units of C / (qN): the optimal score."""
+    if sigma == 0:  # no noise: any increasing score is optimal
+        return x.sum(-1)
+    return torch.logaddexp(torch.log1p(torch.tensor(-q, dtype=x.dtype)), math.log(q) + (x - 0.5) / sigma**2).sum(-1)
+
+
+def tpr_at_fpr(members: torch.Tensor, others: torch.Tensor, fprs) -> list[float]:
+    """The share of members scored above the threshold that lets through a share `fpr` of the others."""
+    high = others.sort(descending=True).values
+    return [float((members > high[min(len(high) - 1, int(f * len(high)))]).double().mean()) for f in fprs]
+
+
+def mechanism_tradeoff(q: float, sigma: float, steps: int, fprs, n: int = 400_000, seed: int = 0) -> list[float]:
+    """The optimal test's TPR at each FPR for the mechanism itself (T steps of the Poisson-subsampled Gaussian
+    at (q, sigma) on one coordinate), by simulating it n times a side: the curve an every-step audit can reach."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = lambda: sigma * torch.randn(n, steps, generator=gen, dtype=torch.float64)
+    member = (torch.rand(n, steps, generator=gen, dtype=torch.float64) < q).double() + noise()
+    return tpr_at_fpr(canary_llr(member, q, sigma), canary_llr(noise(), q, sigma), fprs)
+
+
 class CanaryLM(CausalLM):
     """The SFT model plus one extra coordinate per canary; no real record's loss touches them."""
 
@@ -2377,32 +2415,49 @@ class CanaryLM(CausalLM):
 
 
 def canary_sft_loss(model: CanaryLM, max_grad_norm: float):
-    """sft_loss, plus for a canary row (no real token; its last id names the canary) 2C times its
-    coordinate. A real row's canary term is zero, a canary row's SFT term is zero."""
+    """sft_loss, plus 2C times its own coordinate for a canary row (no real token; `canary`, a row of its index,
+    -1 for a real record). A real row's canary term is zero, a canary row's SFT term is zero."""
     base, m = sft_loss(model), model.canary.shape[0]
 
-    def loss_fn(params, ids, mask, loss_mask):
-        is_canary = (mask.sum() == 0).float()
-        onehot = (torch.arange(m, device=ids.device) == ids[-1]).float() * is_canary
+    def loss_fn(params, ids, mask, loss_mask, canary):
+        onehot = (torch.arange(m, device=ids.device) == canary[-1]).float()
         return base(params, ids, mask, loss_mask) + 2 * max_grad_norm * (params["canary"] * onehot).sum()
     return loss_fn
 
 
+class EveryStepObserver(Hooks):
+    """The every-step auditor: each privatised update on the canary coordinates, in units of C / (qN)."""
+
+    def __init__(self, max_grad_norm: float):
+        self.c, self.x = max_grad_norm, []
+
+    def step(self, stage, state, plan, update=None, **stats):
+        self.x.append(update["canary"].detach().cpu().double() * plan.expected_batch_size / self.c)
+
+
 @dataclass
 class AuditArgs(CommonArgs):
-    """`audit`: a one-run audit of DP SFT: is the claimed epsilon at least what an attack shows?"""
+    """`audit`: a one-run audit of DP SFT: is the claimed epsilon at least what an attack proves?"""
     delta: float | None = arg(1e-5, "target delta (small beside 1/canaries, or the delta term swamps the bound)",
                               limit="(0,1)")
     num_sft: int = arg(2000, "real D1 examples (built-in reviews) beside the canaries", limit=">=1")
-    canaries: int = arg(1000, "m: canaries, each in D1 with probability 1/2", limit=">=1")
-    guesses: str = arg("50,100,200", "numbers k of membership guesses tried (the k top-scored canaries); "
+    canaries: int = arg(10000, "m: canaries, each in D1 with probability 1/2 (each costs one row of D1)",
+                        limit=">=1")
+    sample_rate: float = arg(0.5, "q of the audited stage (its batch: q times the expected |D1|)", limit="(0,1]")
+    observe: str = arg("every-step", "whose bound leads: 'every-step' (each noisy update, what the guarantee covers) "
+                       "or 'final' (the last iterate)", choices=("every-step", "final"))
+    guesses: str = arg("10,20,50,100,200,500", "numbers k of membership guesses tried (the k top-scored canaries); "
                        "the confidence is split over them (Bonferroni)")
     confidence: float = arg(0.95, "confidence of the lower bound", limit="(0,1)")
-    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0))
+    sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0, max_completion=32))
+
+
+AUDIT_FPRS = (0.001, 0.01, 0.1)
 
 
 def run_audit(args: AuditArgs) -> dict:
-    """Train DP SFT once with canaries at the target epsilon; the lower bound the guesses prove."""
+    """Train DP SFT once with canaries at the target epsilon; what each observer's guesses prove, and its
+    TPR at a few FPRs beside the mechanism's own trade-off curve."""
     t0 = time.time()
     with run_directory(args, "audit") as run:
         lm, tok = load_lm(args.model, run.device, args.base)
@@ -2412,35 +2467,46 @@ def run_audit(args: AuditArgs) -> dict:
         members = coins.nonzero().flatten()
         ids, mask, loss_mask = encode(tok, [""] * len(texts), texts, max_prompt=args.sft.max_prompt,
                                       max_completion=args.sft.max_completion)
-        canary_ids = torch.full((len(members), ids.shape[1]), tok.pad_token_id)
-        canary_ids[:, -1] = members  # a canary row: all padding, its last id names it
-        data = (torch.cat([ids, canary_ids]), torch.cat([mask, torch.zeros_like(canary_ids)]),
-                torch.cat([loss_mask, torch.zeros(len(members), loss_mask.shape[1])]))
+        canary = torch.cat([torch.full((len(texts),), -1), members])[:, None].expand(-1, ids.shape[1])
+        data = (torch.cat([ids, torch.full((len(members), ids.shape[1]), tok.pad_token_id)]),  # a canary: all padding
+                torch.cat([mask, torch.zeros(len(members), ids.shape[1], dtype=mask.dtype)]),
+                torch.cat([loss_mask, torch.zeros(len(members), loss_mask.shape[1])]), canary)
         model = CanaryLM(add_lora(lm), args.canaries).to(run.device)
         print(f"audit: {len(texts)} reviews + {len(members)} of {args.canaries} canaries in D1, "
               f"epsilon={args.epsilon:g} delta={args.delta:g}", file=sys.stderr)
-        # q and T from the expected D1, never from the coins the audit is about
-        plan = plan_stages(args, {"sft": args.num_sft + args.canaries / 2}, args.delta)["sft"]
-        entry = dp_train("sft", model, canary_sft_loss(model, args.sft.max_grad_norm), data, plan, args.sft,
-                         generator=run.generator)
-        scores = -model.canary.detach().cpu()  # a member's coordinate went down when it was sampled
-        order = torch.argsort(scores, descending=True, stable=True)
-        ks = [int(k) for k in args.guesses.split(",")]
-        rows = []
-        for k in ks:
-            right = int(coins[order[:k]].sum())
-            bound = audit_epsilon_lower_bound(args.canaries, k, right, args.delta, (1 - args.confidence) / len(ks))
-            rows.append({"guesses": k, "right": right, "epsilon_lower_bound": bound})
-        best = max(rows, key=lambda r: r["epsilon_lower_bound"])
+        expected_n = args.num_sft + args.canaries / 2  # q and T from E[|D1|], never from the coins under audit
+        sft = dataclasses.replace(args.sft, batch_size=args.sample_rate * expected_n)
+        plan = plan_stages(dataclasses.replace(args, sft=sft), {"sft": expected_n}, args.delta)["sft"]
+        observer = EveryStepObserver(args.sft.max_grad_norm)
+        entry = dp_train("sft", model, canary_sft_loss(model, args.sft.max_grad_norm), data, plan, sft,
+                         generator=run.generator, hooks=observer)
+        scores = {"every-step": canary_llr(torch.stack(observer.x, 1), plan.sample_rate, plan.noise_multiplier),
+                  "final": -model.canary.detach().cpu().double()}  # a member's coordinate went down when sampled
+        ks, alpha = [int(k) for k in args.guesses.split(",")], (1 - args.confidence) / len(args.guesses.split(","))
+        audits = {}
+        for name, s in scores.items():
+            order = torch.argsort(s, descending=True, stable=True)
+            rows = [{"guesses": k, "right": (v := int(coins[order[:k]].sum())),
+                     "epsilon_lower_bound": audit_epsilon_lower_bound(args.canaries, k, v, args.delta, alpha)}
+                    for k in ks]
+            audits[name] = {"guesses": rows, "epsilon_lower_bound": max(r["epsilon_lower_bound"] for r in rows),
+                            "tpr_at_fpr": tpr_at_fpr(s[coins], s[~coins], AUDIT_FPRS)}
+        theory = mechanism_tradeoff(plan.sample_rate, plan.noise_multiplier, plan.steps, AUDIT_FPRS) \
+            if plan.private else [1.0] * len(AUDIT_FPRS)
         summary = {"config": config_of(args), "task": "audit", "model": args.model, "epsilon": args.epsilon,
                    "delta": args.delta, "seed": args.seed, "secret_noise": not args.reproducible_noise,
                    "canaries": args.canaries, "members": len(members), "confidence": args.confidence,
-                   "guesses": rows, "epsilon_lower_bound": best["epsilon_lower_bound"], "stages": {"sft": entry},
-                   "seconds": time.time() - t0}
+                   "observe": args.observe, "epsilon_lower_bound": audits[args.observe]["epsilon_lower_bound"],
+                   "fpr": list(AUDIT_FPRS), "every_step": audits["every-step"], "final": audits["final"],
+                   "mechanism_tpr_at_fpr": theory, "stages": {"sft": entry}, "seconds": time.time() - t0}
         write_json(os.path.join(run.work, "summary.json"), summary)
-    print(f"claimed epsilon {entry['epsilon']:.3f} (target {args.epsilon:g}); audited lower bound "
-          f"{best['epsilon_lower_bound']:.3f} at {args.confidence:.0%} confidence ({best['right']} of "
-          f"{best['guesses']} guesses right)  -> {run.out}/summary.json")
+    tprs = lambda ts: ", ".join(f"{t:.3f}" for t in ts)
+    print(f"claimed epsilon {entry['epsilon']:.3f} (target {args.epsilon:g}, q={plan.sample_rate:g}, T={plan.steps}, "
+          f"sigma={plan.noise_multiplier:.3f}); lower bounds at {args.confidence:.0%}: every-step "
+          f"{audits['every-step']['epsilon_lower_bound']:.3f}, final iterate "
+          f"{audits['final']['epsilon_lower_bound']:.3f}\nTPR at FPR {tprs(AUDIT_FPRS)}: the mechanism {tprs(theory)}, "
+          f"the every-step attack {tprs(audits['every-step']['tpr_at_fpr'])}, the final-iterate attack "
+          f"{tprs(audits['final']['tpr_at_fpr'])}  -> {run.out}/summary.json")
     return summary
 
 
@@ -2789,6 +2855,7 @@ def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] |
         ("plot", not {"sweep", "seeds"} & given, "it draws a sweep's table; add --sweep or --seeds"),
         ("dry_run", bool({"sweep", "seeds"} & given), "a dry run plans one run; drop --sweep and --seeds"),
         ("checkpoint_every", command == "audit" or getattr(args, "dry_run", False), "this run is not checkpointed"),
+        ("sft_batch_size", command == "audit", "--sample-rate sets the audited stage's batch"),
         *[(f"base_{f.name}", not uses_base, "the built-in base model is not used by this run")
           for f in dataclasses.fields(BaseModelArgs)],
     ]

@@ -1492,21 +1492,74 @@ def test_audit_bound_worked_examples():
     assert d.audit_epsilon_lower_bound(1000, 100, 95, 1e-4) < d.audit_epsilon_lower_bound(1000, 100, 95, 0.0)
 
 
-TINY_AUDIT = dict(num_sft=120, canaries=200, guesses="25,50", sft=d.SFTArgs(epochs=2.0, batch_size=16),
+@pytest.mark.unit
+def test_audit_bound_is_calibrated_on_randomized_response():
+    """Randomized response at epsilon is where the counting bound is tight: over 2,000 simulated runs of
+    100 guesses, the bound exceeds the true epsilon in at most alpha = 5 % of them (and is not vacuous)."""
+    rng, eps, r, alpha = np.random.default_rng(0), 1.0, 100, 0.05
+    rights = rng.binomial(r, math.exp(eps) / (1 + math.exp(eps)), size=2000)
+    bounds = {v: d.audit_epsilon_lower_bound(1000, r, int(v), 0.0, alpha) for v in set(rights.tolist())}
+    above = np.mean([bounds[v] > eps for v in rights])
+    assert 0.01 < above <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / 2000), above
+
+
+def test_audit_bound_is_calibrated_on_a_simulated_gaussian_mechanism():
+    """The whole one-run audit (the optimal score, top-k guesses, Bonferroni) on 100 simulated runs of the
+    exact Gaussian mechanism (q = 1, T steps) never proves more than its true epsilon, which the closed form
+    of the Gaussian's privacy curve gives; and proves something in most runs."""
+    from statistics import NormalDist
+    phi = NormalDist().cdf
+    sigma, steps, delta, m = 1.2, 4, 1e-5, 4000
+    mu = math.sqrt(steps) / sigma  # T steps of the Gaussian mechanism: a Gaussian with mean mu / noise 1
+    delta_at = lambda e: phi(-e / mu + mu / 2) - math.exp(e) * phi(-e / mu - mu / 2)
+    lo, hi = 0.0, 50.0
+    for _ in range(60):  # the true epsilon at delta
+        lo, hi = (lo, (lo + hi) / 2) if delta_at((lo + hi) / 2) < delta else ((lo + hi) / 2, hi)
+    gen, bounds = torch.Generator().manual_seed(0), []
+    for _ in range(100):
+        member = torch.rand(m, generator=gen) < 0.5
+        x = member[:, None].double() + sigma * torch.randn(m, steps, generator=gen, dtype=torch.float64)
+        order = torch.argsort(d.canary_llr(x, 1.0, sigma), descending=True)
+        bounds.append(max(d.audit_epsilon_lower_bound(m, k, int(member[order[:k]].sum()), delta, 0.05 / 3)
+                          for k in (20, 50, 100)))
+    assert max(bounds) <= hi and np.mean(np.array(bounds) > 0) > 0.5, (hi, bounds[:10])
+
+
+@pytest.mark.unit
+def test_canary_score_and_the_mechanism_curve_by_hand():
+    # the log-likelihood ratio of b + sigma z (b ~ Bernoulli(q)) against sigma z, by hand
+    x, q, sigma = torch.tensor([[0.3, 1.2]], dtype=torch.float64), 0.2, 0.5
+    by_hand = sum(math.log(0.8 + 0.2 * math.exp((v - 0.5) / sigma**2)) for v in (0.3, 1.2))
+    assert d.canary_llr(x, q, sigma).item() == pytest.approx(by_hand)
+    # q = 1: T steps of the Gaussian mechanism, whose trade-off curve is TPR = 1 - Phi(Phi^-1(1 - FPR) - mu)
+    from statistics import NormalDist
+    n, mu = NormalDist(), math.sqrt(4) / 1.5
+    closed = [1 - n.cdf(n.inv_cdf(1 - f) - mu) for f in d.AUDIT_FPRS]
+    assert d.mechanism_tradeoff(1.0, 1.5, 4, d.AUDIT_FPRS) == pytest.approx(closed, abs=0.01)
+    # the empirical TPR at FPR: members above the threshold that 1 of 10 others (5 of 10) pass
+    assert d.tpr_at_fpr(torch.tensor([5.0, 0.5, 3.0]), torch.arange(10.0) / 10, [0.1, 0.5]) == [2 / 3, 1.0]
+
+
+TINY_AUDIT = dict(num_sft=120, canaries=400, guesses="25,50", sample_rate=0.25, sft=d.SFTArgs(epochs=2.0),
                   base=TINY_BASE_ARGS, reproducible_noise=True)
 
 
 def test_audit_passes_an_honest_run_and_catches_noise_switched_off(tmp_path, monkeypatch):
     honest = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "honest"), **TINY_AUDIT))
-    assert honest["stages"]["sft"]["epsilon"] <= 1.0 and honest["epsilon_lower_bound"] <= 1.0
-    # q and T from the expected D1 (120 reviews + 200 / 2 canaries), not from the secret coins
+    assert honest["stages"]["sft"]["epsilon"] <= 1.0
+    assert honest["every_step"]["epsilon_lower_bound"] <= 1.0 and honest["final"]["epsilon_lower_bound"] <= 1.0
+    # q and T from the expected D1 (120 reviews + 400 / 2 canaries), not from the secret coins
     sft = honest["stages"]["sft"]
-    assert sft["sample_rate"] == 16 / 220 and sft["steps"] == math.ceil(2 * 220 / 16)
+    assert sft["sample_rate"] == 0.25 and sft["steps"] == 8 and sft["num_private_examples"] == 320
+    # the every-step attack reaches the mechanism's own curve: within 4 standard errors at FPR 10 %
+    tpr, theory = honest["every_step"]["tpr_at_fpr"][2], honest["mechanism_tpr_at_fpr"][2]
+    assert abs(tpr - theory) < 4 * math.sqrt(theory * (1 - theory) / honest["members"]) + 0.05, (tpr, theory)
     real = d.privatize
     monkeypatch.setattr(d, "privatize", lambda grads, **kw: real(grads, **{**kw, "noise_multiplier": 0.0}))
     broken = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "broken"), **TINY_AUDIT))
     assert broken["stages"]["sft"]["epsilon"] <= 1.0  # it still *claims* epsilon 1 ...
-    assert broken["epsilon_lower_bound"] > 2.0  # ... and the audit proves it is not
+    assert broken["every_step"]["epsilon_lower_bound"] > 2.0  # ... and the audit proves it is not
+    assert broken["every_step"]["tpr_at_fpr"][0] > 1 - 0.75 ** 8 - 0.05  # every member sampled at least once
 
 
 # ------------------------------------------------------------------------------------ the file's shape
