@@ -1467,14 +1467,17 @@ def split_rlhf(rows, cmps, public, public_cmps, args) -> tuple[dict, dict]:
     One unit, one stage (the post, or the user with --user-column): a unit with any comparison goes to
     D2 or its held-out part by its keyed hash, its TL;DR rows dropped; any other unit to D1, D3 or test.
     Each decision reads the unit's own records only (a post two users share may sit in two stages)."""
-    def summaries(rs):  # the unit first, from the row as loaded
+    def summaries(rs):  # the unit first, from the row as loaded; the texts as the stages encode them
         return [{**r, "completion": " " + r["label"].strip()} for r in with_units(rs, args, "prompt")]
-    cmps = [{**c, "chosen": " " + c["chosen"].strip(), "rejected": " " + c["rejected"].strip()}
-            for c in with_units(cmps, args, "prompt")]
+
+    def pairs(cs):
+        return [{**c, "chosen": " " + c["chosen"].strip(), "rejected": " " + c["rejected"].strip()}
+                for c in with_units(cs, args, "prompt")]
+    cmps = pairs(cmps)
     with_comparisons, by_unit = {c["_unit"] for c in cmps}, lambda r: r["_unit"]
     kept = [r for r in summaries(rows) if r["_unit"] not in with_comparisons]
     d1, d3, *held = hash_split(kept, by_unit, private_fractions(args, public), args.seed)
-    d2, d2_test = (cmps, with_units(public_cmps, args, "prompt")) if public_cmps is not None else \
+    d2, d2_test = (cmps, pairs(public_cmps)) if public_cmps is not None else \
         hash_split(cmps, by_unit, [0.9, 0.1], args.seed)  # (the built-in test comparisons are public)
     data = {"sft": d1, "comparisons": d2, "comparisons_test": d2_test, "ppo": d3,
             "test": summaries(public)[:args.num_test] if public else held[0]}
@@ -1533,7 +1536,7 @@ class SentimentArgs(RunArgs):
     num_ppo: int = arg(160000, "expected prompts in D3 (built-in data; real data: a keyed hash)", limit=">=1")
     num_test: int = arg(2000, "test prompts: the built-in public test set, or a Hub test split's first", limit=">=1")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=40, batch_size=1024, kl_coef=0.075))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=50, batch_size=1024, kl_coef=0.06))
 
 
 @dataclass

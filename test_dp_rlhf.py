@@ -1461,6 +1461,10 @@ def test_dry_run_plans_what_the_run_then_does(tmp_path, capsys):
     assert {len(lines[s]) for s in ("sft", "rm", "ppo")}
     assert all(set(x) == {"key", "input", "tokens"} for x in lines["rm"])
     assert set(lines["rm"][0]["input"]) == {"prompt", "chosen", "rejected"} and len(lines["rm"][0]["tokens"]) == 2
+    # the reward model's test comparisons are its training comparisons' kind: the same texts' form
+    for part in ("rm", "rm_test"):
+        assert all(x["input"][k].startswith(" ") and not x["input"][k].startswith("  ")
+                   for x in lines[part] for k in ("chosen", "rejected")), part
     assert not {x["key"] for x in lines["sft"]} & {x["key"] for x in lines["ppo"]} & {x["key"] for x in lines["rm"]}
     r = run_cli(*flags, "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
