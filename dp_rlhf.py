@@ -1536,7 +1536,7 @@ class SentimentArgs(RunArgs):
     num_ppo: int = arg(160000, "expected prompts in D3 (built-in data; real data: a keyed hash)", limit=">=1")
     num_test: int = arg(2000, "test prompts: the built-in public test set, or a Hub test split's first", limit=">=1")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=1.0))
-    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=50, batch_size=1024, kl_coef=0.06))
+    ppo: PPOArgs = field(default_factory=lambda: PPOArgs(steps=50, batch_size=1024, kl_coef=0.075))
 
 
 @dataclass
@@ -1975,7 +1975,10 @@ def learned_reward(args, run: Run, sft_lm, tok, rm_base, inputs: dict, plans: di
 
 
 def sentiment_metrics(args, data, texts, scores) -> dict:
-    return {"reward": scores.mean().item()}
+    """The public reward, and the share of responses that say one word three times in a row: the
+    lexicon reward's easiest hack, which a too small beta lets DPPPO find (NOTES.md)."""
+    repeats = [bool(re.search(r"\b(\w+)( \1\b){2}", y)) for y in texts]
+    return {"reward": scores.mean().item(), "repeats": float(np.mean(repeats))}
 
 
 def rlhf_metrics(args, data, texts, scores) -> dict:
@@ -2142,11 +2145,12 @@ def sweep_table(results: dict, task: str) -> str:
     if task == "audit":
         return audit_table(results, head, row)
     out = []
-    for metric in ["reward"] + (["true_preference", "rouge1", "rouge2", "rougeL"] if task == "rlhf" else []):
-        if metric in results[eps[0]][0]["eval"]["aligned"]:
+    for metric in ["reward"] + (["true_preference", "rouge1", "rouge2", "rougeL"] if task == "rlhf" else ["repeats"]):
+        if all(metric in s["eval"]["aligned"] for e in eps for s in results[e]):
             rows = [row(m, (_cell([s["eval"][m][metric] for s in results[e]]) for e in eps))
                     for m in ("pretrained", "sft", "aligned")]
-            if math.inf in results and not (task == "rlhf" and metric == "reward"):  # (a DP RM per column)
+            own_rm = task == "rlhf" and metric == "reward"  # each column has its own DP reward model
+            if math.inf in results and metric != "repeats" and not own_rm:
                 rows.append(row("recovered", (_cell(recovered(results, e, metric), percent=True) for e in eps)))
             out.append(f"{metric}\n\n" + head + "\n".join(rows))
     if task == "rlhf":
@@ -2158,11 +2162,15 @@ def sweep_table(results: dict, task: str) -> str:
 def audit_table(results: dict, head: str, row) -> str:
     """The audit's sweep: the claim, each observer's proved bound per seed, and TPR at three FPRs."""
     eps = list(results)
-    rows = [row("claimed (spent)", (_cell([s["stages"]["sft"]["epsilon"] for s in results[e]]) for e in eps))]
+    rows = [row("claimed", (_cell([s["epsilon_claimed"] for s in results[e]]) for e in eps))]
+    if any(s["noise_scale"] != 1 for e in eps for s in results[e]):  # a broken mechanism, on purpose
+        really = lambda s: f"x{s['noise_scale']:g}: {s['stages']['sft']['epsilon']:.2f}"
+        rows.append(row("run with noise x, really", (" / ".join(map(really, results[e])) for e in eps)))
     for o in ("every_step", "final"):
         bounds = (" / ".join(f"{s[o]['epsilon_lower_bound']:.2f}" for s in results[e]) for e in eps)
         rows.append(row(f"lower bound, {o.replace('_', '-')}", bounds))
-    for name, key in (("the mechanism", None), ("every-step attack", "every_step"), ("final-iterate attack", "final")):
+    for name, key in (("claimed mechanism", None), ("every-step attack", "every_step"),
+                      ("final-iterate attack", "final")):
         tprs = [[s[key]["tpr_at_fpr"] if key else s["mechanism_tpr_at_fpr"] for s in results[e]] for e in eps]
         rows.append(row(f"TPR, {name}", (" / ".join(f"{np.mean([t[i] for t in ts]):.3f}" for i in range(3))
                                          for ts in tprs)))
@@ -2452,10 +2460,27 @@ class AuditArgs(CommonArgs):
     guesses: str = arg("10,20,50,100,200,500", "numbers k of membership guesses tried (the k top-scored canaries); "
                        "the confidence is split over them (Bonferroni)")
     confidence: float = arg(0.95, "confidence of the lower bound", limit="(0,1)")
+    noise_scale: float = arg(1.0, "audit a broken mechanism: noise at this fraction of the sigma the claim is "
+                             "computed from (1: honest; try 0.25 with --epsilon 1 to see it caught)",
+                             limit="finite>=0")
     sft: SFTArgs = field(default_factory=lambda: SFTArgs(epochs=2.0, max_completion=32))
 
 
 AUDIT_FPRS = (0.001, 0.01, 0.1)
+
+
+def audit_report(s: dict, plan: StagePlan) -> str:
+    """The audit's two lines: the claim (and, broken on purpose, the truth), the bounds, the TPRs."""
+    tprs = lambda ts: ", ".join(f"{t:.3f}" for t in ts)
+    truth = f", run with noise x{s['noise_scale']:g}: really {s['stages']['sft']['epsilon']:.3f}"
+    most = f"{s['epsilon_provable']:.3f}" + " (below the claim: no run can be caught here)" * (
+        s["epsilon_provable"] < s["epsilon_claimed"])
+    return (f"claimed epsilon {s['epsilon_claimed']:.3f} (target {s['epsilon']:g}, q={plan.sample_rate:g}, "
+            f"T={plan.steps}, sigma={plan.noise_multiplier:.3f}{truth * (s['noise_scale'] != 1)}); lower bounds at "
+            f"{s['confidence']:.0%}: every-step {s['every_step']['epsilon_lower_bound']:.3f}, final iterate "
+            f"{s['final']['epsilon_lower_bound']:.3f}; every guess right would prove {most}\n"
+            f"TPR at FPR {tprs(s['fpr'])}: the claimed mechanism {tprs(s['mechanism_tpr_at_fpr'])}, the every-step "
+            f"attack {tprs(s['every_step']['tpr_at_fpr'])}, the final-iterate attack {tprs(s['final']['tpr_at_fpr'])}")
 
 
 def run_audit(args: AuditArgs) -> dict:
@@ -2480,13 +2505,17 @@ def run_audit(args: AuditArgs) -> dict:
         expected_n = args.num_sft + args.canaries / 2  # q and T from E[|D1|], never from the coins under audit
         sft = dataclasses.replace(args.sft, batch_size=args.sample_rate * expected_n)
         plan = plan_stages(dataclasses.replace(args, sft=sft), {"sft": expected_n}, args.delta)["sft"]
-        observer = EveryStepObserver(args.sft.max_grad_norm)
-        entry = dp_train("sft", model, canary_sft_loss(model, args.sft.max_grad_norm), data, plan, sft,
+        claim = ACCOUNTANT()  # what the run claims: the plan's sigma; --noise-scale breaks the mechanism, not the claim
+        claim.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, num_steps=plan.steps)
+        claimed = claim.get_epsilon(plan.delta) if plan.private else math.inf
+        observer, run_plan = EveryStepObserver(args.sft.max_grad_norm), dataclasses.replace(
+            plan, noise_multiplier=plan.noise_multiplier * args.noise_scale)
+        entry = dp_train("sft", model, canary_sft_loss(model, args.sft.max_grad_norm), data, run_plan, sft,
                          generator=run.generator, hooks=observer)
         scores = {"every-step": canary_llr(torch.stack(observer.x, 1), plan.sample_rate, plan.noise_multiplier),
                   "final": -model.canary.detach().cpu().double()}  # a member's coordinate went down when sampled
         ks, alpha = [int(k) for k in args.guesses.split(",")], (1 - args.confidence) / len(args.guesses.split(","))
-        audits = {}
+        audits, most = {}, max(audit_epsilon_lower_bound(args.canaries, k, k, args.delta, alpha) for k in ks)
         for name, s in scores.items():
             order = torch.argsort(s, descending=True, stable=True)
             rows = [{"guesses": k, "right": (v := int(coins[order[:k]].sum())),
@@ -2498,18 +2527,13 @@ def run_audit(args: AuditArgs) -> dict:
             if plan.private else [1.0] * len(AUDIT_FPRS)
         summary = {"config": config_of(args), "task": "audit", "model": args.model, "epsilon": args.epsilon,
                    "delta": args.delta, "seed": args.seed, "secret_noise": not args.reproducible_noise,
+                   "epsilon_claimed": claimed, "noise_scale": args.noise_scale, "epsilon_provable": most,
                    "canaries": args.canaries, "members": len(members), "confidence": args.confidence,
                    "observe": args.observe, "epsilon_lower_bound": audits[args.observe]["epsilon_lower_bound"],
                    "fpr": list(AUDIT_FPRS), "every_step": audits["every-step"], "final": audits["final"],
                    "mechanism_tpr_at_fpr": theory, "stages": {"sft": entry}, "seconds": time.time() - t0}
         write_json(os.path.join(run.work, "summary.json"), summary)
-    tprs = lambda ts: ", ".join(f"{t:.3f}" for t in ts)
-    print(f"claimed epsilon {entry['epsilon']:.3f} (target {args.epsilon:g}, q={plan.sample_rate:g}, T={plan.steps}, "
-          f"sigma={plan.noise_multiplier:.3f}); lower bounds at {args.confidence:.0%}: every-step "
-          f"{audits['every-step']['epsilon_lower_bound']:.3f}, final iterate "
-          f"{audits['final']['epsilon_lower_bound']:.3f}\nTPR at FPR {tprs(AUDIT_FPRS)}: the mechanism {tprs(theory)}, "
-          f"the every-step attack {tprs(audits['every-step']['tpr_at_fpr'])}, the final-iterate attack "
-          f"{tprs(audits['final']['tpr_at_fpr'])}  -> {run.out}/summary.json")
+    print(audit_report(summary, plan) + f"  -> {run.out}/summary.json")
     return summary
 
 
@@ -2816,6 +2840,7 @@ def validate(args, epsilons: list[float] | None = None):
         ks = _parse_list("guesses", args.guesses, int, "numbers of guesses like 50,100,200")
         rules.append((f"--guesses {args.guesses} is not allowed with --canaries {args.canaries}: each k must be in "
                       "[1, canaries]", not all(0 < k <= args.canaries for k in ks)))
+        rules.append(("--sft-steps 0 is not allowed in audit: there would be no update to audit", args.sft.steps == 0))
     for message, applies in rules:
         if applies:
             raise UserError(message)
@@ -2859,6 +2884,8 @@ def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] |
         ("dry_run", bool({"sweep", "seeds"} & given), "a dry run plans one run; drop --sweep and --seeds"),
         ("checkpoint_every", command == "audit" or getattr(args, "dry_run", False), "this run is not checkpointed"),
         ("sft_batch_size", command == "audit", "--sample-rate sets the audited stage's batch"),
+        ("sft_epsilon", command == "audit", "--epsilon is the audited stage's target"),
+        ("noise_scale", not any(finite.values()), "at epsilon inf there is no noise to scale"),
         *[(f"base_{f.name}", not uses_base, "the built-in base model is not used by this run")
           for f in dataclasses.fields(BaseModelArgs)],
     ]

@@ -874,6 +874,13 @@ def test_a_dpppo_iteration_never_runs_the_lm_head_on_more_rows_than_the_chunk(ti
 
 
 @pytest.mark.unit
+def test_sentiment_repeats_counts_a_word_said_three_times_in_a_row():
+    texts = [" loved loved loved it", " i loved it . i loved it", " the the end", " soundtrack . the the the", " loved"]
+    m = d.sentiment_metrics(None, None, texts, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert m == {"reward": 3.0, "repeats": 2 / 5}  # "loved loved loved" and "the the the"; "loved" apart is fine
+
+
+@pytest.mark.unit
 def test_rouge_worked_example():
     # By hand: unigram overlap 6 (the x2, quick, brown, dog, jumps) of 8 predicted / 9 reference;
     # bigram overlap 2 (the quick, quick brown) of 7 / 8; LCS "the quick brown jumps the" = 5.
@@ -1432,6 +1439,10 @@ TINY_SMOKE = ["--num-sft", "200", "--num-ppo", "200", "--num-test", "16", "--sft
     (["sentiment", "--base-n-embd", "65", "--base-n-head", "2"], "--base-n-embd 65"),
     (["sentiment", "--resume", "somewhere.partial", "--sft-lr", "1"], "--sft-lr"),
     (["audit", "--checkpoint-every", "5"], "--checkpoint-every"), (["rlhf", "--rm-head", "mean"], "--rm-head 'mean'"),
+    (["audit", "--sft-batch-size", "64"], "--sft-batch-size"), (["audit", "--noise-scale", "-1"], "--noise-scale -1"),
+    (["audit", "--noise-scale", "inf"], "--noise-scale inf"), (["audit", "--sft-epsilon", "4"], "--sft-epsilon"),
+    (["audit", "--epsilon", "inf", "--noise-scale", "0.5"], "--noise-scale"),
+    (["audit", "--sft-steps", "0"], "--sft-steps 0"),
     (["rlhf", "--batch-size", "8", "--sft-batch-size", "8", "--rm-batch-size", "8", "--ppo-batch-size", "8"],
      "--batch-size"), (["sentiment", "--epsilon", "inf", "--composition", "sequential"], "--composition"),
     (["rlhf", "--dataset", "t.jsonl", "--comparisons", "c.jsonl", "--user-column", "label"], "--user-column label"),
@@ -1558,12 +1569,19 @@ def test_audit_passes_an_honest_run_and_catches_noise_switched_off(tmp_path, mon
     # the every-step attack reaches the mechanism's own curve: within 4 standard errors at FPR 10 %
     tpr, theory = honest["every_step"]["tpr_at_fpr"][2], honest["mechanism_tpr_at_fpr"][2]
     assert abs(tpr - theory) < 4 * math.sqrt(theory * (1 - theory) / honest["members"]) + 0.05, (tpr, theory)
+    assert honest["epsilon_claimed"] == sft["epsilon"] and honest["noise_scale"] == 1.0
+    broken = d.run_audit(d.AuditArgs(epsilon=1.0, noise_scale=0.0, out=str(tmp_path / "broken"), **TINY_AUDIT))
+    assert broken["epsilon_claimed"] == honest["epsilon_claimed"] <= 1.0  # it still *claims* epsilon 1 ...
+    assert broken["stages"]["sft"]["epsilon"] == math.inf  # ... the mechanism run has no noise ...
+    assert broken["every_step"]["epsilon_lower_bound"] > 2.0  # ... and the audit proves the claim false
+    assert broken["every_step"]["tpr_at_fpr"][0] > 1 - 0.75 ** 8 - 0.05  # every member sampled at least once
+    assert broken["mechanism_tpr_at_fpr"] == honest["mechanism_tpr_at_fpr"]  # the curve is the claim's, not the run's
+    assert broken["every_step"]["epsilon_lower_bound"] <= broken["epsilon_provable"] == honest["epsilon_provable"]
+    # the flag breaks the mechanism inside privatize, where the noise is drawn: the same run with it patched
     real = d.privatize
     monkeypatch.setattr(d, "privatize", lambda grads, **kw: real(grads, **{**kw, "noise_multiplier": 0.0}))
-    broken = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "broken"), **TINY_AUDIT))
-    assert broken["stages"]["sft"]["epsilon"] <= 1.0  # it still *claims* epsilon 1 ...
-    assert broken["every_step"]["epsilon_lower_bound"] > 2.0  # ... and the audit proves it is not
-    assert broken["every_step"]["tpr_at_fpr"][0] > 1 - 0.75 ** 8 - 0.05  # every member sampled at least once
+    patched = d.run_audit(d.AuditArgs(epsilon=1.0, out=str(tmp_path / "patched"), **TINY_AUDIT))
+    assert patched["every_step"]["guesses"] == broken["every_step"]["guesses"]
 
 
 # ------------------------------------------------------------------------------------ the file's shape
