@@ -1923,16 +1923,20 @@ def texts_of(lines: list[dict], *fields) -> list[list[str]]:
     return [[x["input"][f] for x in lines] for f in fields]
 
 
+def planned_epsilon(plan: StagePlan) -> float:
+    """The epsilon a plan spends if it runs all its steps at its sigma (<= its target)."""
+    accountant = ACCOUNTANT()
+    accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, num_steps=plan.steps)
+    return accountant.get_epsilon(plan.delta) if plan.private else math.inf
+
+
 def write_plan(run: Run, task: str, args, plans: dict, inputs: dict, report: dict) -> dict:
     """--dry-run: print the plan (per stage N, q, steps, sigma, the epsilon it spends, delta), write
     plan.json and inputs/<stage>.jsonl. Diff two dry runs to see what one unit changes."""
     print(f"plan ({task}, nothing trained):", file=sys.stderr)
     stages = {}
     for name, p in plans.items():
-        accountant = ACCOUNTANT()
-        accountant.step(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, num_steps=p.steps)
-        stages[name] = {**dataclasses.asdict(p), "epsilon_spent": accountant.get_epsilon(p.delta) if p.private
-                        else math.inf}
+        stages[name] = {**dataclasses.asdict(p), "epsilon_spent": planned_epsilon(p)}
         print(f"  {name:4s} N={p.num_private_examples} q={p.sample_rate:.4f} steps={p.steps} sigma="
               f"{p.noise_multiplier:.3f} epsilon={stages[name]['epsilon_spent']:.3f} (target {p.epsilon:g}) "
               f"delta={p.delta:.2e}", file=sys.stderr)
@@ -2472,11 +2476,12 @@ AUDIT_FPRS = (0.001, 0.01, 0.1)
 def audit_report(s: dict, plan: StagePlan) -> str:
     """The audit's two lines: the claim (and, broken on purpose, the truth), the bounds, the TPRs."""
     tprs = lambda ts: ", ".join(f"{t:.3f}" for t in ts)
-    truth = f", run with noise x{s['noise_scale']:g}: really {s['stages']['sft']['epsilon']:.3f}"
-    most = f"{s['epsilon_provable']:.3f}" + " (below the claim: no run can be caught here)" * (
-        s["epsilon_provable"] < s["epsilon_claimed"])
+    truth = (f", run with noise x{s['noise_scale']:g}: really {s['stages']['sft']['epsilon']:.3f}"
+             if s["noise_scale"] != 1 else "")
+    most = f"{s['epsilon_provable']:.3f}" + (" (below the claim: no run can be caught here)"
+                                             if s["epsilon_provable"] < s["epsilon_claimed"] else "")
     return (f"claimed epsilon {s['epsilon_claimed']:.3f} (target {s['epsilon']:g}, q={plan.sample_rate:g}, "
-            f"T={plan.steps}, sigma={plan.noise_multiplier:.3f}{truth * (s['noise_scale'] != 1)}); lower bounds at "
+            f"T={plan.steps}, sigma={plan.noise_multiplier:.3f}{truth}); lower bounds at "
             f"{s['confidence']:.0%}: every-step {s['every_step']['epsilon_lower_bound']:.3f}, final iterate "
             f"{s['final']['epsilon_lower_bound']:.3f}; every guess right would prove {most}\n"
             f"TPR at FPR {tprs(s['fpr'])}: the claimed mechanism {tprs(s['mechanism_tpr_at_fpr'])}, the every-step "
@@ -2505,9 +2510,7 @@ def run_audit(args: AuditArgs) -> dict:
         expected_n = args.num_sft + args.canaries / 2  # q and T from E[|D1|], never from the coins under audit
         sft = dataclasses.replace(args.sft, batch_size=args.sample_rate * expected_n)
         plan = plan_stages(dataclasses.replace(args, sft=sft), {"sft": expected_n}, args.delta)["sft"]
-        claim = ACCOUNTANT()  # what the run claims: the plan's sigma; --noise-scale breaks the mechanism, not the claim
-        claim.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, num_steps=plan.steps)
-        claimed = claim.get_epsilon(plan.delta) if plan.private else math.inf
+        claimed = planned_epsilon(plan)  # the plan's sigma: --noise-scale breaks the mechanism, not the claim
         observer, run_plan = EveryStepObserver(args.sft.max_grad_norm), dataclasses.replace(
             plan, noise_multiplier=plan.noise_multiplier * args.noise_scale)
         entry = dp_train("sft", model, canary_sft_loss(model, args.sft.max_grad_norm), data, run_plan, sft,
