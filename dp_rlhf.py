@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import resource
 import secrets
@@ -2656,8 +2657,6 @@ def _trl_child(ns) -> dict:
     `step`), non-private and fully fine-tuned, one epoch over one minibatch of the batch; prompts of
     2-7 random token ids, 15 new tokens, a toy reward. Runs in TRL's own virtual environment
     (transformers 4.x), so this module imports there too; trl is imported here only."""
-    import random
-
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
     torch.manual_seed(0)
     random.seed(0)

@@ -571,11 +571,11 @@ def run_cli(*args, env=None, timeout=600):
                           timeout=timeout, env=env)
 
 
-def test_cli_privacy_prints_golden_epsilon():
-    r = run_cli("privacy", "--noise-multiplier", "1.5", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5")
-    assert r.returncode == 0 and "epsilon=7.329" in r.stdout
-    r = run_cli("privacy", "--epsilon", "7.3293", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5")
-    assert r.returncode == 0 and "noise_multiplier=1.5" in r.stdout
+def test_cli_privacy_prints_golden_epsilon(capsys):
+    d.main(["privacy", "--noise-multiplier", "1.5", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5"])
+    assert "epsilon=7.329" in capsys.readouterr().out
+    d.main(["privacy", "--epsilon", "7.3293", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5"])
+    assert "noise_multiplier=1.5" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bad,word", [
@@ -629,7 +629,7 @@ def test_sentiment_end_to_end(tmp_path):
     assert (out / "policy" / "model.safetensors").exists()
 
 
-def test_resume_after_ctrl_c_mid_ppo_gives_the_uninterrupted_ledger(tmp_path):
+def test_resume_after_ctrl_c_mid_ppo_gives_the_uninterrupted_ledger(tmp_path, capsys):
     """Ctrl-C mid-DPPPO leaves <out>.partial with a checkpoint and one line saying how to go on;
     --resume finishes the run with the ledger of an uninterrupted one (same steps, same epsilon)."""
     import signal
@@ -650,13 +650,13 @@ def test_resume_after_ctrl_c_mid_ppo_gives_the_uninterrupted_ledger(tmp_path):
     assert not out.exists() and not [f for f in work.rglob("*") if f.name.endswith(".partial")]
     ckpt = d.Checkpoint(str(work), 0)  # per stage its state as of its last finished step: SFT done, DPPPO at >= 4
     assert ckpt.saved("sft")[0]["step"] == 3 and ckpt.saved("ppo")[0]["step"] >= 4 and ckpt.saved("rm") is None
-    r = run_cli(*flags, "--out", str(out))  # a new run would throw the interrupted one away: refused
-    assert r.returncode == 2 and f"--resume {work}" in r.stderr and (work / "checkpoint").exists()
-    r = run_cli("sentiment", "--resume", str(work))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resume: ppo from step" in r.stderr and not work.exists()
-    r = run_cli(*flags, "--out", str(tmp_path / "whole"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = run_main(capsys, *flags, "--out", str(out))  # a new run would throw the interrupted one away
+    assert code == 2 and f"--resume {work}" in err and (work / "checkpoint").exists()
+    code, err = run_main(capsys, "sentiment", "--resume", str(work))  # (in this process: no start-up to wait for)
+    assert code == 0, err[-3000:]
+    assert "resume: ppo from step" in err and not work.exists()
+    code, err = run_main(capsys, *flags, "--out", str(tmp_path / "whole"))
+    assert code == 0, err[-3000:]
     resumed, whole = (json.loads((tmp_path / x / "summary.json").read_text()) for x in ("run", "whole"))
     assert resumed["stages"] == whole["stages"] and resumed["total_epsilon"] == whole["total_epsilon"]
     assert resumed["config"] == whole["config"] | {"out": str(out)}
@@ -665,10 +665,10 @@ def test_resume_after_ctrl_c_mid_ppo_gives_the_uninterrupted_ledger(tmp_path):
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
 
 
-def test_sentiment_non_private_writes_infinity(tmp_path):
+def test_sentiment_non_private_writes_infinity(tmp_path, capsys):
     out = tmp_path / "run"
-    r = run_cli("sentiment", "--out", str(out), "--epsilon", "inf", *TINY_SENTIMENT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = run_main(capsys, "sentiment", "--out", str(out), "--epsilon", "inf", *TINY_SENTIMENT)
+    assert code == 0, err[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["stages"]["ppo"]["epsilon"] == math.inf and s["stages"]["ppo"]["noise_multiplier"] == 0
     assert "Infinity" in (out / "summary.json").read_text()
@@ -1016,7 +1016,7 @@ def test_saved_reward_model_scores_like_ours(tmp_path, tiny, head):
         torch.testing.assert_close(theirs, ours[i], atol=1e-5, rtol=1e-4)  # ours: scored in a left-padded batch
 
 
-def test_rlhf_real_loading_path(tmp_path, tiny):
+def test_rlhf_real_loading_path(tmp_path, tiny, capsys):
     lm, tok = tiny
     model_dir = tmp_path / "gpt2"
     lm.save_pretrained(model_dir)
@@ -1036,11 +1036,12 @@ def test_rlhf_real_loading_path(tmp_path, tiny):
     cmps = [json.loads(x) for x in (tmp_path / "cmp.jsonl").read_text().splitlines()]
     d2, d2_held = d.hash_split(cmps, lambda c: c["prompt"], [0.9, 0.1], seed=0)
     assert s["stages"]["rm"]["num_private_examples"] == len(d2) and len(d2_held) >= 2  # the held-out tenth
-    r = run_cli("rlhf", "--model", str(model_dir), "--dataset", str(tmp_path / "tldr.jsonl"), "--out", str(out / "x"))
-    assert r.returncode != 0 and "--comparisons" in r.stderr.strip().splitlines()[-1]
+    code, err = run_main(capsys, "rlhf", "--model", str(model_dir), "--dataset", str(tmp_path / "tldr.jsonl"),
+                         "--out", str(out / "x"))
+    assert code == 2 and "--comparisons" in err.strip().splitlines()[-1]
 
 
-def test_sweep_prints_the_table_with_seeds_and_confidence_intervals(tmp_path):
+def test_sweep_prints_the_table_with_seeds_and_confidence_intervals(tmp_path, capsys):
     out = tmp_path / "sweep"
     r = run_cli("sentiment", "--out", str(out), "--sweep", "2,inf", "--seeds", "0,1", *TINY_SENTIMENT)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1053,10 +1054,10 @@ def test_sweep_prints_the_table_with_seeds_and_confidence_intervals(tmp_path):
     csv = (out / "results.csv").read_text().splitlines()
     assert csv[0] == "metric,model,epsilon,seed,value"
     assert f"reward,aligned,2,1,{runs[1]['eval']['aligned']['reward']}" in csv
-    again = run_cli("sentiment", "--out", str(out), "--sweep", "2,inf", "--seeds", "0,1", *TINY_SENTIMENT)
-    assert again.returncode == 0 and again.stderr.count("reusing") == 4 and (out / "table.md").read_text() == table
-    r = run_cli("sentiment", "--out", str(out), "--sweep", "2,abc", *TINY_SENTIMENT)
-    assert r.returncode != 0 and "--sweep" in r.stderr.strip().splitlines()[-1]
+    code, err = run_main(capsys, "sentiment", "--out", str(out), "--sweep", "2,inf", "--seeds", "0,1", *TINY_SENTIMENT)
+    assert code == 0 and err.count("reusing") == 4 and (out / "table.md").read_text() == table
+    code, err = run_main(capsys, "sentiment", "--out", str(out), "--sweep", "2,abc", *TINY_SENTIMENT)
+    assert code == 2 and "--sweep" in err.strip().splitlines()[-1]
 
 
 @pytest.mark.unit
@@ -1077,15 +1078,17 @@ def _policy_weights(path):
     return load_file(str(path / "policy" / "model.safetensors"))
 
 
-def test_noise_is_secret_by_default_and_reproducible_only_on_request(tmp_path):
+def test_noise_is_secret_by_default_and_reproducible_only_on_request(tmp_path, capsys):
     """Same --seed: default runs differ (noise, Poisson samples and rollouts come from OS entropy);
-    with --reproducible-noise they are identical, and summary.json says which."""
+    with --reproducible-noise they are identical, and summary.json says which. In one process: each
+    run reseeds the public generator, so noise drawn from it would repeat here too."""
     outs = {}
     for name, extra in (("a", []), ("b", []), ("c", ["--reproducible-noise"]), ("d", ["--reproducible-noise"])):
         out = tmp_path / name
-        r = run_cli("sentiment", "--out", str(out), "--epsilon", "4", *TINY_SENTIMENT, "--ppo-steps", "1", *extra)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert ("warning: --reproducible-noise" in r.stderr) == bool(extra)
+        code, err = run_main(capsys, "sentiment", "--out", str(out), "--epsilon", "4", *TINY_SENTIMENT, "--ppo-steps",
+                             "1", *extra)
+        assert code == 0, err[-3000:]
+        assert ("warning: --reproducible-noise" in err) == bool(extra)
         assert json.loads((out / "summary.json").read_text())["secret_noise"] is (not extra)
         outs[name] = _policy_weights(out)
     assert any(not torch.equal(outs["a"][k], outs["b"][k]) for k in outs["a"])
@@ -1147,24 +1150,22 @@ def test_dpppo_takes_noise_only_steps_on_an_empty_batch(tiny):
     assert any(not torch.equal(before[k], p) for k, p in d.trainable(policy).items())  # the noise moved them
 
 
-def test_cli_ppo_batch_size_two_survives_empty_batches(tmp_path):
+def test_cli_ppo_batch_size_two_survives_empty_batches(tmp_path, capsys):
     out = tmp_path / "run"
-    r = run_cli("sentiment", "--out", str(out), *TINY_SENTIMENT, "--num-ppo", "400", "--ppo-batch-size", "2",
-                "--ppo-steps", "12", "--reproducible-noise")  # seed 0: batches of 0 occur (checked below)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = run_main(capsys, "sentiment", "--out", str(out), *TINY_SENTIMENT, "--num-ppo", "400",
+                         "--ppo-batch-size", "2", "--ppo-steps", "12", "--reproducible-noise")  # seed 0: empty batches
+    assert code == 0, err[-3000:]
     sizes = [json.loads(x)["ppo/batch_size"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if "ppo/batch_size" in x]
     assert 0 in sizes and len(sizes) == 12
 
 
-def test_finite_epsilon_with_infinite_clipping_is_refused(tmp_path):
-    r = run_cli("sentiment", "--out", str(tmp_path / "run"), *TINY_SENTIMENT, "--sft-max-grad-norm", "inf")
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and "--sft-max-grad-norm" in lines[0], r.stderr[-2000:]
-    for bad in (["--epsilon", "inf", "--sft-epsilon", "4", "--sft-max-grad-norm", "inf"], ["--ppo-epsilon", "0"]):
-        r = run_cli("sentiment", "--out", str(tmp_path / "run"), *TINY_SENTIMENT, *bad)  # a stage's own epsilon too
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and bad[-2] in lines[0], r.stderr[-2000:]
+def test_finite_epsilon_with_infinite_clipping_is_refused(tmp_path, capsys):
+    for bad in (["--sft-max-grad-norm", "inf"], ["--epsilon", "inf", "--sft-epsilon", "4", "--sft-max-grad-norm",
+                                                 "inf"], ["--ppo-epsilon", "0"]):  # a stage's own epsilon too
+        code, err = run_main(capsys, "sentiment", "--out", str(tmp_path / "run"), *TINY_SENTIMENT, *bad)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and bad[-2] in lines[0], err[-2000:]
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError):
         d.privatize({"w": torch.zeros(2, 3)}, max_grad_norm=math.inf, noise_multiplier=1.0, expected_batch_size=2)
@@ -1477,8 +1478,8 @@ def test_dry_run_plans_what_the_run_then_does(tmp_path, capsys):
         assert all(x["input"][k].startswith(" ") and not x["input"][k].startswith("  ")
                    for x in lines[part] for k in ("chosen", "rejected")), part
     assert not {x["key"] for x in lines["sft"]} & {x["key"] for x in lines["ppo"]} & {x["key"] for x in lines["rm"]}
-    r = run_cli(*flags, "--out", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = run_main(capsys, *flags, "--out", str(tmp_path / "run"))
+    assert code == 0, err[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     for name, p in plan["stages"].items():
         for k in ("num_private_examples", "sample_rate", "steps", "noise_multiplier", "delta"):
