@@ -652,7 +652,7 @@ def test_resume_after_ctrl_c_mid_ppo_gives_the_uninterrupted_ledger(tmp_path, ca
     assert ckpt.saved("sft")[0]["step"] == 3 and ckpt.saved("ppo")[0]["step"] >= 4 and ckpt.saved("rm") is None
     code, err = run_main(capsys, *flags, "--out", str(out))  # a new run would throw the interrupted one away
     assert code == 2 and f"--resume {work}" in err and (work / "checkpoint").exists()
-    code, err = run_main(capsys, "sentiment", "--resume", str(work))  # (in this process: no start-up to wait for)
+    code, err = run_main(capsys, "sentiment", "--resume", str(work))
     assert code == 0, err[-3000:]
     assert "resume: ppo from step" in err and not work.exists()
     code, err = run_main(capsys, *flags, "--out", str(tmp_path / "whole"))
