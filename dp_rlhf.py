@@ -228,8 +228,50 @@ ACCOUNTANT = MomentsAccountant  # the accountant every stage uses; swap it here 
 
 # ===== DP-SGD (Algorithm 2): Poisson sampling, per-sample gradients, clipping, noise, and the loop ==========
 def poisson_sample(num_examples: int, sample_rate: float, generator=None) -> torch.Tensor:
-    """A Poisson sample, each example with probability q, as the accountant assumes (empty is fine)."""
+    """A Poisson sample, each example (unit) with probability q, as the accountant assumes (empty is fine)."""
     return (torch.rand(num_examples, generator=generator) < sample_rate).nonzero().flatten()
+
+
+@dataclass
+class Units:
+    """The protected units of a stage's data: DP-SGD samples and clips units, not records, so the epsilon
+    is that of a unit (a post, a review, a user) whatever its number of records k (else: group privacy of k)."""
+    records: list  # each unit's record indices, in the data's order
+    offset: list   # where each unit's turn through its records starts: a hash of its own id
+
+    @classmethod
+    def of(cls, units: list | None, num_records: int) -> Units:
+        """`units[i]` names record i's unit (None: every record is its own unit)."""
+        groups: dict = {}
+        for i, u in enumerate(range(num_records) if units is None else units):
+            groups.setdefault(u, []).append(i)
+        offset = [int.from_bytes(hashlib.blake2b(str(u).encode(), digest_size=8).digest(), "big") for u in groups]
+        return cls(list(groups.values()), offset)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def pick(self, idx: torch.Tensor, step: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, valid) [B, m]: up to m records of each sampled unit, in turn from its offset at step t, a
+        function of the unit's own records and t alone (nothing drawn, no counter to checkpoint); padded with
+        its first pick, valid False."""
+        rows, valid = torch.zeros(len(idx), m, dtype=torch.long), torch.zeros(len(idx), m, dtype=torch.bool)
+        for b, j in enumerate(idx.tolist()):
+            recs, start = self.records[j], (step * m + self.offset[j]) % len(self.records[j])
+            take = [recs[(start + i) % len(recs)] for i in range(min(m, len(recs)))]
+            rows[b], valid[b, :len(take)] = torch.tensor(take + take[:1] * (m - len(take))), True
+        return rows, valid
+
+
+def unit_mean(loss_fn, has_aux: bool = False):
+    """A unit's loss over its records [m, ...]: the mean of the valid ones, so its gradient is the mean of
+    theirs, clipped once (user-level DP-SGD, Charles et al. 2024). Padding goes by `where`: NaN * 0 is NaN."""
+    def unit_loss_fn(params, valid, *records):
+        out = vmap(loss_fn, in_dims=(None,) + (0,) * len(records))(params, *records)
+        loss, aux = out if has_aux else (out, None)
+        mean = lambda x: torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, 0.0).sum(0) / valid.sum()
+        return (mean(loss), mean(aux)) if has_aux else mean(loss)
+    return unit_loss_fn
 
 
 def per_sample_grads(loss_fn, params: dict, *batch, chunk_size: int | None = None, has_aux: bool = False):
@@ -370,17 +412,23 @@ def dp_step(state: TrainState, loss_fn, batch: tuple, plan: StagePlan, *, expect
     return noisy, aux
 
 
-def dp_train(stage: str, module: nn.Module, loss_fn, data: tuple, plan: StagePlan, args, *, generator,
-             hooks: Hooks = NO_HOOKS, has_aux: bool = False) -> dict:
-    """Algorithm 2 as a loop (stages 1 and 2): `data` has the private example first, data[1] the mask."""
+def dp_train(stage: str, module: nn.Module, loss_fn, data: tuple, plan: StagePlan, args, *,
+             units: Units | None = None, generator, hooks: Hooks = NO_HOOKS, has_aux: bool = False) -> dict:
+    """Algorithm 2 as a loop (stages 1 and 2) over `units` of `data` (the records first, data[1] the mask):
+    each sampled unit gives one clipped gradient, of its record in turn or the mean of m (`unit_records`)."""
     state = hooks.restore(stage, TrainState.new(module, args.lr), plan)
-    device = next(iter(state.params.values())).device
+    device, m = next(iter(state.params.values())).device, args.unit_records
+    units = Units.of(None, len(data[0])) if units is None else units
     for _ in range(state.step, plan.steps):
-        idx = poisson_sample(len(data[0]), plan.sample_rate, generator)  # B: each example with prob. q
-        batch = trim_left(*(t[idx] for t in data), mask=data[1][idx])
-        update, aux = dp_step(state, loss_fn, tuple(t.to(device) for t in batch), plan, generator=generator,
+        idx = poisson_sample(len(units), plan.sample_rate, generator)  # B: each unit with prob. q
+        rows, valid = units.pick(idx, state.step, m)
+        rows = rows[:, 0] if m == 1 else rows
+        batch = trim_left(*(t[rows] for t in data), mask=data[1][rows])
+        batch = batch if m == 1 else (valid, *batch)
+        update, aux = dp_step(state, loss_fn if m == 1 else unit_mean(loss_fn, has_aux),
+                              tuple(t.to(device) for t in batch), plan, generator=generator,
                               expected_batch_size=plan.expected_batch_size, chunk_size=args.chunk_size,
-                              has_aux=has_aux)  # (sum of clipped g_i + N(0, sigma^2 C^2)) / qN, then AdamW
+                              has_aux=has_aux)  # (sum of clipped g_u + N(0, sigma^2 C^2)) / qN, then AdamW
         state.account(plan)
         hooks.step(stage, state, plan, batch_size=len(idx), aux=aux, update=update)
     entry = ledger_entry(state.accountant, plan)
@@ -596,6 +644,8 @@ class SFTArgs:
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)", limit=">=0")
     max_completion: int = arg(48, "completion (summary) tokens kept", limit=">=0")
     chunk_size: int = arg(16, "per-sample gradients of this many at once (0: all; 16: fast on CPU)", limit=">=0")
+    unit_records: int = arg(1, "records of a sampled unit in its one clipped gradient (1: one, in turn; m: their "
+                            "mean)", limit=">=1")
     epsilon: float | None = arg(None, "this stage's own target epsilon (default --epsilon), for ablations", limit=">0")
 
 
@@ -607,12 +657,14 @@ def sft_loss(causal_lm: nn.Module):
     return loss_fn
 
 
-def dp_sft(lm, tokenizer, prompts, completions, plan: StagePlan, args: SFTArgs, *, generator,
+def dp_sft(lm, tokenizer, prompts, completions, plan: StagePlan, args: SFTArgs, *, units=None, generator,
            hooks: Hooks = NO_HOOKS) -> dict:
-    """Stage 1: LoRA on (prompt, completion) pairs with DP-SGD, the loss on the completion only."""
+    """Stage 1: LoRA on (prompt, completion) pairs with DP-SGD, the loss on the completion only;
+    `units[i]` names pair i's protected unit (default: each pair its own)."""
     model = CausalLM(lm)
     data = encode(tokenizer, prompts, completions, max_prompt=args.max_prompt, max_completion=args.max_completion)
-    return dp_train("sft", model, sft_loss(model), data, plan, args, generator=generator, hooks=hooks)
+    return dp_train("sft", model, sft_loss(model), data, plan, args, units=Units.of(units, len(prompts)),
+                    generator=generator, hooks=hooks)
 
 
 # ===== STAGE 2: DP REWARD MODEL (Eq. 1): Bradley-Terry on D2's comparisons, with DP-SGD =====================
@@ -641,11 +693,12 @@ def reward_loss(rm: nn.Module):
 
 
 def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, plan: StagePlan, args: RMArgs, *,
-                    generator, hooks: Hooks = NO_HOOKS) -> dict:
-    """Stage 2: the scalar head (and LoRA) on comparisons with DP-SGD."""
+                    units=None, generator, hooks: Hooks = NO_HOOKS) -> dict:
+    """Stage 2: the scalar head (and LoRA) on comparisons with DP-SGD; `units[i]` names comparison i's unit."""
     data = encode_comparisons(tokenizer, prompts, chosen, rejected, max_prompt=args.max_prompt,
                               max_completion=args.max_completion)
-    return dp_train("rm", rm, reward_loss(rm), data, plan, args, generator=generator, hooks=hooks, has_aux=True)
+    return dp_train("rm", rm, reward_loss(rm), data, plan, args, units=Units.of(units, len(prompts)),
+                    generator=generator, hooks=hooks, has_aux=True)
 
 
 # ===== STAGE 3: DPPPO (Algorithm 3, Eq. 2) ==================================================================
@@ -763,6 +816,8 @@ class PPOArgs:
     response_max: int = arg(16, "most new tokens", limit=">=1")
     max_prompt: int = arg(96, "prompt tokens kept (the end of the prompt)", limit=">=0")
     chunk_size: int = arg(64, "per-sample gradients of this many at once (0: all; 64: fast on CPU)", limit=">=0")
+    unit_records: int = arg(1, "prompts of a sampled unit in its one clipped gradient (1: one, in turn; m: the "
+                            "mean over their trajectories)", limit=">=1")
     rollout_chunk_size: int = arg(256, "rows a pass to sample, the reference, the baseline (0: all)", limit=">=0")
     epsilon: float | None = arg(None, "this stage's own target epsilon (default --epsilon), for ablations", limit=">0")
 
@@ -847,20 +902,26 @@ def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
     return rewards, kl.sum(-1)
 
 
-def ppo_update(state: TrainState, loss_fn, ro: Rollout, advantages, returns, plan: StagePlan, args, generator):
-    """Each trajectory to one of k minibatches, drawn apart from the data: with T_PPO = 1 it is in one
-    noisy update (divided by the expected qN / k). Returns (policy loss, value loss, clip fraction)."""
+def ppo_update(state: TrainState, loss_fn, ro: Rollout, advantages, returns, plan: StagePlan, args, generator,
+               unit_rows: tuple | None = None):
+    """Each unit to one of k minibatches, drawn apart from the data and the other units: with T_PPO = 1 it is
+    in one noisy update (divided by the expected qN / k) as one clipped vector, its trajectory's gradient or
+    the mean of its trajectories' (`unit_rows`: (rows of `ro` [B, m], valid)). Returns (policy loss, value
+    loss, clip fraction) per unit."""
     if args.whiten == "trajectory":  # within one trajectory, never across the batch
         mu = masked_mean(advantages, ro.action_mask)[:, None]
         sd = masked_mean((advantages - mu) ** 2, ro.action_mask)[:, None].sqrt()
         advantages = (advantages - mu) / (sd + 1e-8) * ro.action_mask
-    minibatch_of = torch.randint(args.minibatches, (len(ro.ids),), generator=generator)
+    traj, valid = unit_rows if unit_rows is not None else (None, None)
+    num_units = len(ro.ids) if traj is None else len(traj)
+    minibatch_of = torch.randint(args.minibatches, (num_units,), generator=generator)
     r = slice(ro.prompt_len - 1, None)  # the target columns that can hold response tokens
     batch = (ro.ids, ro.mask, ro.action_mask[:, r], ro.logprobs[:, r], ro.values[:, r], advantages[:, r], returns[:, r])
     stats = []
     for _, j in itertools.product(range(args.epochs), range(args.minibatches)):
         sel = (minibatch_of == j).nonzero().flatten().to(ro.ids.device)
-        _, aux = dp_step(state, loss_fn, tuple(x[sel] for x in batch), plan, generator=generator,
+        mb = tuple(x[sel] for x in batch) if traj is None else (valid[sel], *(x[traj[sel]] for x in batch))
+        _, aux = dp_step(state, loss_fn if traj is None else unit_mean(loss_fn, True), mb, plan, generator=generator,
                          expected_batch_size=plan.expected_batch_size / args.minibatches, chunk_size=args.chunk_size,
                          has_aux=True)
         stats += [aux] if aux is not None else []
@@ -868,19 +929,22 @@ def ppo_update(state: TrainState, loss_fn, ro: Rollout, advantages, returns, pla
 
 
 def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: StagePlan, args: PPOArgs, *,
-          generator, eos_id=None, hooks: Hooks = NO_HOOKS) -> dict:
-    """Stage 3, Algorithm 3: PPO with DP-SGD on D3's prompts, rewarded by `reward_fn(prompts, responses)`."""
+          units=None, generator, eos_id=None, hooks: Hooks = NO_HOOKS) -> dict:
+    """Stage 3, Algorithm 3: PPO with DP-SGD on D3's prompts, rewarded by `reward_fn(prompts, responses)`;
+    `units[i]` names prompt i's protected unit (default: each prompt its own)."""
     args.validate(plan.epsilon)
     state = hooks.restore("ppo", TrainState.new(policy, args.lr), plan)
     device = next(iter(state.params.values())).device
     p_ids, p_mask, _ = encode(tokenizer, prompts, max_prompt=args.max_prompt)
     loss_fn = ppo_loss(policy, cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=args.vf_coef)
     baseline = PromptBaseline(policy, tokenizer, reward_fn, prompts, args, eos_id)
+    units, m = Units.of(units, len(prompts)), args.unit_records
     for it in range(state.step, plan.steps):
         for group in state.optimizer.param_groups:  # a function of the iteration only: no private data
             group["lr"] = args.lr * (1 - it / plan.steps) if args.lr_schedule == "linear" else args.lr
-        # 1. Poisson-sample prompts x from D3 (an empty batch still takes its noisy steps).
-        idx = poisson_sample(len(prompts), plan.sample_rate, generator)
+        # 1. Poisson-sample units of D3 and take their prompts x (an empty batch still takes its noisy steps).
+        rows, valid = units.pick(poisson_sample(len(units), plan.sample_rate, generator), it, m)
+        idx = rows[valid]  # one prompt a unit (m = 1), or up to m
         x_ids, x_mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
         # 2. Roll out y ~ pi(. | x), keeping log pi_old, log LM_sft and V_old per response token.
         lengths = torch.randint(args.response_min, args.response_max + 1, (len(idx),), generator=generator)
@@ -895,9 +959,11 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
         advantages, returns = gae(rewards, ro.values, ro.action_mask, gamma=args.gamma, lam=args.lam)
         # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss, over k minibatches of the trajectories.
         with hooks.phase("update"):
-            stats = ppo_update(state, loss_fn, ro, advantages, returns, plan, args, generator)
+            pos = valid.flatten().cumsum(0).view_as(valid) - 1  # a unit's trajectories in `ro`, padded by its first
+            unit_rows = None if m == 1 else (torch.where(valid, pos, pos[:, :1]).to(device), valid.to(device))
+            stats = ppo_update(state, loss_fn, ro, advantages, returns, plan, args, generator, unit_rows)
         state.account(plan)  # k disjoint minibatches of one Poisson sample: one subsampled Gaussian
-        hooks.step("ppo", state, plan, batch_size=len(idx), reward=scores, kl=kl, aux=stats,
+        hooks.step("ppo", state, plan, batch_size=len(rows), reward=scores, kl=kl, aux=stats,
                    response_len=ro.action_mask.sum(-1), lr=state.optimizer.param_groups[0]["lr"])
     entry = ledger_entry(state.accountant, plan)
     hooks.finish("ppo", state, entry)
@@ -1924,6 +1990,11 @@ def texts_of(lines: list[dict], *fields) -> list[list[str]]:
     return [[x["input"][f] for x in lines] for f in fields]
 
 
+def units_of(lines: list[dict]) -> list[str]:
+    """Each input line's protected unit (its keyed hash): what the stage samples and clips."""
+    return [x["key"] for x in lines]
+
+
 def planned_epsilon(plan: StagePlan) -> float:
     """The epsilon a plan spends if it runs all its steps at its sigma (<= its target)."""
     accountant = ACCOUNTANT()
@@ -1969,7 +2040,7 @@ def learned_reward(args, run: Run, sft_lm, tok, rm_base, inputs: dict, plans: di
     rm = RewardModel(add_lora(rm_lm, rank=args.rm.lora_rank), head=args.rm.head,
                      pad_token_id=rm_tok.pad_token_id).to(run.device).eval()
     entry = dp_reward_model(rm, rm_tok, *texts_of(inputs["rm"], "prompt", "chosen", "rejected"), plans["rm"], args.rm,
-                            generator=run.generator, hooks=run.hooks)
+                            units=units_of(inputs["rm"]), generator=run.generator, hooks=run.hooks)
 
     def rm_reward(prompts, responses):
         return reward_model_scores(rm, rm_tok, prompts, responses, max_prompt=args.rm.max_prompt,
@@ -2023,7 +2094,7 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
         check_fits(base_lm, args)
         rm_base = load_lm(args.reward_base, run.device, args.base) if getattr(args, "reward_base", None) else None
         data, report = task.data(args)
-        sizes = {stage: len(data[part]) for stage, part in task.stages}
+        sizes = {stage: len({r["_unit"] for r in data[part]}) for stage, part in task.stages}  # N: units
         delta = args.delta if args.delta is not None else 1 / sum(sizes.values())
         plans = plan_stages(args, sizes, delta)
         inputs = stage_inputs(task.name, data, tok, args, rm_base[1] if rm_base else None)
@@ -2035,7 +2106,7 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
         # STAGE 1: DP SFT on D1, then merge its LoRA: LM_sft.
         sft_lm = add_lora(copy.deepcopy(base_lm))
         ledger = {"sft": dp_sft(sft_lm, tok, *texts_of(inputs["sft"], "prompt", "completion"), plans["sft"], args.sft,
-                                generator=run.generator, hooks=run.hooks)}
+                                units=units_of(inputs["sft"]), generator=run.generator, hooks=run.hooks)}
         merge_lora(sft_lm)
         reward_fn, extra, save_rm = public, {}, None
         if task.learned_reward is not None:  # STAGE 2 (rlhf): the DP reward model on D2
@@ -2045,7 +2116,7 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
         policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(run.device)
         eos_id = tok.eos_token_id if task.eos else None
         ledger["ppo"] = dpppo(policy, tok, *texts_of(inputs["ppo"], "prompt"), reward_fn, plans["ppo"], args.ppo,
-                              generator=run.generator, eos_id=eos_id, hooks=run.hooks)
+                              units=units_of(inputs["ppo"]), generator=run.generator, eos_id=eos_id, hooks=run.hooks)
         models = {"pretrained": CausalLM(base_lm), "sft": CausalLM(sft_lm), "aligned": policy}
         evals, generations = evaluate_models(args, task, models, tok, data, inputs, reward_fn, public, run.device)
         save_model(merge_lora(policy.lm), tok, os.path.join(run.work, "policy"))

@@ -3,6 +3,8 @@ code under test: published values, brute force, a per-example loop, hand computa
 
 import ast
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
@@ -309,6 +311,78 @@ def test_poisson_sampling_rate():
     assert np.mean(sizes) == pytest.approx(50, rel=0.03)
     assert np.var(sizes) == pytest.approx(1000 * 0.05 * 0.95, rel=0.2)  # binomial, not a fixed size
     assert len(d.poisson_sample(1000, 0.0, gen)) == 0
+
+
+# ------------------------------------------------------------------------------------ the unit, not the record
+@pytest.mark.unit
+def test_units_pick_each_units_records_in_turn_from_its_own_offset():
+    units = d.Units.of(["a", "b", "a", "c", "a"], 5)
+    assert units.records == [[0, 2, 4], [1], [3]] and len(units) == 3
+    seen = [units.pick(torch.tensor([0, 1]), t, 1)[0][:, 0].tolist() for t in range(3)]
+    assert sorted(s[0] for s in seen) == [0, 2, 4] and all(s[1] == 1 for s in seen)  # a in turn, b always
+    rows, valid = units.pick(torch.tensor([0, 2]), 0, 2)
+    assert valid.tolist() == [[True, True], [True, False]] and rows[1].tolist() == [3, 3]  # padded by its first
+    more = d.Units.of(["z", "a", "b", "a", "c", "a"], 6)  # another unit added: a's turn is unchanged
+    assert [more.records[1][i] - 1 for i in range(3)] == units.records[0] and more.offset[1:] == units.offset
+
+
+def _one_step_sums(monkeypatch, stage, tiny, texts, units, m, C):
+    """Every noisy update's privatised sum (the update times its divisor) in one step of `stage` at
+    q = 1 (every unit sampled), sigma = 0 and clipping norm C: the test builds its own plan."""
+    import copy
+    lm, tok = tiny
+    sums, right = [], getattr(d.dp_step, "__wrapped__", d.dp_step)
+
+    def spy(state, loss_fn, batch, plan, *, expected_batch_size, **kw):
+        noisy, aux = right(state, loss_fn, batch, plan, expected_batch_size=expected_batch_size, **kw)
+        sums.append(torch.cat([g.flatten() for g in noisy.values()]).double() * expected_batch_size)
+        return noisy, aux
+    spy.__wrapped__ = right
+    monkeypatch.setattr(d, "dp_step", spy)
+    plan, gen = d.StagePlan(1.0, 1e-5, 50.0, 1.0, 1, 0.0, C), torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the value head's initial weights
+    if stage == "sft":
+        d.dp_sft(d.add_lora(copy.deepcopy(lm)), tok, [""] * len(texts), texts, plan,
+                 d.SFTArgs(unit_records=m, max_completion=12, lr=1e-9), units=units, generator=gen)
+    elif stage == "rm":
+        rm = d.RewardModel(d.add_lora(copy.deepcopy(lm), rank=4), pad_token_id=tok.pad_token_id)
+        d.dp_reward_model(rm, tok, ["a post"] * len(texts), texts, [t[::-1] for t in texts], plan,
+                          d.RMArgs(unit_records=m, max_completion=12, lr=1e-9), units=units, generator=gen)
+    else:  # greedy rollouts and minibatch j = unit mod 2: the other units' trajectories do not move
+        greedy = getattr(d.sample, "__wrapped__", d.sample)
+        randint = getattr(torch.randint, "__wrapped__", torch.randint)
+        sample = lambda *a, **kw: greedy(*a, **{**kw, "greedy": True})
+        minibatches = lambda *a, **kw: torch.arange(a[1][0]) % 2 if len(a) == 2 else randint(*a, **kw)
+        sample.__wrapped__, minibatches.__wrapped__ = greedy, randint
+        monkeypatch.setattr(d, "sample", sample)
+        monkeypatch.setattr(torch, "randint", minibatches)
+        policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+        reward = lambda prompts, responses: torch.tensor([1.0 + len(y) for y in responses])  # never 0
+        d.dpppo(policy, tok, texts, reward, plan, d.PPOArgs(steps=1, minibatches=2, response_min=3, response_max=3,
+                                                          baseline="none", unit_records=m, lr=0.0),
+                units=units, generator=gen)  # lr 0: every minibatch's gradient at the same parameters
+    return sums
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_a_unit_with_k_records_moves_one_steps_sum_by_at_most_c(monkeypatch, tiny, stage, m):
+    """Adding a unit with k records (k = 1, 3, 8) to the same other units changes each noisy update's
+    privatised sum by a vector of norm <= C, in one update only: the unit's sensitivity is C whatever k.
+    Sampling or clipping records (each record its own unit) moves it by about k * C, and fails."""
+    C = 1e-2  # below every gradient's norm here: each clipped contribution has norm C
+    others = ["the film was great", "i hated it", "a fine cast", "too long", "the film was great"]
+    other_units = ["u0", "u1", "u2", "u3", "u0"]  # u0 has two records already
+    base = _one_step_sums(monkeypatch, stage, tiny, others, other_units, m, C)
+    for k in (1, 3, 8):
+        new = [f"a new review, part {i}" for i in range(k)] if m > 1 else ["a new review"] * k
+        sums = _one_step_sums(monkeypatch, stage, tiny, others + new, other_units + ["new"] * k, m, C)
+        diffs = sorted(float((b - a).norm()) for a, b in zip(base, sums))
+        assert len(sums) == len(base) and diffs[-1] <= C * (1 + 1e-3), f"{stage}: {k} records moved a sum: {diffs}"
+        assert diffs[-1] > 0.5 * C and (len(diffs) == 1 or diffs[-2] < 1e-3 * C), diffs  # one update, the unit's
+    if m == 1:  # break it: the same data with each record its own unit moves the sum by about k * C
+        as_records = [_one_step_sums(monkeypatch, stage, tiny, x, None, m, C) for x in (others, others + new)]
+        assert max(float((b - a).norm()) for a, b in zip(*as_records)) > 2 * C
 
 
 # ------------------------------------------------------------------------------------ LoRA
@@ -1653,6 +1727,58 @@ def test_copy_probe_on_a_hand_made_model():
     assert blind["person"] == pytest.approx(np.mean([p["person"] == d.PEOPLE[0] for p in posts]))
 
 
+def probe_units(seeds=(0, 1, 2), out="runs/probe-units", n_posts=6000, n_compared=4000, per_post=4, per_user=5,
+                extra=()) -> str:
+    """NOTES, "The unit": the two unit-level designs on a generated TL;DR file where units have many records
+    (`per_post` comparisons a post, `per_user` posts a user), rlhf at epsilon 4, the post or the user as the
+    unit: one record of a sampled unit in turn (unit_records 1) against the mean of 4. Prints a table."""
+    os.makedirs(out, exist_ok=True)
+    rows, cmps = d.make_tldr(n_posts + n_compared, 0, seed=99)
+    user = lambda i: f"user{i // per_user}"
+    tldr = [{"prompt": r["prompt"], "label": r["label"], "user": user(i)} for i, r in enumerate(rows[:n_posts])]
+    pairs, rng = [], np.random.default_rng(99)
+    for i, r in enumerate(rows[n_posts:]):
+        for _ in range(per_post):
+            y = [d._summary(rng, r["meta"], "candidate") for _ in range(2)]
+            p1 = 1 / (1 + math.exp(-2.0 * (d.true_preference(r["meta"], y[1]) - d.true_preference(r["meta"], y[0]))))
+            chosen = int(rng.random() < p1)
+            pairs.append({"prompt": r["prompt"], "chosen": y[chosen], "rejected": y[1 - chosen],
+                          "user": user(n_posts + i)})
+    for name, lines in (("tldr", tldr), ("comparisons", pairs)):
+        with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in lines)
+    meta = {r["prompt"]: r["meta"] for r in rows}
+    task = d.TASKS["rlhf"]
+    right = task.metrics
+
+    def metrics(args, data, texts, scores):  # the hidden preference, read back from the generator's facts
+        return {**right(args, data, texts, scores),
+                "true_preference": float(np.mean([d.true_preference(meta[r["prompt"]], y)
+                                                  for y, r in zip(texts, data["test"])]))}
+    task.metrics, results = metrics, {}
+    try:
+        for unit, m, seed in itertools.product(("post", "user"), (1, 4), seeds):
+            cell = os.path.join(out, f"{unit}-m{m}-seed{seed}")
+            if not os.path.exists(os.path.join(cell, "summary.json")):
+                d.main(["rlhf", "--dataset", os.path.join(out, "tldr.jsonl"), "--comparisons",
+                        os.path.join(out, "comparisons.jsonl"), "--seed", str(seed), "--out", cell, "--overwrite",
+                        *(["--user-column", "user"] if unit == "user" else []),
+                        *[f"--{s}-unit-records={m}" for s in ("sft", "rm", "ppo")], *extra])
+            with open(os.path.join(cell, "summary.json")) as f:
+                results.setdefault((unit, m), []).append(json.load(f))
+    finally:
+        task.metrics = right
+    table = ("| unit | unit_records | RM accuracy | true preference: SFT -> aligned | units in D2 | seconds |\n"
+             "|---|---|---|---|---|---|\n")
+    for (unit, m), ss in results.items():
+        cell = lambda *path: d._cell([functools.reduce(dict.get, path, s) for s in ss])
+        table += (f"| {unit} | {m} | {cell('eval', 'rm_accuracy')} | {cell('eval', 'sft', 'true_preference')} -> "
+                  f"{cell('eval', 'aligned', 'true_preference')} | {ss[0]['stages']['rm']['num_private_examples']} "
+                  f"| {np.mean([s['seconds'] for s in ss]):.0f} |\n")
+    print(table)
+    return table
+
+
 def check_exercises() -> bool:
     """Each grader passes as the code is and fails with its function blanked (or broken)."""
     import tempfile
@@ -1675,3 +1801,5 @@ def check_exercises() -> bool:
 
 if __name__ == "__main__" and "--check-exercises" in sys.argv:
     sys.exit(0 if check_exercises() else 1)
+if __name__ == "__main__" and "--probe-units" in sys.argv:
+    probe_units()
