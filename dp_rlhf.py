@@ -50,11 +50,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import datasets
+import huggingface_hub
 import numpy as np
 import torch
 import torch.nn as nn
@@ -1349,30 +1352,48 @@ def check_fits(lm: nn.Module, args):
 
 
 def _read_local(spec: str, path: str, ext: str) -> list:
-    """A local file's rows, each parsed on its own: JSON values keep their own types and CSV cells stay
-    text ("007", "N/A"), so one record cannot change how another is read (a column-wide type inference
-    would: one float id among ints turns every id into a float)."""
+    """A local file's rows, each parsed on its own: JSON values keep their own types (a float its exact
+    digits, as a Decimal) and CSV cells stay text ("007", "N/A"), so one record cannot change how another
+    is read (a column-wide type inference would: one float id among ints turns every id into a float).
+    UTF-8, with or without the byte-order mark spreadsheet programs write; JSON lines end at a line feed
+    only (str.splitlines also splits at U+2028, legal inside a JSON string)."""
     if ext not in (".jsonl", ".json", ".csv", ".parquet"):
         raise UserError(f"dataset file '{spec}' has extension '{ext}'; allowed: .jsonl .json .csv .parquet")
     try:
         if ext == ".csv":
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 return list(csv.DictReader(f))
         if ext == ".parquet":  # a typed schema, fixed by the file itself
             return datasets.load_dataset("parquet", data_files=path, split="train").to_list()
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
         if ext == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return json.loads(text, parse_float=Decimal)
+        return [json.loads(line, parse_float=Decimal) for line in text.split("\n") if line.strip()]
     except Exception as e:  # a truncated or malformed file: the parser's own error types
         cause = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"cannot read dataset file '{spec}' as {ext[1:].replace('jsonl', 'json')}: {cause}") from None
 
 
+def _read_hub(spec: str, split: str) -> list:
+    """A Hub dataset's `split`, its data files each read by `_read_local` (datasets' csv and json builders
+    would type each column from all its rows); offline, from the Hub cache's copy of the repository."""
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE  # (datasets finds a Hub id's files online only)
+    try:
+        builder = datasets.load_dataset_builder(huggingface_hub.snapshot_download(
+            spec, repo_type="dataset", local_files_only=True) if offline else spec)
+    except RuntimeError as e:  # a loading script, which datasets no longer runs
+        raise UserError(f"cannot load dataset '{spec}': {e}; give its data as a local .jsonl/.csv/.parquet file") \
+            from None
+    if split not in (files := builder.config.data_files or {}):
+        raise UserError(f"dataset '{spec}' has no data files for split '{split}'; it has {sorted(map(str, files))}")
+    return [r for f, path in zip(files[split], datasets.DownloadManager().download(list(files[split])))
+            for r in _read_local(f, path, os.path.splitext(f)[1].lower())]
+
+
 def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user_columns: tuple = ()) -> list[dict]:
     """Rows with `columns` (non-empty text) and `user_columns` (any non-null id), from a Hub dataset id
-    (its own typed schema) or a local .jsonl/.json/.csv/.parquet file."""
+    or a local .jsonl/.json/.csv/.parquet file, read record by record either way."""
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors reach us as exceptions
     ext, path = os.path.splitext(spec)[1].lower(), os.path.expanduser(spec)
@@ -1383,8 +1404,7 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user
             if not f.read().strip():
                 raise UserError(f"dataset file '{spec}' is empty")
     rows = _read_local(spec, path, ext) if _is_local(spec) else _hub(
-        spec, "dataset", "--dataset builtin or a local .jsonl/.csv/.parquet file",
-        lambda: datasets.load_dataset(spec, split=split).to_list())
+        spec, "dataset", "--dataset builtin or a local .jsonl/.csv/.parquet file", lambda: _read_hub(spec, split))
     if not rows:
         raise UserError(f"dataset '{spec}' has no rows")
     columns, names = tuple(columns) + tuple(user_columns), sorted({k for r in rows if isinstance(r, dict) for k in r})
@@ -1407,7 +1427,8 @@ def prefix_prompts(tokenizer, texts: list[str], lo: int, hi: int, seed: int) -> 
 
 
 def normalise(text) -> str:
-    return " ".join(str(text).lower().split())
+    """One spelling of a text: Unicode NFKC (an NFD "é" is the NFC one), lower case, single spaces."""
+    return " ".join(unicodedata.normalize("NFKC", str(text)).lower().split())
 
 
 def keyed_digest(text: str, seed: int, purpose: str) -> bytes:
@@ -1437,12 +1458,48 @@ def hash_split(records: list, key, fractions: list[float], seed: int) -> list[li
     return parts
 
 
+WHOLE_NUMBER = re.compile(r"([+-]?)(0|[1-9][0-9]*)(?:\.0+)?")  # "007" is a name, not 7
+
+
+def unit_id(value) -> str:
+    """A unit's one name however a file writes it: a whole number is its digits (7, 7.0, +7, "7.0" and a
+    JSON 7.0 are "7"; read from the text, never through a float, which merges ids above 2**53), anything
+    else (a boolean too) its `normalise`d text."""
+    if isinstance(value, float) and value.is_integer():  # a typed (parquet) float column's 7.0
+        value = int(value)
+    text = normalise(format(value, "f") if isinstance(value, Decimal) else value)
+    m = WHOLE_NUMBER.fullmatch(text)
+    return text if m is None else ("-" if m[1] == "-" and m[2] != "0" else "") + m[2]
+
+
 def with_units(records: list[dict], args, column: str) -> list[dict]:
-    """Each record with `_unit`, the unit the guarantee protects: its --user-column, else `column`
-    (a whole-number id is one unit, written 7 or 7.0)."""
+    """Each record with `_unit`, the unit the guarantee protects (its --user-column, else `column`), as
+    `unit_id` names it, and `_raw`, the value as the file wrote it."""
     col = getattr(args, "user_column", None) or column
-    unit = lambda v: int(v) if isinstance(v, float) and v.is_integer() else v
-    return [{**r, "_unit": normalise(unit(r[col] if col in r else r[column]))} for r in records]
+    return [{**r, "_raw": (raw := r[col] if col in r else r[column]), "_unit": unit_id(raw)} for r in records]
+
+
+def unit_warnings(files: list[tuple[str, list[dict]]], unit: str):
+    """A line on stderr where ids may not name the units a user means: raw ids `unit_id` merged (a merged
+    pair has only a replace-one guarantee); two files whose ids differ in kind or mostly differ (one unit
+    named two ways sits in two stages, and parallel composition fails)."""
+    raws = {}
+    for r in (r for _, records in files for r in records):
+        raws.setdefault(r["_unit"], set()).add(str(r["_raw"]))
+    if merged := [sorted(v) for v in raws.values() if len(v) > 1]:
+        print(f"warning: {len(merged)} {unit}(s) are written more than one way and each counts as one {unit}, e.g. "
+              f"{merged[0][0][:40]!r} and {merged[0][1][:40]!r}; where they are different {unit}s, such a pair has "
+              "only a replace-one guarantee", file=sys.stderr)
+    if len(files) == 2:  # the smaller file's ids first
+        (a, ids_a), (b, ids_b) = sorted(((k, {r["_unit"] for r in v}) for k, v in files), key=lambda f: len(f[1]))
+        kinds = [{"numbers" if WHOLE_NUMBER.fullmatch(u) else "names" for u in ids} for ids in (ids_a, ids_b)]
+        why = f"if they name one {unit} two ways, it sits in two stages and parallel composition does not hold"
+        if kinds[0].isdisjoint(kinds[1]):
+            print(f"warning: the {unit} ids of '{a}' are {min(kinds[0])} and those of '{b}' {min(kinds[1])}: {why}",
+                  file=sys.stderr)
+        elif len(ids_a & ids_b) < len(ids_a) / 2:
+            print(f"warning: only {len(ids_a & ids_b)} of the {len(ids_a)} {unit}s of '{a}' appear in '{b}': {why}",
+                  file=sys.stderr)
 
 
 def public_test_split(spec: str, columns: tuple[str, ...]) -> list[dict] | None:
@@ -1502,10 +1559,10 @@ def sentiment_records(args) -> tuple[list[dict], list[dict] | None]:
 def split_sentiment(records, public, args) -> tuple[dict, dict]:
     """D1 (reviews for SFT), D3 (reviews whose first tokens are PPO prompts) and test, each review's
     part drawn from its unit's keyed hash alone (its text, or --user-column)."""
-    d1, d3, *held = hash_split(with_units(records, args, "text"), lambda r: r["_unit"],
-                               private_fractions(args, public), args.seed)
+    records, unit = with_units(records, args, "text"), "user" if args.user_column else "review"
+    unit_warnings([(args.dataset, records)], unit)
+    d1, d3, *held = hash_split(records, lambda r: r["_unit"], private_fractions(args, public), args.seed)
     data = {"sft": d1, "ppo": d3, "test": with_units(public, args, "text")[:args.num_test] if public else held[0]}
-    unit = "user" if args.user_column else "review"
     return data, split_report(data, public, unit, f"{len(records)} records in '{args.dataset}'")
 
 
@@ -1540,16 +1597,18 @@ def split_rlhf(rows, cmps, public, public_cmps, args) -> tuple[dict, dict]:
     def pairs(cs):
         return [{**c, "chosen": " " + c["chosen"].strip(), "rejected": " " + c["rejected"].strip()}
                 for c in with_units(cs, args, "prompt")]
-    cmps = pairs(cmps)
+    units, cmps, unit = summaries(rows), pairs(cmps), "user" if args.user_column else "post"
+    unit_warnings([(args.dataset, units), (args.comparisons, cmps)] if args.comparisons else
+                  [(args.dataset, units + cmps)], unit)  # (the built-in task's two parts share no post by design)
     with_comparisons, by_unit = {c["_unit"] for c in cmps}, lambda r: r["_unit"]
-    kept = [r for r in summaries(rows) if r["_unit"] not in with_comparisons]
+    kept = [r for r in units if r["_unit"] not in with_comparisons]
     d1, d3, *held = hash_split(kept, by_unit, private_fractions(args, public), args.seed)
     d2, d2_test = (cmps, pairs(public_cmps)) if public_cmps is not None else \
         hash_split(cmps, by_unit, [0.9, 0.1], args.seed)  # (the built-in test comparisons are public)
     data = {"sft": d1, "comparisons": d2, "comparisons_test": d2_test, "ppo": d3,
             "test": summaries(public)[:args.num_test] if public else held[0]}
     what = f"{len(rows)} rows in '{args.dataset}', {len(cmps)} in '{args.comparisons}'"
-    return data, split_report(data, public, "user" if args.user_column else "post", what, len(rows) - len(kept))
+    return data, split_report(data, public, unit, what, len(rows) - len(kept))
 
 
 def rlhf_data(args) -> tuple[dict, dict]:
@@ -1932,7 +1991,10 @@ def run_directory(args, task: str):
         raise UserError(f"{work} holds an interrupted run: continue it with --resume {work}, or add --overwrite")
     else:
         shutil.rmtree(work, ignore_errors=True)  # what an earlier crash left
-        os.makedirs(work)
+        try:
+            os.makedirs(work)
+        except OSError as e:  # e.g. under /proc, or a directory not ours
+            raise UserError(f"--out {out} cannot be created: {e.strerror} ({work})") from None
     ckpt = Checkpoint(work, args.checkpoint_every, None if args.resume else {"task": task, **config_of(args)})
     log = RunLog(os.path.join(work, "metrics.jsonl"))
     torch.manual_seed(args.seed)  # public: initial weights

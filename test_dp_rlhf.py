@@ -1565,6 +1565,96 @@ def test_dry_run_plans_what_the_run_then_does(tmp_path, capsys):
 # ------------------------------------------------------------------------------------ audit
 
 
+# ----- loaders: no column typed from other rows; one unit id across files -----
+def _hub_snapshot(tmp_path, monkeypatch, repo: str):
+    """The folder of dataset repository `repo` in a Hub cache of its own, network off: where a Hub id's
+    files are read from offline (online they are downloaded there first)."""
+    import datasets
+    import huggingface_hub
+    repo_dir = tmp_path / "hub" / f"datasets--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text("0" * 40)
+    (snapshot := repo_dir / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for module in (huggingface_hub.constants, datasets.config):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return snapshot
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_hub_csv_and_json_ids_are_read_as_written(tiny, tmp_path, monkeypatch, fmt):
+    """A Hub dataset in CSV or JSON, 600 reviews of 60 users with ids like "00017" (CSV) or 64-bit
+    integers (JSON): adding a user "guest" (CSV) or 2.5 (JSON) moves no other user. datasets' builders
+    type a column from all its rows, so that user turned every other id into another string."""
+    import datasets
+    lm, tok = tiny
+    snapshot, real = _hub_snapshot(tmp_path, monkeypatch, "org/reviews"), datasets.load_dataset
+    # a loader that goes back to datasets.load_dataset gets the same file through datasets' own builder
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, *a, **k: real(
+        fmt.replace("jsonl", "json"), data_files=str(snapshot / f"reviews.{fmt}"), split=k.get("split"),
+        cache_dir=str(tmp_path / "typed")) if path == "org/reviews" else real(path, *a, **k))
+    ids = (lambda i: f"{17 + i % 60:05d}") if fmt == "csv" else (lambda i: 2**62 + i % 60)
+    records = [{"text": r["text"], "user": ids(i)} for i, r in enumerate(d.make_reviews(600, 5))]
+    write, guest = _writer(snapshot, fmt), "guest" if fmt == "csv" else 2.5
+    args = d.SentimentArgs(dataset="org/reviews", user_column="user", base=TINY_BASE_ARGS, seed=1)
+    def load(rs):
+        write("reviews", rs)
+        return d.sentiment_data(args)[0]
+    new = [{**_new_review(i), "user": guest} for i in range(3)]
+    _assert_only_changed("sentiment", tok, args, load, records, records[:300] + new + records[300:], [guest])
+    assert d.load_records("org/reviews", ("text",), user_columns=("user",))[0]["user"] == ids(0)
+
+
+def test_one_unit_id_however_written_and_warnings_where_two_files_ids_differ(tmp_path, capsys):
+    import unicodedata
+    from decimal import Decimal
+    groups = [("7", "7.0", "+7", " 7.000 ", 7, 7.0, Decimal("7.0"), "\uff17"), ("007",), ("7.5", Decimal("7.5")),
+              ("0", "-0", "+0.0", 0, -0.0), ("-3", "-3.0", -3), ("1", 1, 1.0), (True, "true", "TRUE"),
+              ("9007199254740993", "9007199254740993.0", Decimal("9007199254740993.0")), ("9007199254740992",),
+              ("zoë", "zoe\u0308", " ZOË "), ("u 7", "U  7")]
+    assert all(len({d.unit_id(v) for v in g}) == 1 for g in groups), [{d.unit_id(v) for v in g} for g in groups]
+    assert len({d.unit_id(g[0]) for g in groups}) == len(groups)
+    # A pandas float column's 7.0 in the TL;DR file, JSON's 7 in the comparisons, an NFC and an NFD name:
+    # one user each, so in one stage (users 0-29 have comparisons and leave D1, D3 and test).
+    rows = [{**r, "user": f"{i % 60}.0" if i % 40 else "zo\u00eb"} for i, r in enumerate(_records(240))]
+    cmps = [{"prompt": r["prompt"], "chosen": r["label"], "rejected": "no .", "user": i % 30 if i % 40 else "zoe\u0308"}
+            for i, r in enumerate(_records(120, seed=1))]
+    files = {"tldr": ("csv", rows), "cmp": ("jsonl", cmps)}
+    paths = {k: _writer(tmp_path, fmt)(k, recs) for k, (fmt, recs) in files.items()}
+    capsys.readouterr()
+    data, _ = d.rlhf_data(d.RLHFArgs(dataset=paths["tldr"], comparisons=paths["cmp"], user_column="user"))
+    who = lambda r: unicodedata.normalize("NFC", r["user"]) if str(r["user"])[0] == "z" else int(float(r["user"]))
+    rm = {who(r) for k in ("comparisons", "comparisons_test") for r in data[k]}
+    assert rm and not rm & {who(r) for k in ("sft", "ppo", "test") for r in data[k]}
+    warned = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning") and "group" not in x]
+    assert len(warned) == 1 and "31 user(s) are written more than one way" in warned[0], warned
+    # names in one file and numbers in the other, or mostly other ids: a warning each
+    cmps = _writer(tmp_path, "jsonl")("cmp", [{**c, "user": i % 30} for i, c in enumerate(cmps)])
+    for tldr_id, word in (lambda i: f"u{i}", "are numbers and those of"), (lambda i: i + 99, "only 0 of the 30"):
+        rows = _writer(tmp_path, "csv")("tldr", [{**r, "user": tldr_id(i % 60)} for i, r in enumerate(_records(240))])
+        d.rlhf_data(d.RLHFArgs(dataset=rows, comparisons=cmps, user_column="user"))
+        warned = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning") and "group" not in x]
+        assert len(warned) == 1 and word in warned[0], warned
+
+
+def test_utf8_with_a_byte_order_mark_lines_split_at_newline_only_and_out_not_creatable(tmp_path, capsys):
+    bom = "\ufeff"  # as spreadsheet programs save UTF-8
+    (tmp_path / "a.jsonl").write_text(bom + '{"text": "one\u2028two\u0085three", "user": 9007199254740993.0}\n'
+                                      '{"text": "caf\u00e9", "user": 9007199254740992}\r\n', encoding="utf-8")
+    (tmp_path / "a.json").write_text(bom + '[{"text": "caf\u00e9"}]', encoding="utf-8")
+    (tmp_path / "a.csv").write_text(bom + "text,user\ncaf\u00e9,7.0\n", encoding="utf-8")
+    read = lambda name, *user: d.load_records(str(tmp_path / name), ("text",), user_columns=user)
+    assert [r["text"] for r in read("a.jsonl", "user")] == ["one\u2028two\u0085three", "caf\u00e9"]
+    assert [d.unit_id(r["user"]) for r in read("a.jsonl", "user")] == ["9007199254740993", "9007199254740992"]
+    assert read("a.json") == [{"text": "caf\u00e9"}] and read("a.csv", "user") == [{"text": "caf\u00e9", "user": "7.0"}]
+    (afile := tmp_path / "afile").write_text("x")
+    for out in [str(afile / "run")] + (["/proc/run"] if os.path.isdir("/proc/self") else []):
+        code, err = run_main(capsys, "sentiment", "--out", out, *TINY_SENTIMENT)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f"--out {out} cannot be created" in err, err
+    assert afile.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["a.csv", "a.json", "a.jsonl", "afile"]
+
+
 @pytest.mark.unit
 def test_audit_bound_worked_examples():
     # delta = 0, every one of r = 100 guesses right: reject epsilon while p^100 < 0.05, where
