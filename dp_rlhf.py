@@ -1486,11 +1486,12 @@ def unit_warnings(files: list[tuple[str, list[dict]]], unit: str):
     raws = {}
     for r in (r for _, records in files for r in records):
         raws.setdefault(r["_unit"], set()).add(str(r["_raw"]))
-    if merged := [sorted(v) for v in raws.values() if len(v) > 1]:
-        print(f"warning: {len(merged)} {unit}(s) are written more than one way and each counts as one {unit}, e.g. "
-              f"{merged[0][0][:40]!r} and {merged[0][1][:40]!r}; where they are different {unit}s, such a pair has "
-              "only a replace-one guarantee", file=sys.stderr)
-    if len(files) == 2:  # the smaller file's ids first
+    if merged := [sorted(v) for v in raws.values() if len(v) > 1]:  # (a user id, never a private text, shown)
+        example = f", e.g. {merged[0][0][:40]!r} and {merged[0][1][:40]!r}" if unit == "user" else ""
+        print(f"warning: {len(merged)} {unit}(s) are written more than one way and each counts as one {unit}"
+              f"{example}; where they are different {unit}s, such a pair has only a replace-one guarantee",
+              file=sys.stderr)
+    if len(files) == 2 and unit == "user":  # the smaller file's ids first (posts of two files may well differ)
         (a, ids_a), (b, ids_b) = sorted(((k, {r["_unit"] for r in v}) for k, v in files), key=lambda f: len(f[1]))
         kinds = [{"numbers" if WHOLE_NUMBER.fullmatch(u) else "names" for u in ids} for ids in (ids_a, ids_b)]
         why = f"if they name one {unit} two ways, it sits in two stages and parallel composition does not hold"
@@ -1529,9 +1530,10 @@ def split_report(data: dict, public, unit: str, what: str, dropped: int | None =
     and a refusal naming any part left with fewer than 2 records and why."""
     private = {k: v for k, v in data.items() if "test" not in k}
     report = {"split": f"keyed hash of {unit}", "unit": unit, "public_test": public is not None,
-              "sizes": {k: len(v) for k, v in data.items()},  # the most records of one unit in a part:
+              "sizes": {k: len(v) for k, v in data.items()}, "units": {k: len({r["_unit"] for r in v})
+                                                                     for k, v in private.items()},
               "max_records_per_unit": {k: max(Counter(r["_unit"] for r in v).values(), default=0)
-                                       for k, v in private.items()}}  # above 1, group privacy
+                                       for k, v in private.items()}}  # DP-SGD samples units: a fact, not a caveat
     why = f"{dropped} TL;DR rows were dropped because their {unit} also has comparisons (one unit, one stage)"
     if empty := [f"{name} ({len(part)})" for name, part in data.items() if len(part) < 2]:
         raise UserError(f"too few records for {', '.join(empty)}: {what}" + (f"; {why}" if dropped else ""))
@@ -1539,10 +1541,6 @@ def split_report(data: dict, public, unit: str, what: str, dropped: int | None =
         report["dropped_tldr_rows_with_comparisons"] = dropped
     if dropped:
         print(f"data: {why}", file=sys.stderr)
-    for part, n in report["max_records_per_unit"].items():
-        if n > 1:
-            print(f"warning: a {unit} has {n} records in {part}; its guarantee is that of {n} records (group "
-                  "privacy), not one", file=sys.stderr)
     return report
 
 

@@ -1308,7 +1308,7 @@ def test_real_rlhf_data_one_user_one_stage(tmp_path):
     data, report = d.rlhf_data(args)
     users = {k: {r["user"] for r in v} for k, v in data.items() if k in ("sft", "ppo", "test")}
     assert not users["sft"] & users["ppo"] and not users["sft"] & users["test"] and not users["ppo"] & users["test"]
-    assert report["max_records_per_unit"]["sft"] == 4  # reported: group privacy for 4 records
+    assert report["max_records_per_unit"]["sft"] == 4 and report["units"]["sft"] == len(users["sft"])
 
 
 # ------------------------------------------------------------------------------------ neighbouring datasets
