@@ -153,42 +153,9 @@ def get_privacy_spent(*, orders, rdp, delta: float) -> tuple[float, float]:
     return max(0.0, float(eps[best])), float(orders[best])
 
 
-def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
-                         steps: int, epsilon_tolerance: float = 0.01, accountant=None) -> float:
-    """The smallest sigma (to `epsilon_tolerance`) whose epsilon never exceeds the target (bisection)."""
-    accountant = accountant or ACCOUNTANT
-    if not target_epsilon > 0:
-        raise ValueError(f"target epsilon {target_epsilon} must be > 0")
-    if math.isinf(target_epsilon) or steps == 0 or sample_rate == 0:
-        return 0.0
-    floor = accountant.epsilon_floor(target_delta)
-    if target_epsilon <= floor:  # infinite noise still pays the conversion's delta term
-        raise ValueError(f"epsilon={target_epsilon:g} is not allowed at delta={target_delta:g}: infinite noise "
-                         f"spends {floor:.4f} in the {accountant.mechanism.upper()}-to-(epsilon, delta) conversion")
-
-    def eps(sigma):
-        acc = accountant()
-        acc.step(noise_multiplier=sigma, sample_rate=sample_rate, num_steps=steps)
-        return acc.get_epsilon(target_delta)
-
-    lo, hi = 0.0, 10.0
-    while (eps_hi := eps(hi)) > target_epsilon:
-        lo, hi = hi, 2 * hi
-        if hi > 1e6:
-            raise ValueError(f"epsilon={target_epsilon:g} is not allowed: no noise multiplier up to 1e6 reaches it in "
-                             f"steps={steps} at sample_rate={sample_rate:g}; ask for a larger epsilon or fewer steps")
-    while target_epsilon - eps_hi > epsilon_tolerance and hi - lo > 1e-6:
-        mid = (lo + hi) / 2
-        if (eps_mid := eps(mid)) <= target_epsilon:
-            hi, eps_hi = mid, eps_mid
-        else:
-            lo = mid
-    return hi
-
-
 class MomentsAccountant:
     """(sigma, q, steps) run-length encoded; epsilon from the summed RDP. The interface (all else uses only
-    mechanism, step, get_epsilon, epsilon_floor, state_dict, load_state_dict): swap it via ACCOUNTANT."""
+    mechanism, step, get_epsilon, epsilon_floor, state_dict, load_state_dict): add one to ACCOUNTANTS."""
 
     mechanism = "rdp"
 
@@ -220,13 +187,237 @@ class MomentsAccountant:
         return get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)[0]
 
     def state_dict(self) -> dict:
-        return {"history": [list(h) for h in self.history]}
+        return {"mechanism": self.mechanism, "history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state: dict):
         self.history = [list(h) for h in state["history"]]
 
 
-ACCOUNTANT = MomentsAccountant  # the accountant every stage uses; swap it here (or assign dp_rlhf.ACCOUNTANT)
+# ----- the privacy-loss-distribution (PLD) accountant -------------------------------------------------------------
+# Koskela, Jalko, Honkela (2020): compose the PLD by FFT; Doroshenko, Ghazi, Kamath, Kumar, Manurangsi (2022):
+# discretise it pessimistically ("connect the dots"). A PLD here is (i0, p, inf): mass p[j] at the loss (i0 + j) h,
+# mass inf at +infinity; delta(eps) = inf + sum_{l > eps} p_l (1 - e^(eps - l)) (the hockey-stick divergence).
+PLD_MAX_LOSS = 64.0  # one step's loss beyond +-64 counts as infinite (or moves up): no guarantee lives out there
+PLD_MAX_BINS = 1 << 23  # the composed window's most bins (64 MiB); the mass beyond it goes to +infinity
+PLD_T = torch.logspace(-2, 5, 29, dtype=torch.float64)
+PLD_T = torch.cat([-PLD_T, PLD_T])  # the Chernoff bounds' t: the lower tail's, the upper tail's
+
+
+def _log_delta_gaussian(eps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log delta(eps) of the Gaussian mechanism, sensitivity 1, at any real eps (Balle & Wang 2018, Thm. 8)."""
+    a = torch.special.log_ndtr(0.5 / sigma - eps * sigma)
+    b = torch.special.log_ndtr(-0.5 / sigma - eps * sigma)
+    return a + torch.log(-torch.expm1(eps + b - a))
+
+
+def _log_delta_step(eps: torch.Tensor, sigma: float, q: float, remove: bool) -> torch.Tensor:
+    """log delta(eps) of one step: the Gaussian's at a shifted eps, scaled. Remove (P = (1-q) N(0, s^2) + q N(1, s^2)
+    against Q = N(0, s^2)): q delta_G(log(1 + (e^eps - 1) / q)); add (Q against P): c delta_G(eps + log(q / c)),
+    c = 1 - (1-q) e^eps. Remove's loss is never below log(1-q), add's never above -log(1-q): there delta is exact."""
+    log1mq = math.log1p(-q) if q < 1 else -math.inf
+    if remove:
+        c = torch.log(-torch.expm1(log1mq - eps))  # log(1 - (1-q) e^-eps)
+        inside = math.log(q) + _log_delta_gaussian(eps - math.log(q) + c, sigma)
+        return torch.where(eps > log1mq, inside, torch.log(-torch.expm1(eps)))
+    c = torch.log(-torch.expm1(eps + log1mq))  # log(1 - (1-q) e^eps)
+    return torch.where(eps + log1mq < 0, c + _log_delta_gaussian(eps + math.log(q) - c, sigma), -math.inf)
+
+
+def _loss_range(sigma: float, q: float, tail: float) -> tuple[float, float]:
+    """The remove direction's losses where the noise is `tail` deep on either side (add's are their negatives)."""
+    z = -torch.special.ndtri(torch.tensor(tail, dtype=torch.float64))
+    unsampled = torch.stack([-0.5 - z * sigma, 0.5 + z * sigma]) / sigma**2  # at x = z sigma and -z sigma - 1
+    lo, hi = torch.logaddexp(torch.tensor(math.log1p(-q) if q < 1 else -math.inf), math.log(q) + unsampled).tolist()
+    return max(lo, -PLD_MAX_LOSS), min(hi, PLD_MAX_LOSS)
+
+
+def _connect_dots(delta: torch.Tensor, h: float) -> torch.Tensor:
+    """The atoms on the grid whose delta, as a function of e^eps, is the polyline through (0, 1) and the true deltas,
+    flat past the top: each atom is the polyline's kink (DGKKM 2022, Alg. 1). The true delta is convex in e^eps, so
+    the polyline lies above it: pessimistic, and tight (rounding every loss up overstates eps by about T h / 2).
+    The chord from (0, 1) puts the mass below the grid on the lowest atom; the mass above, delta[-1], is at +inf."""
+    k = delta.diff() / math.expm1(h)  # e^eps_i times the polyline's slope on [eps_i, eps_i+1]
+    left = torch.cat([delta[:1] - 1, math.exp(h) * k])
+    return (torch.cat([k, delta.new_zeros(1)]) - left).clamp(min=0)
+
+
+def _step_pld(sigma: float, q: float, h: float, tail: float, remove: bool):
+    """One step's PLD in one direction, on the grid h [i0, i1] (rounded outwards)."""
+    lo, hi = _loss_range(sigma, q, tail)
+    i0, i1 = (math.floor(lo / h), math.ceil(hi / h)) if remove else (math.floor(-hi / h), math.ceil(-lo / h))
+    delta = torch.exp(_log_delta_step(torch.arange(i0, i1 + 1, dtype=torch.float64) * h, sigma, q, remove))
+    return i0, _connect_dots(delta, h), delta[-1].item()
+
+
+def _log_mgf(pld, h: float) -> torch.Tensor:
+    """log E[e^(t L)] over the finite atoms at each t in PLD_T, bounded above cheaply: the atoms summed in at most
+    4096 blocks, each at its highest loss for t > 0 and its lowest for t < 0 (so the Chernoff bounds still hold)."""
+    i0, p, _ = pld
+    block = -(-len(p) // 4096)
+    mass = torch.nn.functional.pad(p, (0, -len(p) % block)).view(-1, block).sum(1).log()
+    start = (i0 + block * torch.arange(len(mass), dtype=torch.float64)) * h
+    loss = torch.where(PLD_T[:, None] > 0, start + (block - 1) * h, start)
+    return torch.logsumexp(mass + PLD_T[:, None] * loss, 1)
+
+
+def _upper_tail(log_mgf: torch.Tensor, n: int, loss: float) -> float:
+    """Chernoff: n composed steps have at most min_{t > 0} M(t)^n e^(-t loss) of their mass above `loss`."""
+    return min(1.0, math.exp((n * log_mgf - PLD_T * loss)[PLD_T > 0].min().item()))
+
+
+def _window(log_mgf: torch.Tensor, n: int, h: float, tail: float, i0: int, i1: int) -> tuple[int, int]:
+    """The bins [lo, hi] outside which n composed steps have at most `tail` mass on either side (Chernoff)."""
+    b = ((n * log_mgf - math.log(tail)) / PLD_T / h).clamp(n * i0, n * i1)  # tail mass above b (t > 0), below (t < 0)
+    lo = math.floor(b[PLD_T < 0].max().item())
+    return lo, max(lo, min(math.ceil(b[PLD_T > 0].min().item()), lo + PLD_MAX_BINS - 1))
+
+
+def _fft_len(n: int) -> int:
+    p = 1 << (n - 1).bit_length()  # a power of 2, or 3/4 or 5/8 of one: sizes the FFT is fast at
+    return min(c for c in (p, 3 * p // 4, 5 * p // 8) if c >= n)
+
+
+def _self_compose(pld, n: int, h: float, tail: float):
+    """n steps: the n-th power of the spectrum, on a circle of bins that covers the Chernoff window. Mass below the
+    window wraps round to higher losses (pessimistic); mass above it wraps to lower ones, so its bound goes to +inf
+    too. Nothing is lost (lost mass would under-state eps)."""
+    i0, p, inf = pld
+    log_mgf = _log_mgf(pld, h)
+    lo, hi = _window(log_mgf, n, h, tail, i0, i0 + len(p) - 1)
+    size = _fft_len(hi - lo + 1)
+    above = 0.0 if lo + size > n * (i0 + len(p) - 1) else _upper_tail(log_mgf, n, (lo + size - 1) * h)
+    x = torch.nn.functional.pad(p, (0, -len(p) % size)).view(-1, size).sum(0)  # one step, wrapped onto the circle
+    y = torch.fft.irfft(torch.fft.rfft(x) ** n, size).clamp(min=0)
+    inf = -math.expm1(n * math.log1p(-inf)) if inf < 1 else 1.0  # 1 - (1 - inf)^n
+    return lo, torch.roll(y, -((lo - n * i0) % size)), min(1.0, inf + above)
+
+
+def _compose(a, b):
+    """Two PLDs composed: a linear convolution (zero-padded, so nothing wraps)."""
+    size = len(a[1]) + len(b[1]) - 1
+    fa, fb = torch.fft.rfft(a[1], _fft_len(size)), torch.fft.rfft(b[1], _fft_len(size))
+    return a[0] + b[0], torch.fft.irfft(fa * fb, _fft_len(size))[:size].clamp(min=0), a[2] + b[2] - a[2] * b[2]
+
+
+def _epsilon(pld, h: float, delta: float) -> float:
+    """The smallest eps with delta(eps) <= delta: delta at every atom, then, on the gap where it crosses, the exact
+    solution of delta(eps) = A - e^eps B, with A and B the P-mass (and inf) and the Q-mass of the atoms above eps."""
+    i0, p, inf = pld
+    if inf > delta:
+        return math.inf
+    p, i0 = p[max(0, 1 - i0):], max(i0, 1)  # the atoms at losses <= 0 count for no eps >= 0
+    loss = (i0 + torch.arange(len(p), dtype=torch.float64)) * h
+    a = torch.cat([p.flip(0).cumsum(0).flip(0), p.new_zeros(1)]) + inf  # over the atoms at loss[i] and above
+    log_b = torch.cat([torch.logcumsumexp((p.log() - loss).flip(0), 0).flip(0), p.new_full((1,), -math.inf)])
+    at_atoms = a[1:] - torch.exp(loss + log_b[1:])  # delta(loss[i]): the atoms above loss[i] count
+    i = int(torch.searchsorted(-at_atoms, -delta))  # the first atom where delta(loss[i]) <= delta
+    return max(0.0, math.log(a[i].item() - delta) - log_b[i].item()) if a[i] > delta else 0.0
+
+
+class PLDAccountant:
+    """(sigma, q, steps) run-length encoded; epsilon from the privacy-loss distribution, the remove and the add
+    direction each composed over the whole history and the larger epsilon reported (the worse direction taken step
+    by step is a different, looser, pair). The grid step h and the tail mass travel in state_dict, so a restored
+    ledger runs the very computation that calibrated sigma."""
+
+    mechanism = "pld"
+
+    def __init__(self, value_discretization_interval: float = 1e-4, tail_mass: float = 1e-20):
+        self.history: list[list] = []  # [[noise_multiplier, sample_rate, num_steps], ...]
+        self.h, self.tail = value_discretization_interval, tail_mass
+        self._steps, self._prefixes, self._eps = {}, {}, {}  # caches: one step's PLDs, composed prefixes, the last eps
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1):
+        if self.history and self.history[-1][:2] == [noise_multiplier, sample_rate]:
+            self.history[-1][2] += num_steps
+        else:
+            self.history.append([noise_multiplier, sample_rate, num_steps])
+
+    def _run(self, sigma: float, q: float, n: int) -> list:
+        """n steps at (sigma, q), [remove, add]; at q = 1 both are the Gaussian's one PLD, composed once."""
+        if (sigma, q) not in self._steps:
+            directions = (True, False) if q < 1 else (True,)
+            self._steps[sigma, q] = [_step_pld(sigma, q, self.h, self.tail, remove) for remove in directions]
+        runs = [_self_compose(pld, n, self.h, self.tail) for pld in self._steps[sigma, q]]
+        return runs if len(runs) == 2 else runs * 2
+
+    def _composed(self, hist: tuple) -> list:
+        """[remove, add] composed over `hist`, from its longest prefix composed before: a training loop's growing
+        last run costs one FFT power, however long it is."""
+        done = max((len(k) for k in self._prefixes if hist[:len(k)] == k), default=0)
+        for j in range(done, len(hist)):
+            run = self._run(*hist[j])
+            self._prefixes[hist[:j + 1]] = list(map(_compose, self._prefixes[hist[:j]], run)) if j else run
+        self._prefixes = {k: v for k, v in self._prefixes.items() if hist[:len(k)] == k}  # only its prefixes
+        return self._prefixes[hist]
+
+    def get_epsilon(self, delta: float) -> float:
+        if not 1e-10 <= delta < 1:  # below ~1e-10, the FFT's round-off (~1e-17 a bin) is no longer small
+            raise ValueError(f"delta={delta} must be in [1e-10, 1) for the PLD accountant")
+        hist = tuple((s, q, n) for s, q, n in self.history if q > 0 and n > 0)  # q = 0 spends nothing
+        if any(s == 0 for s, _, _ in hist):
+            return math.inf  # no noise: no guarantee
+        if not hist:
+            return 0.0
+        if (hist, delta) not in self._eps:  # progress lines ask again and again
+            self._eps = {(hist, delta): max(_epsilon(pld, self.h, delta) for pld in self._composed(hist))}
+        return self._eps[hist, delta]
+
+    @staticmethod
+    def epsilon_floor(delta: float) -> float:
+        return 0.0  # infinite noise spends nothing: there is no conversion to charge a floor
+
+    def state_dict(self) -> dict:
+        return {"mechanism": self.mechanism, "history": [list(h) for h in self.history],
+                "value_discretization_interval": self.h, "tail_mass": self.tail}
+
+    def load_state_dict(self, state: dict):
+        self.h, self.tail = state["value_discretization_interval"], state["tail_mass"]
+        self.history, self._steps, self._prefixes, self._eps = [list(h) for h in state["history"]], {}, {}, {}
+
+
+ACCOUNTANTS = {"pld": PLDAccountant, "rdp": MomentsAccountant}  # --accountant: calibrates sigma, keeps the ledger
+
+
+def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
+                         accountant=None, rtol: float = 1e-3) -> float:
+    """The sigma whose epsilon lies in [target (1 - rtol), target], never above it, each try a fresh `accountant()`
+    (the very computation the ledger runs): bracketed by factors of sqrt 2 either way (a tight accountant needs less
+    noise than the moments one), then a safeguarded secant aimed mid-band, so a few tries do."""
+    accountant = accountant or PLDAccountant
+    if not target_epsilon > 0:
+        raise ValueError(f"target epsilon {target_epsilon} must be > 0")
+    if math.isinf(target_epsilon) or steps == 0 or sample_rate == 0:
+        return 0.0
+    floor = accountant.epsilon_floor(target_delta)
+    if target_epsilon <= floor:  # infinite noise still pays the conversion's delta term
+        raise ValueError(f"epsilon={target_epsilon:g} is not allowed at delta={target_delta:g}: infinite noise "
+                         f"spends {floor:.4f} in the {accountant.mechanism.upper()}-to-(epsilon, delta) conversion")
+
+    def eps(sigma):
+        acc = accountant()
+        acc.step(noise_multiplier=sigma, sample_rate=sample_rate, num_steps=steps)
+        return acc.get_epsilon(target_delta)
+
+    # (sigma, eps) with eps above the target, and at most it; the start is the CLT's scale (T steps at rate q act like
+    # one Gaussian step with noise sigma / (q sqrt T)), where a first try is cheap
+    lo, hi, aim = (0.0, math.inf), (math.inf, 0.0), target_epsilon * (1 - rtol / 2)
+    sigma = max(1.0, sample_rate * math.sqrt(steps))
+    while True:
+        e = eps(sigma)
+        lo, hi = (lo, (sigma, e)) if e <= target_epsilon else ((sigma, e), hi)
+        if hi[1] >= target_epsilon * (1 - rtol) or hi[0] < lo[0] * (1 + 1e-9):
+            return hi[0]
+        if sigma > 1e6:
+            raise ValueError(f"epsilon={target_epsilon:g} is not allowed: no noise multiplier up to 1e6 reaches it in "
+                             f"steps={steps} at sample_rate={sample_rate:g}; ask for a larger epsilon or fewer steps")
+        if lo[0] == 0 or hi[0] == math.inf:  # not bracketed yet: small steps, as a small sigma costs the most
+            sigma *= 2**-0.5 if lo[0] == 0 else 2**0.5
+            continue
+        w = 0.5  # the secant of log eps against log sigma where both ends are finite, kept inside the bracket
+        if math.isfinite(lo[1]) and hi[1] > 0:
+            w = min(0.9, max(0.1, math.log(lo[1] / aim) / math.log(lo[1] / hi[1])))
+        sigma = lo[0] * (hi[0] / lo[0]) ** w
 
 
 # ===== DP-SGD (Algorithm 2): Poisson sampling, per-sample gradients, clipping, noise, and the loop ==========
@@ -245,6 +436,8 @@ class Units:
     @classmethod
     def of(cls, units: list | None, num_records: int) -> Units:
         """`units[i]` names record i's unit (None: every record is its own unit)."""
+        if units is not None and len(units) != num_records:
+            raise ValueError(f"units has {len(units)} entries for {num_records} records: one per record")
         groups: dict = {}
         for i, u in enumerate(range(num_records) if units is None else units):
             groups.setdefault(u, []).append(i)
@@ -268,7 +461,8 @@ class Units:
 
 def unit_mean(loss_fn, has_aux: bool = False):
     """A unit's loss over its records [m, ...]: the mean of the valid ones, so its gradient is the mean of
-    theirs, clipped once (user-level DP-SGD, Charles et al. 2024). Padding goes by `where`: NaN * 0 is NaN."""
+    theirs, clipped once (user-level DP-SGD, Charles et al. 2024). Padding (`Units.pick` repeats the unit's own
+    first record, so it is finite when the unit is) goes by `where`: a NaN times 0 is NaN."""
     def unit_loss_fn(params, valid, *records):
         out = vmap(loss_fn, in_dims=(None,) + (0,) * len(records))(params, *records)
         loss, aux = out if has_aux else (out, None)
@@ -337,19 +531,21 @@ class StagePlan:
     steps: int                   # T
     noise_multiplier: float      # sigma: the smallest that spends at most epsilon in T steps at rate q
     max_grad_norm: float         # C; inf at epsilon = inf: the same loop, no clipping, no noise
+    accountant: str = "pld"      # ACCOUNTANTS' key: what calibrated sigma is what the ledger runs
 
     private = property(lambda self: math.isfinite(self.epsilon))
     expected_batch_size = property(lambda self: self.sample_rate * self.num_private_examples)
 
 
-def plan_stage(args, num_private_examples: float, epsilon: float, delta: float) -> StagePlan:
+def plan_stage(args, num_private_examples: float, epsilon: float, delta: float, accountant: str = "pld") -> StagePlan:
     """q = B / N, T = steps (or epochs / q), and sigma for (epsilon, delta) over T steps at q."""
     q = min(1.0, args.batch_size / num_private_examples)
     steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
     private = math.isfinite(epsilon)
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                 steps=steps) if private else 0.0
-    return StagePlan(epsilon, delta, num_private_examples, q, steps, sigma, args.max_grad_norm if private else math.inf)
+    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps,
+                                 accountant=ACCOUNTANTS[accountant]) if private else 0.0
+    return StagePlan(epsilon, delta, num_private_examples, q, steps, sigma, args.max_grad_norm if private else math.inf,
+                     accountant)
 
 
 def trainable(module: nn.Module) -> dict:
@@ -366,9 +562,9 @@ class TrainState:
     nonfinite: int = 0  # per-sample gradients that were not finite, counted as zero
 
     @classmethod
-    def new(cls, module: nn.Module, lr: float) -> TrainState:
+    def new(cls, module: nn.Module, lr: float, plan: StagePlan) -> TrainState:
         params = trainable(module)
-        return cls(params, torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.01), ACCOUNTANT())
+        return cls(params, torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.01), ACCOUNTANTS[plan.accountant]())
 
     def account(self, plan: StagePlan):
         """The step is done: one Poisson-subsampled Gaussian with (sigma, q) for the accountant."""
@@ -419,7 +615,7 @@ def dp_train(stage: str, module: nn.Module, loss_fn, data: tuple, plan: StagePla
              units: Units | None = None, generator, hooks: Hooks = NO_HOOKS, has_aux: bool = False) -> dict:
     """Algorithm 2 as a loop (stages 1 and 2) over `units` of `data` (the records first, data[1] the mask):
     each sampled unit gives one clipped gradient, of its record in turn or the mean of m (`unit_records`)."""
-    state = hooks.restore(stage, TrainState.new(module, args.lr), plan)
+    state = hooks.restore(stage, TrainState.new(module, args.lr, plan), plan)
     device, m = next(iter(state.params.values())).device, args.unit_records
     units = Units.of(None, len(data[0])) if units is None else units
     for _ in range(state.step, plan.steps):
@@ -936,7 +1132,7 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
     """Stage 3, Algorithm 3: PPO with DP-SGD on D3's prompts, rewarded by `reward_fn(prompts, responses)`;
     `units[i]` names prompt i's protected unit (default: each prompt its own)."""
     args.validate(plan.epsilon)
-    state = hooks.restore("ppo", TrainState.new(policy, args.lr), plan)
+    state = hooks.restore("ppo", TrainState.new(policy, args.lr, plan), plan)
     device = next(iter(state.params.values())).device
     p_ids, p_mask, _ = encode(tokenizer, prompts, max_prompt=args.max_prompt)
     loss_fn = ppo_loss(policy, cliprange=args.cliprange, cliprange_value=args.cliprange_value, vf_coef=args.vf_coef)
@@ -978,7 +1174,7 @@ def ledger_entry(accountant, plan: StagePlan) -> dict:
     """One stage's line of the privacy ledger; epsilon is what was *spent* (<= the target)."""
     return {"epsilon": accountant.get_epsilon(plan.delta) if plan.private else math.inf, "delta": plan.delta,
             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
-            "num_private_examples": plan.num_private_examples}
+            "num_private_examples": plan.num_private_examples, "accountant": plan.accountant}
 
 
 def compose_ledger(stages: dict, delta: float, composition: str) -> float:
@@ -988,7 +1184,7 @@ def compose_ledger(stages: dict, delta: float, composition: str) -> float:
         return max(s["epsilon"] for s in stages.values())
     if any(math.isinf(s["epsilon"]) for s in stages.values()):
         return math.inf
-    accountant = ACCOUNTANT()
+    accountant = ACCOUNTANTS[next(iter(stages.values())).get("accountant", "rdp")]()
     for s in stages.values():
         accountant.step(noise_multiplier=s["noise_multiplier"], sample_rate=s["sample_rate"], num_steps=s["steps"])
     return accountant.get_epsilon(delta)
@@ -1412,8 +1608,9 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user
         raise UserError(f"dataset '{spec}' lacks column(s) {missing}; it has {names}")
     for i, row in enumerate(r if isinstance(r, dict) else {} for r in rows):  # "None" or "5" is no text
         bad = [c for c in columns if c not in user_columns and not (isinstance(row.get(c), str) and row[c].strip())]
-        if bad := bad + [c for c in user_columns if row.get(c) is None]:
-            why = "a user id must not be null" if bad[0] in user_columns else "it must be non-empty text"
+        missing = lambda v: v is None or (isinstance(v, (float, Decimal)) and not math.isfinite(v)) or not normalise(v)
+        if bad := bad + [c for c in user_columns if missing(row.get(c))]:  # blank ids would merge users into one
+            why = "a user id must not be null, blank or NaN" if bad[0] in user_columns else "it must be non-empty text"
             raise UserError(f"dataset '{spec}' row {i}: column '{bad[0]}' is {row.get(bad[0])!r}; {why}")
     return [{c: row[c] for c in columns} for row in rows]
 
@@ -1486,11 +1683,10 @@ def unit_warnings(files: list[tuple[str, list[dict]]], unit: str):
     raws = {}
     for r in (r for _, records in files for r in records):
         raws.setdefault(r["_unit"], set()).add(str(r["_raw"]))
-    if merged := [sorted(v) for v in raws.values() if len(v) > 1]:  # (a user id, never a private text, shown)
-        example = f", e.g. {merged[0][0][:40]!r} and {merged[0][1][:40]!r}" if unit == "user" else ""
-        print(f"warning: {len(merged)} {unit}(s) are written more than one way and each counts as one {unit}"
-              f"{example}; where they are different {unit}s, such a pair has only a replace-one guarantee",
-              file=sys.stderr)
+    if merged := sum(len(v) > 1 for v in raws.values()):  # (counted, never shown: ids and texts are private)
+        print(f"warning: {merged} {unit}(s) are written more than one way (7 and 7.0, case, spaces, Unicode forms) "
+              f"and each counts as one {unit}; where they are different {unit}s, such a pair has only a replace-one "
+              "guarantee", file=sys.stderr)
     if len(files) == 2 and unit == "user":  # the smaller file's ids first (posts of two files may well differ)
         (a, ids_a), (b, ids_b) = sorted(((k, {r["_unit"] for r in v}) for k, v in files), key=lambda f: len(f[1]))
         kinds = [{"numbers" if WHOLE_NUMBER.fullmatch(u) else "names" for u in ids} for ids in (ids_a, ids_b)]
@@ -1619,6 +1815,8 @@ class CommonArgs:
     """What every command that trains shares."""
     model: str = arg("builtin", "policy base: 'builtin', a Hub id (gpt2, gpt2-medium, gpt2-large) or a local dir")
     epsilon: float = arg(4.0, "target epsilon of every stage ('inf': the same loops, no clipping or noise)", limit=">0")
+    accountant: str = arg("pld", "calibrates sigma and keeps the ledger: 'pld' (tight, the paper's kind) or 'rdp' "
+                          "(the moments accountant)", choices=("pld", "rdp"))
     delta: float | None = arg(None, "target delta (default 1/N, the paper's; weak: prefer e.g. 1e-6)", limit="(0,1)")
     seed: int = arg(0, "public seed: split, initial weights, evaluation (DP noise uses secret entropy)", limit=">=0")
     reproducible_noise: bool = arg(False, "DP noise and sampling from --seed too (classrooms; not private)")
@@ -1692,7 +1890,7 @@ def plan_stages(args, sizes: dict, delta: float) -> dict[str, StagePlan]:
     plans = {}
     for name, n in sizes.items():
         try:
-            plans[name] = plan_stage(getattr(args, name), n, stage_epsilon(args, name), delta)
+            plans[name] = plan_stage(getattr(args, name), n, stage_epsilon(args, name), delta, args.accountant)
         except ValueError as e:
             flag = f"--{name}-epsilon" if getattr(args, name).epsilon is not None else "--epsilon"
             raise flag_words(e, f"{name}_", epsilon=flag, delta="--delta") from None
@@ -1862,6 +2060,9 @@ class Checkpoint:
                     p.copy_(tensors[f"param/{k}"])
             opt = {int(i): {n: tensors[f"opt/{i}/{n}"] for n in names} for i, names in meta["optimizer"].items()}
             state.optimizer.load_state_dict({"state": opt, "param_groups": meta["param_groups"]})
+            if (saved_by := meta["accountant"].get("mechanism", "rdp")) != state.accountant.mechanism:
+                raise UserError(f"resume: the {stage} checkpoint's ledger was kept by the {saved_by} accountant and "
+                                f"its settings name {state.accountant.mechanism}: it cannot go on with this ledger")
             state.accountant.load_state_dict(meta["accountant"])
             state.step, state.nonfinite = meta["step"], meta["nonfinite"]
             print(f"resume: {stage} " + ("finished before, its parameters restored" if state.step >= plan.steps
@@ -2057,7 +2258,7 @@ def units_of(lines: list[dict]) -> list[str]:
 
 def planned_epsilon(plan: StagePlan) -> float:
     """The epsilon a plan spends if it runs all its steps at its sigma (<= its target)."""
-    accountant = ACCOUNTANT()
+    accountant = ACCOUNTANTS[plan.accountant]()
     accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, num_steps=plan.steps)
     return accountant.get_epsilon(plan.delta) if plan.private else math.inf
 
@@ -2162,7 +2363,8 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
             return write_plan(run, task.name, args, plans, inputs, report)
         public = task.public_reward(args, run.device)
         print(f"{task.name}: " + " ".join(f"|{s}|={n}" for s, n in sizes.items()) + f" |test|={len(inputs['test'])}  "
-              f"epsilon={args.epsilon:g} delta={delta:.2e}  device={run.device}", file=sys.stderr)
+              f"epsilon={args.epsilon:g} delta={delta:.2e} accountant={args.accountant}  device={run.device}",
+              file=sys.stderr)
         # STAGE 1: DP SFT on D1, then merge its LoRA: LM_sft.
         sft_lm = add_lora(copy.deepcopy(base_lm))
         ledger = {"sft": dp_sft(sft_lm, tok, *texts_of(inputs["sft"], "prompt", "completion"), plans["sft"], args.sft,
@@ -2183,7 +2385,8 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
         if save_rm is not None:
             save_rm(os.path.join(run.work, "reward_model"))
         summary = {"config": config_of(args), "task": task.name, "model": args.model, "epsilon": args.epsilon,
-                   "delta": delta, "seed": args.seed, "secret_noise": not args.reproducible_noise, "data": report,
+                   "accountant": args.accountant, "delta": delta, "seed": args.seed,
+                   "secret_noise": not args.reproducible_noise, "data": report,
                    "stages": ledger, "total_epsilon": compose_ledger(ledger, delta, args.composition),
                    "composition": args.composition, "eval": {**evals, **extra}, "seconds": time.time() - t0}
         write_json(os.path.join(run.work, "summary.json"), summary)
@@ -2882,11 +3085,6 @@ def cmd_bench(ns):
             "dp_chunked": ("dp", chunk, f"DP, vmap chunk_size={chunk}"),
             "loop": ("loop", None, "DP, per-example loop")}
     rows = {key: _child(sys.executable, ns, variant, chunk_size=c) for key, (variant, c, _) in runs.items()}
-    acc = ACCOUNTANT()
-    acc.step(noise_multiplier=1.0, sample_rate=0.001, num_steps=100_000)
-    t = time.perf_counter()
-    eps = acc.get_epsilon(1e-5)
-    eps_ms = (time.perf_counter() - t) * 1000
     base = rows["nonprivate"]
     print(f"GPT-2 {ns.model} (random init) + LoRA r=4 on q,v; batch {ns.batch} x {ns.seq_len} tokens; "
           f"{ns.device}; median of {ns.repeats} steps")
@@ -2896,7 +3094,14 @@ def cmd_bench(ns):
         r = rows[key]
         print(f"| {label} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f} | "
               f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / max(base['peak_bytes'], 1):.2f} |")
-    print(f"epsilon after 1e5 steps (q=0.001, sigma=1.0, delta=1e-5): {eps:.3f} in {eps_ms:.1f} ms")
+    for name, cls in ACCOUNTANTS.items():  # what the accountants cost: one epsilon, one sigma search
+        t, acc = time.perf_counter(), cls()
+        acc.step(noise_multiplier=1.5, sample_rate=0.04, num_steps=2250)
+        eps, t1 = acc.get_epsilon(1e-5), time.perf_counter()
+        sigma = get_noise_multiplier(target_epsilon=4.0, target_delta=6e-6, sample_rate=0.0064, steps=50,
+                                     accountant=cls)
+        print(f"{name}: epsilon {eps:.4f} (q=0.04, sigma=1.5, 2250 steps, delta=1e-5) in {t1 - t:.2f} s; sigma "
+              f"{sigma:.3f} for epsilon 4 (q=0.0064, 50 steps, delta=6e-6) in {time.perf_counter() - t1:.2f} s")
 
 
 # ===== CLI: one --flag per config field; every value checked in one place (`validate`) ======================
@@ -3095,7 +3300,7 @@ def resume_args(cls, task: str, work: str):
         raise UserError(f"--resume {work} has no checkpoint ({path}); give the <out>.partial directory an "
                         "interrupted run named")
     with open(path) as f:
-        config = json.load(f)["config"]
+        config = {"accountant": "rdp", **json.load(f)["config"]}  # a checkpoint that names none had the moments one
     if config.get("task") != task:
         raise UserError(f"--resume {work} is a '{config.get('task')}' run; resume it with that command")
     return dataclasses.replace(args_from_config(cls, config), resume=work)
@@ -3116,21 +3321,27 @@ PAPER_PRESET = {  # App. B, GPT-2 small on a GPU
 
 
 def cmd_privacy(args: PrivacyArgs):
-    if args.epsilon is not None:
-        try:
-            sigma = get_noise_multiplier(target_epsilon=args.epsilon, target_delta=args.delta,
-                                         sample_rate=args.sample_rate, steps=args.steps)
-        except ValueError as e:
-            raise flag_words(e) from None
-        return print(f"noise_multiplier={sigma:.4f} for epsilon<={args.epsilon:g} at delta={args.delta:g}, "
-                     f"q={args.sample_rate:g}, steps={args.steps}")
-    if args.noise_multiplier is None:
+    """Both accountants side by side: epsilon for (sigma, q, steps, delta), or the sigma for a target epsilon."""
+    if args.epsilon is None and args.noise_multiplier is None:
         raise UserError("give --noise-multiplier (to get epsilon) or --epsilon (to get sigma)")
-    rdp = compute_rdp(q=args.sample_rate, noise_multiplier=args.noise_multiplier, steps=args.steps,
-                      orders=DEFAULT_ORDERS)
-    eps, order = get_privacy_spent(orders=DEFAULT_ORDERS, rdp=rdp, delta=args.delta)
-    print(f"epsilon={eps:.4f} (order {order:g}) for sigma={args.noise_multiplier:g}, q={args.sample_rate:g}, "
-          f"steps={args.steps}, delta={args.delta:g}")
+    lines, errors = [], []
+    for name, cls in ACCOUNTANTS.items():
+        try:
+            if args.epsilon is not None:
+                sigma = get_noise_multiplier(target_epsilon=args.epsilon, target_delta=args.delta, accountant=cls,
+                                             sample_rate=args.sample_rate, steps=args.steps)
+                lines.append(f"{name}: noise_multiplier={sigma:.4f} for epsilon<={args.epsilon:g}")
+            else:
+                acc = cls()
+                acc.step(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate, num_steps=args.steps)
+                lines.append(f"{name}: epsilon={acc.get_epsilon(args.delta):.4f}")
+        except ValueError as e:
+            errors.append(flag_words(e))
+            lines.append(f"{name}: {errors[-1]}")
+    if len(errors) == len(ACCOUNTANTS):
+        raise errors[0]
+    given = f"sigma={args.noise_multiplier:g}, " if args.epsilon is None else ""
+    print(f"{given}q={args.sample_rate:g}, steps={args.steps}, delta={args.delta:g}\n  " + "\n  ".join(lines))
 
 
 def cmd_run(command: str, ns):

@@ -159,16 +159,21 @@ def test_epsilon_monotone():
     assert eps_of(0.01, 1.2, 1000, 1e-5)[0] < base
 
 
-def test_noise_multiplier_never_overshoots():
-    rng = random.Random(0)
-    for _ in range(25):
+@pytest.mark.parametrize("name,cases", [("rdp", 25), ("pld", 10)])
+def test_noise_multiplier_never_overshoots(name, cases):
+    """sigma's epsilon (each accountant's own, recomputed here) is at most the target and within 0.1 % of it."""
+    rng, cls = random.Random(0), d.ACCOUNTANTS[name]
+    for _ in range(cases):
         target = rng.choice([0.5, 1, 2, 4, 8, 16])
         q, steps = rng.choice([1e-3, 0.01, 0.05, 0.3, 1.0]), rng.choice([1, 10, 300, 3000])
         delta = rng.choice([1e-5, 1e-6])
-        sigma = d.get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps)
-        eps = eps_of(q, sigma, steps, delta)[0]
+        sigma = d.get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
+                                       accountant=cls)
+        acc = cls()
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+        eps = acc.get_epsilon(delta)
         assert eps <= target, (target, q, steps, sigma, eps)
-        assert eps >= target - 0.011 or sigma < 1e-5, (target, q, steps, sigma, eps)  # and it is tight
+        assert eps >= target * (1 - 1e-3) or sigma < 1e-5, (target, q, steps, sigma, eps)  # and it is tight
     assert d.get_noise_multiplier(target_epsilon=math.inf, target_delta=1e-5, sample_rate=0.1, steps=10) == 0.0
 
 
@@ -289,18 +294,19 @@ def test_empty_batch_gives_noise_only():
 
 @pytest.mark.unit
 def test_accountant_is_pluggable(monkeypatch):
-    """Calibration and composition go through ACCOUNTANT: an accountant that charges twice the
-    RDP epsilon needs the sigma RDP needs for half the target, and doubles a sequential ledger."""
+    """Calibration (the plan), the ledger and sequential composition go through ACCOUNTANTS[name]: an
+    accountant that charges twice the moments epsilon needs the sigma the moments one needs for half the
+    target, and doubles a sequential ledger."""
     class Twice(d.MomentsAccountant):
         def get_epsilon(self, delta, orders=None):
             return 2 * super().get_epsilon(delta, orders)
-    kw = dict(target_delta=1e-5, sample_rate=0.01, steps=500, epsilon_tolerance=1e-4)
-    rdp_sigma = d.get_noise_multiplier(target_epsilon=1.0, **kw)
-    stages = {"a": {"epsilon": 1.0, "noise_multiplier": 1.1, "sample_rate": 0.02, "steps": 300},
-              "b": {"epsilon": 1.0, "noise_multiplier": 0.9, "sample_rate": 0.01, "steps": 200}}
+    args = d.SFTArgs(steps=500, batch_size=10)
+    rdp_sigma = d.plan_stage(args, 1000, 1.0, 1e-5, "rdp").noise_multiplier
+    stages = {"a": {"epsilon": 1.0, "noise_multiplier": 1.1, "sample_rate": 0.02, "steps": 300, "accountant": "rdp"},
+              "b": {"epsilon": 1.0, "noise_multiplier": 0.9, "sample_rate": 0.01, "steps": 200, "accountant": "rdp"}}
     rdp_total = d.compose_ledger(stages, 1e-5, "sequential")
-    monkeypatch.setattr(d, "ACCOUNTANT", Twice)
-    assert d.get_noise_multiplier(target_epsilon=2.0, **kw) == pytest.approx(rdp_sigma, rel=1e-3)
+    monkeypatch.setitem(d.ACCOUNTANTS, "rdp", Twice)
+    assert d.plan_stage(args, 1000, 2.0, 1e-5, "rdp").noise_multiplier == pytest.approx(rdp_sigma, rel=2e-3)
     assert d.compose_ledger(stages, 1e-5, "sequential") == pytest.approx(2 * rdp_total)
 
 
@@ -348,11 +354,11 @@ def _one_step_sums(monkeypatch, stage, tiny, texts, units, m, C):
         rm = d.RewardModel(d.add_lora(copy.deepcopy(lm), rank=4), pad_token_id=tok.pad_token_id)
         d.dp_reward_model(rm, tok, ["a post"] * len(texts), texts, [t[::-1] for t in texts], plan,
                           d.RMArgs(unit_records=m, max_completion=12, lr=1e-9), units=units, generator=gen)
-    else:  # greedy rollouts and minibatch j = unit mod 2: the other units' trajectories do not move
+    else:  # greedy rollouts, every unit in the first of 2 minibatches: the other units' trajectories do not move
         greedy = getattr(d.sample, "__wrapped__", d.sample)
         randint = getattr(torch.randint, "__wrapped__", torch.randint)
         sample = lambda *a, **kw: greedy(*a, **{**kw, "greedy": True})
-        minibatches = lambda *a, **kw: torch.arange(a[1][0]) % 2 if len(a) == 2 else randint(*a, **kw)
+        minibatches = lambda *a, **kw: torch.zeros(a[1][0], dtype=torch.long) if len(a) == 2 else randint(*a, **kw)
         sample.__wrapped__, minibatches.__wrapped__ = greedy, randint
         monkeypatch.setattr(d, "sample", sample)
         monkeypatch.setattr(torch, "randint", minibatches)
@@ -371,18 +377,38 @@ def test_a_unit_with_k_records_moves_one_steps_sum_by_at_most_c(monkeypatch, tin
     privatised sum by a vector of norm <= C, in one update only: the unit's sensitivity is C whatever k.
     Sampling or clipping records (each record its own unit) moves it by about k * C, and fails."""
     C = 1e-2  # below every gradient's norm here: each clipped contribution has norm C
-    others = ["the film was great", "i hated it", "a fine cast", "too long", "the film was great"]
-    other_units = ["u0", "u1", "u2", "u3", "u0"]  # u0 has two records already
+    others = ["the film was great", "i hated it", "a fine cast", "too long", "so dull", "what a ride", "meh"]
+    other_units = ["u0", "u1", "u0", "u2", "u0", "u1", "u3"]  # u0 has three distinct records, u1 two
     base = _one_step_sums(monkeypatch, stage, tiny, others, other_units, m, C)
-    for k in (1, 3, 8):
+    for k in (1, 3, 8):  # the new unit first: every other unit's position moves, its records must not
         new = [f"a new review, part {i}" for i in range(k)] if m > 1 else ["a new review"] * k
-        sums = _one_step_sums(monkeypatch, stage, tiny, others + new, other_units + ["new"] * k, m, C)
+        sums = _one_step_sums(monkeypatch, stage, tiny, new + others, ["new"] * k + other_units, m, C)
         diffs = sorted(float((b - a).norm()) for a, b in zip(base, sums))
         assert len(sums) == len(base) and diffs[-1] <= C * (1 + 1e-3), f"{stage}: {k} records moved a sum: {diffs}"
         assert diffs[-1] > 0.5 * C and (len(diffs) == 1 or diffs[-2] < 1e-3 * C), diffs  # one update, the unit's
     if m == 1:  # break it: the same data with each record its own unit moves the sum by about k * C
-        as_records = [_one_step_sums(monkeypatch, stage, tiny, x, None, m, C) for x in (others, others + new)]
+        as_records = [_one_step_sums(monkeypatch, stage, tiny, x, None, m, C) for x in (others, new + others)]
         assert max(float((b - a).norm()) for a, b in zip(*as_records)) > 2 * C
+
+
+@pytest.mark.unit
+def test_a_units_gradient_is_the_mean_of_its_valid_records_and_a_nonfinite_one_zeroes_it_alone():
+    """unit_records m = 4 on units of 2, 1 and 2 records: the noiseless sum is mean(a) + b (+ 0 for c, whose
+    second record is non-finite): padding neither counts nor leaks, and the divisor is the valid count."""
+    lin = torch.nn.Linear(3, 1, bias=False)
+
+    def loss_fn(params, x, mask):  # the gradient is x itself
+        return torch.func.functional_call(lin, params, (x,)).sum() + 0 * mask.sum()
+    x = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 4.0], [1.0, 1.0, 1.0], [math.nan, 0, 0]])
+    sums = []
+
+    class Spy(d.Hooks):
+        def step(self, stage, state, plan, update=None, **kw):
+            sums.append(update["weight"] * plan.expected_batch_size)
+    args = d.SFTArgs(lr=1e-9, unit_records=4, chunk_size=0)
+    d.dp_train("x", lin, loss_fn, (x, torch.ones(5, 3, dtype=torch.long)), d.StagePlan(1.0, 1e-5, 3.0, 1.0, 1, 0.0,
+               1e3), args, units=d.Units.of(["a", "a", "b", "c", "c"], 5), generator=torch.Generator(), hooks=Spy())
+    torch.testing.assert_close(sums[0], torch.tensor([[0.5, 0.5, 4.0]]))
 
 
 # ------------------------------------------------------------------------------------ LoRA
@@ -645,11 +671,16 @@ def run_cli(*args, env=None, timeout=600):
                           timeout=timeout, env=env)
 
 
-def test_cli_privacy_prints_golden_epsilon(capsys):
+def test_cli_privacy_prints_both_accountants_golden_values(capsys):
+    """Opacus README's example: the moments accountant's 7.329, the PLD's 6.769 (dp-accounting's), and back."""
     d.main(["privacy", "--noise-multiplier", "1.5", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5"])
-    assert "epsilon=7.329" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rdp: epsilon=7.329" in out and "pld: epsilon=6.768" in out, out
     d.main(["privacy", "--epsilon", "7.3293", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5"])
-    assert "noise_multiplier=1.5" in capsys.readouterr().out
+    assert "rdp: noise_multiplier=1.5" in capsys.readouterr().out
+    d.main(["privacy", "--epsilon", "0.005", "--sample-rate", "0.01", "--steps", "100", "--delta", "1e-5"])
+    out = capsys.readouterr().out  # the moments accountant cannot reach it (its conversion's floor); PLD can
+    assert "rdp: --epsilon 0.005 is not allowed" in out and "pld: noise_multiplier=" in out, out
 
 
 @pytest.mark.parametrize("bad,word", [
@@ -659,7 +690,6 @@ def test_cli_privacy_prints_golden_epsilon(capsys):
     (["--steps", "-3"], "--steps"),
     (["--steps", "0"], "--steps"), (["--noise-multiplier", "-0.5"], "--noise-multiplier"),
     (["--noise-multiplier", "nan"], "--noise-multiplier"), (["--sample-rate", "nan"], "--sample-rate"),
-    (["--epsilon", "0.005"], "0.005"),  # below what the conversion's delta term allows: says so at once
 ])
 def test_cli_privacy_bad_values(bad, word, capsys):
     args = {"--sample-rate": "0.01", "--steps": "100", "--delta": "1e-5", "--noise-multiplier": "1.0"}
@@ -1559,7 +1589,7 @@ def test_dry_run_plans_what_the_run_then_does(tmp_path, capsys):
         for k in ("num_private_examples", "sample_rate", "steps", "noise_multiplier", "delta"):
             assert s["stages"][name][k] == p[k], (name, k)
         assert s["stages"][name]["epsilon"] == pytest.approx(p["epsilon_spent"]) and p["epsilon_spent"] <= 4
-        assert p["num_private_examples"] == len(lines[name])
+        assert p["num_private_examples"] == len({x["key"] for x in lines[name]})  # N counts units
 
 
 # ------------------------------------------------------------------------------------ audit
