@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -40,7 +41,8 @@ EXERCISES = [  # (exercise, mutation, pytest -k selection)
     ("sampling a token", "sample_categorical", "categorical"),
     ("DPPPO's loop (Algorithm 3)", "dpppo", "raises_the_reward"),
     ("break DP: divide by the realised batch", "privatize:realised-batch", "clipped_norms"),
-    ("another accountant", "get_noise_multiplier", "pluggable"),
+    ("the PLD accountant: connect the dots, read epsilon", "_connect_dots _epsilon",
+     "pld_named_settings or pld_gaussian_closed_form or pld_opacus"),
 ]
 
 
@@ -195,6 +197,251 @@ def test_moments_accountant_matches_compute_rdp_and_round_trips():
     big = d.MomentsAccountant()
     big.step(noise_multiplier=1.0, sample_rate=0.001, num_steps=100_000)
     assert big.get_epsilon(1e-5) == pytest.approx(eps_of(0.001, 1.0, 100_000, 1e-5)[0])
+
+
+
+# ------------------------------------------------------------------------------------ PLD accountant
+# Against an independent implementation, Google's dp-accounting: every epsilon of ours lies between its
+# optimistic estimate and its pessimistic one x (1 + 1e-4), at the same grid step. The break-it tests patch
+# one small function at a time and show that the check then fails.
+from dp_accounting import dp_event  # noqa: E402 (a test-only dependency: README's test command installs it)
+from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution  # noqa: E402
+from scipy import optimize, stats  # noqa: E402 (dp-accounting's dependency)
+
+logging.getLogger().setLevel(logging.ERROR)  # dp-accounting warns about each optimistic PLD it builds
+
+NAMED = [  # (q, sigma, T, delta): issue 30's settings, and the Opacus README's example
+    (0.0064, 0.537, 50, 6.06e-6), (0.0040, 0.514, 126, 1.04e-5), (0.0040, 0.486, 40, 1.04e-5),
+    (0.328, 3.325, 100, 8e-5), (0.04, 1.5, 2250, 1e-5)]
+OPACUS = NAMED[4]
+
+
+def _log_uniform(rng, a, b):
+    return math.exp(rng.uniform(math.log(a), math.log(b)))
+
+
+_rng = random.Random(30)
+GRID = [(_log_uniform(_rng, 1e-3, 0.5), _log_uniform(_rng, 0.4, 5), round(_log_uniform(_rng, 1, 3000)),
+         _log_uniform(_rng, 1e-8, 1e-3)) for _ in range(20)]
+
+
+def ours(history, delta, h=1e-4):
+    acc = d.PLDAccountant(h)
+    for sigma, q, n in history:
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+    return acc.get_epsilon(delta)
+
+
+def dp_pessimistic(history, delta, h=1e-4):
+    """dp-accounting's PLDAccountant (pessimistic, connect-the-dots) composing each event n times."""
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=h)
+    for sigma, q, n in history:
+        acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), n)
+    return acc.get_epsilon(delta)
+
+
+def dp_optimistic(history, delta, h=1e-4):
+    """dp-accounting's optimistic estimate: privacy buckets rounding every loss down."""
+    total = None
+    for sigma, q, n in history:
+        one = privacy_loss_distribution.from_gaussian_mechanism(
+            sigma, value_discretization_interval=h, sampling_prob=q, pessimistic_estimate=False,
+            use_connect_dots=False).self_compose(n)
+        total = one if total is None else total.compose(one)
+    return total.get_epsilon_for_delta(delta)
+
+
+def bounds(history, delta, h=1e-4):
+    return dp_optimistic(history, delta, h), dp_pessimistic(history, delta, h)
+
+
+def within(eps, lo_hi):
+    lo, hi = lo_hi
+    return lo <= eps <= hi * (1 + 1e-4)
+
+
+def gaussian_epsilon(sigma, steps, delta):
+    """The Gaussian mechanism's exact epsilon (Balle & Wang 2018, Thm. 8); T steps = sigma / sqrt(T)."""
+    s = sigma / math.sqrt(steps)
+
+    def excess(eps):
+        return stats.norm.cdf(0.5 / s - eps * s) - math.exp(eps + stats.norm.logcdf(-0.5 / s - eps * s)) - delta
+    return optimize.brentq(excess, 0, 200, xtol=1e-14, rtol=1e-15)
+
+
+
+
+@pytest.mark.parametrize("q, sigma, steps, delta", NAMED)
+def test_pld_named_settings_between_dp_accounting_estimates(q, sigma, steps, delta):
+    history = [(sigma, q, steps)]
+    eps, (lo, hi) = ours(history, delta), bounds(history, delta)
+    assert lo <= eps <= hi * (1 + 1e-4), (eps, lo, hi)
+    assert ours(history, delta, 1e-3) >= eps  # a coarser grid stays pessimistic: the tests' coarse grids are safe
+
+
+def test_pld_opacus_example():
+    q, sigma, steps, delta = OPACUS
+    assert ours([(sigma, q, steps)], delta) == pytest.approx(6.7688, abs=1e-4)
+
+
+def test_pld_random_grid_between_dp_accounting_estimates():
+    h = 1e-3  # coarser than the default, on both sides: the grid's large-epsilon corners stay cheap
+    for q, sigma, steps, delta in GRID:
+        eps, lo_hi = ours([(sigma, q, steps)], delta, h), bounds([(sigma, q, steps)], delta, h)
+        assert within(eps, lo_hi), (q, sigma, steps, delta, eps, lo_hi)
+
+
+def test_pld_mixed_history_matches_dp_accounting_composing_both_events():
+    history = [(0.9, 0.01, 200), (1.3, 0.05, 100), (2.0, 1.0, 3)]
+    for delta in (1e-5, 1e-8):
+        eps = ours(history, delta)
+        assert within(eps, bounds(history, delta)), (delta, eps, bounds(history, delta))
+        assert eps == pytest.approx(ours(history[::-1], delta), rel=1e-9)  # composition commutes
+
+
+@pytest.mark.parametrize("sigma, steps, delta", [(1.0, 1, 1e-5), (0.8, 10, 1e-3), (2.0, 10, 1e-6),
+                                                 (5.0, 1000, 1e-8), (20.0, 3000, 1e-5)])
+def test_pld_gaussian_closed_form_approached_from_above(sigma, steps, delta):
+    exact, eps = gaussian_epsilon(sigma, steps, delta), ours([(sigma, 1.0, steps)], delta)
+    assert exact <= eps <= exact + 1e-3, (exact, eps)
+
+
+def test_pld_never_above_the_moments_accountant():
+    for q, sigma, steps, delta in GRID + NAMED:
+        rdp = d.MomentsAccountant()
+        rdp.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
+        assert ours([(sigma, q, steps)], delta, 1e-3) <= rdp.get_epsilon(delta), (q, sigma, steps, delta)
+
+
+def dp_accounting_sigma(target, q, steps, delta, guess, h=1e-3):
+    """Bisection on dp-accounting's pessimistic PLD for the sigma that reaches `target` (to 1e-3 in sigma)."""
+    lo, hi = 0.9 * guess, 1.1 * guess
+    assert dp_pessimistic([(lo, q, steps)], delta, h) > target >= dp_pessimistic([(hi, q, steps)], delta, h)
+    while hi / lo > 1 + 1e-3:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if dp_pessimistic([(mid, q, steps)], delta, h) <= target else (mid, hi)
+    return hi
+
+
+@pytest.mark.parametrize("q, _sigma, steps, delta", NAMED[:4])
+def test_pld_calibration_never_overshoots_and_matches_dp_accounting(q, _sigma, steps, delta):
+    for target in (1, 2, 4, 8):
+        sigma = d.get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps)
+        eps = ours([(sigma, q, steps)], delta)  # what the ledger will compute: a fresh default accountant
+        assert target * (1 - 1e-3) <= eps <= target, (target, sigma, eps)
+        assert sigma == pytest.approx(dp_accounting_sigma(target, q, steps, delta, sigma), rel=0.01)
+
+
+def test_calibration_is_a_drop_in_for_the_moments_accountant():
+    kw = dict(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01, steps=500)
+    rdp_sigma = d.get_noise_multiplier(accountant=d.MomentsAccountant, **kw)
+    rdp = d.MomentsAccountant()
+    rdp.step(noise_multiplier=rdp_sigma, sample_rate=0.01, num_steps=500)
+    assert 2.0 * (1 - 1e-3) <= rdp.get_epsilon(1e-5) <= 2.0
+    assert d.get_noise_multiplier(accountant=d.PLDAccountant, **kw) < rdp_sigma  # the bracket went below it
+    assert d.get_noise_multiplier(target_epsilon=math.inf, target_delta=1e-5, sample_rate=0.1, steps=10) == 0.0
+
+
+def test_pld_edge_cases():
+    assert ours([(0.0, 0.01, 10)], 1e-5) == math.inf  # no noise
+    assert ours([(1.0, 0.0, 10)], 1e-5) == 0.0  # never sampled
+    assert ours([], 1e-5) == 0.0
+    assert ours([(0.05, 0.5, 1)], 1e-5) == math.inf  # half the mass leaks beyond PLD_MAX_LOSS: infinite
+    assert d.PLDAccountant.epsilon_floor(1e-5) == 0.0
+    for delta in (1e-11, 0.0, 1.0):
+        with pytest.raises(ValueError):
+            ours([(1.0, 0.01, 10)], delta)
+
+
+def test_pld_state_dict_round_trip_restores_the_grid():
+    acc = d.PLDAccountant(2e-4, tail_mass=1e-18)
+    for sigma, q, n in [(0.9, 0.01, 200), (1.3, 0.05, 100)]:
+        acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+    restored = d.PLDAccountant()
+    restored.load_state_dict(json.loads(json.dumps(acc.state_dict())))
+    assert (restored.h, restored.tail, restored.history) == (2e-4, 1e-18, acc.history)
+    assert restored.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
+    assert ours(acc.history, 1e-5) != acc.get_epsilon(1e-5)  # the default grid differs: it must travel
+
+
+def test_pld_cache_and_incremental_composition(monkeypatch):
+    calls = []
+    compose = d._self_compose
+    monkeypatch.setattr(d, "_self_compose", lambda p, n, *a: calls.append(n) or compose(p, n, *a))
+    acc = d.PLDAccountant(1e-3)
+    acc.step(noise_multiplier=1.0, sample_rate=0.02, num_steps=300)
+    acc.get_epsilon(1e-5), acc.get_epsilon(1e-6)
+    assert calls == [300, 300]  # remove and add, once; the second delta reuses them
+    for n in (1, 2):  # a training loop: one step, then its epsilon
+        acc.step(noise_multiplier=0.8, sample_rate=0.01, num_steps=1)
+        eps = acc.get_epsilon(1e-5)
+        assert calls[-2:] == [n, n] and len(calls) == 2 + 2 * n  # only the growing last run is recomposed
+    assert eps == ours(acc.history, 1e-5, 1e-3)  # the very number a fresh (restored) ledger computes
+
+
+def test_pld_break_rounding_every_loss_up(monkeypatch):
+    """Privacy buckets rounding up (dp-accounting's, no connect-the-dots) overstate eps by about T h / 2."""
+    q, sigma, steps, delta = OPACUS
+    lo_hi = bounds([(sigma, q, steps)], delta)
+    assert within(ours([(sigma, q, steps)], delta), lo_hi)
+
+    def rounded_up(sigma, q, h, tail, remove):
+        both = privacy_loss_distribution.from_gaussian_mechanism(
+            sigma, value_discretization_interval=h, sampling_prob=q, use_connect_dots=False)
+        pmf = (both._pmf_remove if remove else both._pmf_add).to_dense_pmf()
+        return pmf._lower_loss, torch.tensor(pmf._probs, dtype=torch.float64), pmf._infinity_mass
+    monkeypatch.setattr(d, "_step_pld", rounded_up)
+    eps = ours([(sigma, q, steps)], delta)
+    assert not within(eps, lo_hi) and eps > 6.85, eps
+
+
+def test_pld_break_dropping_the_lower_tail(monkeypatch):
+    """With a grid that starts at loss 0, the mass below moves up to the lowest atom (pessimistic); dropped, the
+    composed delta shrinks and eps falls below the Gaussian's exact one."""
+    sigma, steps, delta = 2.0, 10, 1e-6
+    exact, right = gaussian_epsilon(sigma, steps, delta), d._connect_dots
+    monkeypatch.setattr(d, "_loss_range", lambda s, q, t, f=d._loss_range: (0.0, f(s, q, t)[1]))
+    assert ours([(sigma, 1.0, steps)], delta) >= exact
+
+    def dropped(delta, h):  # the polyline keeps its first slope below the grid: as if no mass were there
+        p = right(delta, h)
+        p[0] = -(delta[1] - delta[0])
+        return p
+    monkeypatch.setattr(d, "_connect_dots", dropped)
+    assert ours([(sigma, 1.0, steps)], delta) < exact
+
+
+def test_pld_break_dropping_the_wrapped_mass(monkeypatch):
+    """With a window cut to half its width, the mass above it wraps round the FFT to low losses; its Chernoff bound
+    goes to +infinity (pessimistic). Dropped, eps falls below dp-accounting's optimistic estimate."""
+    q, sigma, steps, delta = OPACUS
+    lo, _ = bounds([(sigma, q, steps)], delta)
+
+    def half(*args, f=d._window):
+        start, end = f(*args)
+        return start, start + (end - start) // 2
+    monkeypatch.setattr(d, "_window", half)
+    assert ours([(sigma, q, steps)], delta) >= lo
+    monkeypatch.setattr(d, "_upper_tail", lambda *args: 0.0)
+    assert ours([(sigma, q, steps)], delta) < lo
+
+
+def test_pld_break_taking_the_larger_direction_per_step(monkeypatch):
+    """Each step's worse direction (the larger delta at every eps) composed: no longer a pair of distributions
+    that compose, and eps overshoots dp-accounting's pessimistic estimate (8.2 against 6.77). (Taking the direction
+    with the larger one-step eps picks remove, which for the subsampled Gaussian also wins after composition.)"""
+    q, sigma, steps, delta = OPACUS
+    lo_hi = bounds([(sigma, q, steps)], delta)
+
+    def worse_of_both(sigma, q, h, tail, remove):
+        top = d._loss_range(sigma, q, tail)[1]
+        i0, i1 = math.floor(-top / h), math.ceil(top / h)
+        eps = torch.arange(i0, i1 + 1, dtype=torch.float64) * h
+        worse = torch.maximum(d._log_delta_step(eps, sigma, q, True), d._log_delta_step(eps, sigma, q, False))
+        return i0, d._connect_dots(worse.exp(), h), worse[-1].exp().item()
+    monkeypatch.setattr(d, "_step_pld", worse_of_both)
+    eps = ours([(sigma, q, steps)], delta)
+    assert not within(eps, lo_hi) and eps > 7, eps
 
 
 # ------------------------------------------------------------------------------------ DP-SGD
