@@ -1179,7 +1179,7 @@ def ledger_entry(accountant, plan: StagePlan) -> dict:
 
 def compose_ledger(stages: dict, delta: float, composition: str) -> float:
     """Total epsilon: parallel over disjoint D1/D2/D3 (the paper's theorem), the max; sequential (a user
-    in several stages), the stages' RDP curves from their ledger entries, added and converted once."""
+    in several stages), every stage's steps composed in the run's accountant, converted once."""
     if composition == "parallel":
         return max(s["epsilon"] for s in stages.values())
     if any(math.isinf(s["epsilon"]) for s in stages.values()):
