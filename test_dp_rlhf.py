@@ -1016,6 +1016,25 @@ def test_resume_after_ctrl_c_mid_ppo_gives_the_uninterrupted_ledger(tmp_path, ca
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
 
 
+def test_resume_keeps_the_accountant_that_kept_the_ledger(tmp_path):
+    """A checkpoint's settings without an accountant are a moments-accountant run's; a stage's ledger is
+    restored only into the accountant that kept it, and then reads the same epsilon."""
+    (tmp_path / "old" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoint" / "meta.json").write_text(json.dumps({"config": {"task": "sentiment"}}))
+    assert d.resume_args(d.SentimentArgs, "sentiment", str(tmp_path / "old")).accountant == "rdp"
+    model, plans = torch.nn.Linear(2, 1), {a: d.StagePlan(4.0, 1e-5, 100, 0.1, 3, 1.0, 1.0, a) for a in d.ACCOUNTANTS}
+    for kept_by, other in (("rdp", "pld"), ("pld", "rdp")):
+        state = d.TrainState.new(model, 0.1, plans[kept_by])
+        state.account(plans[kept_by])
+        d.Checkpoint(str(tmp_path / kept_by), 1, config={}).mark("sft", state, final=True)
+        restored = d.Checkpoint(str(tmp_path / kept_by), 1).restore("sft", d.TrainState.new(model, 0.1, plans[kept_by]),
+                                                                    plans[kept_by])
+        assert restored.accountant.get_epsilon(1e-5) == state.accountant.get_epsilon(1e-5) > 0
+        with pytest.raises(d.UserError, match=f"kept by the {kept_by} accountant"):
+            d.Checkpoint(str(tmp_path / kept_by), 1).restore("sft", d.TrainState.new(model, 0.1, plans[other]),
+                                                             plans[other])
+
+
 def test_sentiment_non_private_writes_infinity(tmp_path, capsys):
     out = tmp_path / "run"
     code, err = run_main(capsys, "sentiment", "--out", str(out), "--epsilon", "inf", *TINY_SENTIMENT)
