@@ -448,14 +448,15 @@ class Units:
         return len(self.records)
 
     def pick(self, idx: torch.Tensor, step: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, valid) [B, m]: up to m records of each sampled unit, in turn from its offset at step t, a
+        """(rows, valid) [B, w]: up to m records of each sampled unit, in turn from its offset at step t, a
         function of the unit's own records and t alone (nothing drawn, no counter to checkpoint); padded with
-        its first pick, valid False."""
-        rows, valid = torch.zeros(len(idx), m, dtype=torch.long), torch.zeros(len(idx), m, dtype=torch.bool)
+        its first pick, valid False; w = min(m, the most records of a sampled unit), as padding is waste."""
+        w = min(m, max((len(self.records[j]) for j in idx.tolist()), default=1))  # (the turn below uses m)
+        rows, valid = torch.zeros(len(idx), w, dtype=torch.long), torch.zeros(len(idx), w, dtype=torch.bool)
         for b, j in enumerate(idx.tolist()):
             recs, start = self.records[j], (step * m + self.offset[j]) % len(self.records[j])
             take = [recs[(start + i) % len(recs)] for i in range(min(m, len(recs)))]
-            rows[b], valid[b, :len(take)] = torch.tensor(take + take[:1] * (m - len(take))), True
+            rows[b], valid[b, :len(take)] = torch.tensor(take + take[:1] * (w - len(take))), True
         return rows, valid
 
 

@@ -575,6 +575,9 @@ def test_units_pick_each_units_records_in_turn_from_its_own_offset():
     assert sorted(s[0] for s in seen) == [0, 2, 4] and all(s[1] == 1 for s in seen)  # a in turn, b always
     rows, valid = units.pick(torch.tensor([0, 2]), 0, 2)
     assert valid.tolist() == [[True, True], [True, False]] and rows[1].tolist() == [3, 3]  # padded by its first
+    for t in range(4):  # a's records do not depend on which other units are sampled with it (nor the width)
+        alone, beside = units.pick(torch.tensor([0]), t, 3), units.pick(torch.tensor([2, 0]), t, 3)
+        assert set(alone[0][0][alone[1][0]].tolist()) == set(beside[0][1][beside[1][1]].tolist())
     more = d.Units.of(["z", "a", "b", "a", "c", "a"], 6)  # another unit added: a's turn is unchanged
     assert [more.records[1][i] - 1 for i in range(3)] == units.records[0] and more.offset[1:] == units.offset
 
