@@ -207,7 +207,8 @@ def _log_delta_gaussian(eps: torch.Tensor, sigma: float) -> torch.Tensor:
     """log delta(eps) of the Gaussian mechanism, sensitivity 1, at any real eps (Balle & Wang 2018, Thm. 8)."""
     a = torch.special.log_ndtr(0.5 / sigma - eps * sigma)
     b = torch.special.log_ndtr(-0.5 / sigma - eps * sigma)
-    return a + torch.log(-torch.expm1(eps + b - a))
+    x = eps + b - a  # < 0 in exact arithmetic; at huge sigma round-off can lift it to 0: then a alone bounds it
+    return torch.where(x < 0, a + torch.log(-torch.expm1(x.clamp(max=-1e-300))), a)
 
 
 def _log_delta_step(eps: torch.Tensor, sigma: float, q: float, remove: bool) -> torch.Tensor:
@@ -406,8 +407,8 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
     while True:
         e = eps(sigma)
         lo, hi = (lo, (sigma, e)) if e <= target_epsilon else ((sigma, e), hi)
-        if hi[1] >= target_epsilon * (1 - rtol) or hi[0] < lo[0] * (1 + 1e-9):
-            return hi[0]
+        if hi[1] >= target_epsilon * (1 - rtol) or hi[0] < lo[0] * (1 + 1e-9) or e == 0 or sigma < 1e-6:
+            return hi[0]  # (epsilon 0 at this sigma, e.g. q T < delta: less noise cannot be needed)
         if sigma > 1e6:
             raise ValueError(f"epsilon={target_epsilon:g} is not allowed: no noise multiplier up to 1e6 reaches it in "
                              f"steps={steps} at sample_rate={sample_rate:g}; ask for a larger epsilon or fewer steps")

@@ -348,6 +348,9 @@ def test_pld_edge_cases():
     assert ours([], 1e-5) == 0.0
     assert ours([(0.05, 0.5, 1)], 1e-5) == math.inf  # half the mass leaks beyond PLD_MAX_LOSS: infinite
     assert d.PLDAccountant.epsilon_floor(1e-5) == 0.0
+    assert 0 <= ours([(1e4, 1e-5, 10)], 1e-5) < 1e-3 and 0 <= ours([(1e5, 1e-3, 10)], 1e-5) < 1e-3  # huge sigma: no NaN
+    # q T < delta: epsilon 0 at every sigma; calibration returns at once instead of halving sigma for ever
+    assert d.get_noise_multiplier(target_epsilon=1.0, target_delta=1e-3, sample_rate=1e-5, steps=10) > 0
     for delta in (1e-11, 0.0, 1.0):
         with pytest.raises(ValueError):
             ours([(1.0, 0.01, 10)], delta)
