@@ -4,7 +4,7 @@ A readable reference for Wu et al., "Privately Aligning Language Models with Rei
 Learning" (ICLR 2024, arXiv 2310.16960). Search for these banners:
 
     PART I: THE METHOD, in the paper's order; it runs, and reads, without the rest of the file
-      PRIVACY ACCOUNTING        the moments (RDP) accountant, Opacus-compatible names
+      PRIVACY ACCOUNTING        the moments (RDP) accountant, Opacus-compatible names; the PLD accountant
       DP-SGD (Algorithm 2)      Poisson sampling, per-sample gradients (torch.func), clip + noise, the loop
       MODELS                    LoRA on GPT-2's query/value, a vmap-safe forward, value and reward heads
       STAGE 1: DP SFT
@@ -83,7 +83,7 @@ def arg(default, help: str, *, choices: tuple | None = None, limit: str | None =
 # #############################################################################################
 
 
-# ===== PRIVACY ACCOUNTING: the moments / RDP accountant for the Poisson-subsampled Gaussian =================
+# ===== PRIVACY ACCOUNTING: the moments (RDP) and the PLD accountant for the Poisson-subsampled Gaussian
 # Mironov, Talwar, Zhang (2019), "Renyi Differential Privacy of the Sampled Gaussian Mechanism": one step's RDP
 # at order a is log(A_a) / (a - 1); steps add. Opacus's names, and its orders plus large ones (for tiny epsilon).
 DEFAULT_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256, 512]
