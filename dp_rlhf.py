@@ -98,8 +98,8 @@ def _log_a_int(q: float, sigma: float, order: int) -> float:
     """log A_a at integer order a >= 2 of the Poisson-subsampled Gaussian (rate q in (0, 1), noise multiplier
     sigma > 0): the exact binomial sum (Mironov et al. 2019, Sec. 3.3),
         A_a = sum_{i=0..a} binom(a, i) (1 - q)^(a - i) q^i exp((i^2 - i) / (2 sigma^2)).
-    Returns a float; compute_rdp divides by a - 1 (the RDP at order a). A_a overflows a float64 at large
-    orders (a up to 512, sigma down to 0.3) while its log is finite: sum in log space (_log_binom, logsumexp)."""
+    Returns a float; compute_rdp divides by a - 1 (the RDP at order a). At large orders (up to 512) A_a
+    overflows a float64 while its log is finite: sum in log space (_log_binom, logsumexp)."""
     i = torch.arange(order + 1, dtype=torch.float64)
     a = torch.tensor(float(order), dtype=torch.float64)
     terms = _log_binom(a, i) + i * math.log(q) + (a - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
@@ -241,7 +241,7 @@ def _connect_dots(delta: torch.Tensor, h: float) -> torch.Tensor:
     the polyline lies above it: pessimistic, and tight (rounding every loss up overstates eps by about T h / 2).
     The chord from (0, 1) puts the mass below the grid on the lowest atom; the mass above, delta[-1], is at +inf.
 
-    delta [n] float64 (n >= 2): delta(eps_i) at eps_i = (i0 + i) h, decreasing. Returns p [n] float64, p[i] the
+    delta [n] float64: delta(eps_i) at eps_i = (i0 + i) h, decreasing. Returns p [n] float64, p[i] the
     mass at loss eps_i: p[i] = e^eps_i (s_i - s_(i-1)), s_i the polyline's slope (in x = e^eps) on [eps_i,
     eps_(i+1)], s_(n-1) = 0 (flat past the top), s_(-1) the chord's from (0, 1) to (e^eps_0, delta_0). It
     depends on h alone, not on i0. A negative kink (round-off; the true curve is convex) is 0. Vectorised."""
@@ -1030,7 +1030,7 @@ def ppo_loss(policy: nn.Module, *, cliprange: float, cliprange_value: float, vf_
       is 0 (padding) is ignored, whatever the others hold there.
     - functional_call(policy, params, (ids[None], mask[None], start)) -> logits [1, T - start, V], values
       [1, T - start]; new log-probs token_logprobs(logits, ids[None, start:])[0], new values values[0, :-1]
-      (each the state the token is chosen in), both [L].
+      (V of the state each token is chosen in), both [L].
     - ratio = exp(new - old log-probs); policy term max(-A ratio, -A clip(ratio, 1 - cliprange, 1 + cliprange));
       value term 0.5 max((V - R)^2, (V_clip - R)^2), V_clip = old_values + clip(V - old_values, +-cliprange_value).
     - loss_pg, loss_vf: the terms' means over the action tokens (masked_mean); clipfrac: the share of the
@@ -1206,12 +1206,12 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
        Poisson sample, never a fixed size; an empty one is normal and still takes its noisy update(s).
     2. their prompts (encoded once: encode(..., max_prompt=args.max_prompt), then trim_left); rollout() responses
        of lengths uniform in [response_min, response_max] (torch.randint, generator), rollout_chunk_size rows a pass.
-    3. scores = reward_fn(prompts, decode_responses(...)) - PromptBaseline(...)(idx, ...); kl_rewards (Eq. 2, beta =
-       args.kl_coef); gae (args.gamma, args.lam).
+    3. scores = reward_fn(prompts, decode_responses(...)); kl_rewards (Eq. 2, beta = args.kl_coef) of the scores
+       less PromptBaseline(...)(idx, ...); gae (args.gamma, args.lam).
     4. ppo_update(): one epoch of DP-SGD over args.minibatches minibatches (unit_rows when unit_records > 1).
     5. state.account(plan): one accountant step per iteration, the empty ones too.
-    6. hooks.step("ppo", state, plan, batch_size=<units sampled>, reward=scores, kl=kl, aux=<ppo_update's
-       stats>, response_len=action_mask.sum(-1), lr=<the lr used>).
+    6. hooks.step("ppo", state, plan, batch_size=<units sampled>, reward=scores (before the baseline), kl=kl,
+       aux=<ppo_update's stats>, response_len=action_mask.sum(-1), lr=<the lr used>).
     At the end hooks.finish("ppo", state, entry). hooks.phase(name) times "sampling" and "reference" (pass
     rollout phase=hooks.phase), "reward" and "update"."""
     args.validate(plan.epsilon)

@@ -2782,7 +2782,12 @@ def check_exercises(numbers: str = "all") -> bool:
     for ex in _exercises(numbers):
         variants = [("as is", None)] + [("blank", " ".join(ex.blank))] * bool(ex.blank) + [(w, w) for w in ex.wrong]
         for label, mutation in variants:
-            code, outcome, seconds = _run_grader(ex.grader, mutation)
+            try:
+                code, outcome, seconds = _run_grader(ex.grader, mutation)
+            except ValueError as e:  # the reference moved under a wrong body: a row that says so, not a crash
+                print(f"| {ex.number} | `{label}` | cannot apply: {e} | 0 | WRONG |", flush=True)
+                ok = False
+                continue
             if mutation is None:
                 handed = _grader_tests([ex])
                 good = code == 0 and outcome.collected == handed
@@ -2797,6 +2802,18 @@ def check_exercises(numbers: str = "all") -> bool:
             print(f"| {ex.number} | {label if mutation is None else f'`{label}`'} | {result.replace('|', '/')} | "
                   f"{seconds:.0f} | {'ok' if good else 'WRONG'} |", flush=True)
     return ok
+
+
+def test_every_wrong_body_applies_to_the_reference_and_is_undone():
+    """Each WRONG entry still edits its function's current source (it compiles, and changes the function), and
+    its undo puts the reference back; every exercise names only existing wrong bodies. The check runs them."""
+    for spec, (fn, *_edits) in WRONG.items():
+        right = getattr(d, fn)
+        undo = _mutate(spec)
+        assert getattr(d, fn) is not right, spec
+        undo()
+        assert getattr(d, fn) is right, spec
+    assert all(w in WRONG for e in EXERCISES for w in e.wrong) and all(len(e.wrong) >= 3 for e in EXERCISES if e.blank)
 
 
 def test_handouts_hide_the_answers_and_paste_back_to_the_reference(tmp_path):
