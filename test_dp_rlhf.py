@@ -2690,8 +2690,9 @@ def handout(numbers: str, out: str) -> str:
              "says, run the grader, then put it back.\n")
     doc = ("\n".join(text) + "\n" + write + "\nThe paper: Wu et al., \"Privately Aligning Language Models with "
            "Reinforcement Learning\", ICLR 2024 (arXiv 2310.16960).\n\n**Grade it** from this folder:\n\n"
-           f"    pip install -r requirements.txt   # once\n    {GRADER}\n\nIt fails until the code is right. Read "
-           "the first failure (`-x` stops there): its message names the property that broke.\n")
+           f"    pip install -r requirements.txt   # once\n    {GRADER}\n\n" + ("It fails until the code is right. "
+           if blank else "It passes on the working code, and must fail on the broken one. ") + "Read the first "
+           "failure (`-x` stops there): its message names the property that broke.\n")
     os.makedirs(out, exist_ok=True)
     files = {"EXERCISE.md": doc, "dp_rlhf.py": _blanked(open(os.path.join(HERE, "dp_rlhf.py")).read(), blank),
              "pytest.ini": open(os.path.join(HERE, ".pytest.ini")).read(), "requirements.txt": requirements,
