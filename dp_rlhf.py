@@ -95,7 +95,11 @@ def _log_binom(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def _log_a_int(q: float, sigma: float, order: int) -> float:
-    """log A_a at integer a: the exact binomial sum (Mironov et al. 2019, Sec. 3.3)."""
+    """log A_a at integer order a >= 2 of the Poisson-subsampled Gaussian (rate q in (0, 1), noise multiplier
+    sigma > 0): the exact binomial sum (Mironov et al. 2019, Sec. 3.3),
+        A_a = sum_{i=0..a} binom(a, i) (1 - q)^(a - i) q^i exp((i^2 - i) / (2 sigma^2)).
+    Returns a float; compute_rdp divides by a - 1 (the RDP at order a). At large orders (up to 512) A_a
+    overflows a float64 while its log is finite: sum in log space (_log_binom, logsumexp)."""
     i = torch.arange(order + 1, dtype=torch.float64)
     a = torch.tensor(float(order), dtype=torch.float64)
     terms = _log_binom(a, i) + i * math.log(q) + (a - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
@@ -236,7 +240,12 @@ def _connect_dots(delta: torch.Tensor, h: float) -> torch.Tensor:
     """The atoms on the grid whose delta, as a function of e^eps, is the polyline through (0, 1) and the true deltas,
     flat past the top: each atom is the polyline's kink (DGKKM 2022, Alg. 1). The true delta is convex in e^eps, so
     the polyline lies above it: pessimistic, and tight (rounding every loss up overstates eps by about T h / 2).
-    The chord from (0, 1) puts the mass below the grid on the lowest atom; the mass above, delta[-1], is at +inf."""
+    The chord from (0, 1) puts the mass below the grid on the lowest atom; the mass above, delta[-1], is at +inf.
+
+    delta [n] float64: delta(eps_i) at eps_i = (i0 + i) h, decreasing. Returns p [n] float64, p[i] the
+    mass at loss eps_i: p[i] = e^eps_i (s_i - s_(i-1)), s_i the polyline's slope (in x = e^eps) on [eps_i,
+    eps_(i+1)], s_(n-1) = 0 (flat past the top), s_(-1) the chord's from (0, 1) to (e^eps_0, delta_0). It
+    depends on h alone, not on i0. A negative kink (round-off; the true curve is convex) is 0. Vectorised."""
     k = delta.diff() / math.expm1(h)  # e^eps_i times the polyline's slope on [eps_i, eps_i+1]
     left = torch.cat([delta[:1] - 1, math.exp(h) * k])
     return (torch.cat([k, delta.new_zeros(1)]) - left).clamp(min=0)
@@ -302,7 +311,13 @@ def _compose(a, b):
 
 def _epsilon(pld, h: float, delta: float) -> float:
     """The smallest eps with delta(eps) <= delta: delta at every atom, then, on the gap where it crosses, the exact
-    solution of delta(eps) = A - e^eps B, with A and B the P-mass (and inf) and the Q-mass of the atoms above eps."""
+    solution of delta(eps) = A - e^eps B, with A and B the P-mass (and inf) and the Q-mass of the atoms above eps.
+
+    pld = (i0, p, inf): mass p[j] (float64 [n]) at the loss (i0 + j) h (i0 an int, maybe negative), inf at
+    +infinity; delta(eps) = inf + sum over atoms l > eps of p_l (1 - e^(eps - l)). Returns a float >= 0:
+    math.inf if inf > delta; 0.0 if delta(0) <= delta; else the exact crossing log((A - delta) / B) on its gap
+    (A = inf + the mass of the atoms above eps, B = the sum of p_l e^-l over them), not a grid point.
+    Vectorised (n reaches 2^23: suffix sums, no Python loop over atoms); B in log space (e^-l over/underflows)."""
     i0, p, inf = pld
     if inf > delta:
         return math.inf
@@ -492,9 +507,16 @@ def finite_rows(grads: dict) -> torch.Tensor:
 
 def privatize(grads: dict, *, max_grad_norm: float, noise_multiplier: float,
               expected_batch_size: float, generator=None) -> dict:
-    """Algorithm 2's noisy gradient (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q N): the flat norm over
-    all parameters is clipped; the divisor is the *expected* batch (the realised one leaks, Opacus #571);
-    a non-finite g_i counts as zero (within C). `generator` must be secret."""
+    """Algorithm 2's noisy gradient (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q N).
+
+    grads {name: [B, *shape]}: sample i's gradient at [i] (B may be 0). Returns {name: [*shape]}, same keys.
+    - clip_C(g_i) = g_i * min(1, C / (||g_i|| + 1e-6)), C = max_grad_norm, ||g_i|| the flat norm over *all*
+      the parameters together (not tensor by tensor); C = inf: no clipping.
+    - a g_i with any non-finite coordinate counts as the zero vector, the whole sample (it is within C).
+    - noise: N(0, (noise_multiplier * C)^2) per coordinate from `generator`, added once to the sum (not per
+      sample); none at noise_multiplier 0. An empty batch gives the noise alone.
+    - the divisor is expected_batch_size (q N), never the realised B (that leaks the batch size, Opacus #571).
+    `generator` must be secret. ValueError for noise with an infinite C (the sensitivity is C)."""
     if noise_multiplier > 0 and not math.isfinite(max_grad_norm):
         raise ValueError("noise needs a finite max_grad_norm: the sensitivity is C")
     first, ok = next(iter(grads.values())), finite_rows(grads)
@@ -886,7 +908,15 @@ def encode_comparisons(tokenizer, prompts, chosen, rejected, *, max_prompt, max_
 
 
 def reward_loss(rm: nn.Module):
-    """Eq. 1 for one comparison, -log sigma(r(x, y_chosen) - r(x, y_rejected)): one per-sample gradient."""
+    """Eq. 1 for one comparison, -log sigma(r(x, y_chosen) - r(x, y_rejected)): one per-sample gradient.
+
+    Returns loss_fn(params, ids, mask, response_mask) -> (loss, correct) for per_sample_grads (vmap over grad):
+    - ids, mask [2, T], response_mask [2, T-1]: one comparison, row 0 the chosen completion and row 1 the
+      rejected (encode_comparisons' pairs); functional_call(rm, params, (ids, mask, response_mask)) scores
+      both rows at once: r [2].
+    - loss: -log sigma(r[0] - r[1]), a scalar, finite at any margin (logsigmoid, not log of sigmoid).
+    - correct: 1.0 if r[0] > r[1] (strictly) else 0.0, a float tensor, detached (the step's accuracy).
+    Under vmap: no .item(), float() or Python `if` on a tensor."""
     def loss_fn(params, ids, mask, response_mask):
         r = functional_call(rm, params, (ids, mask, response_mask))
         return -nn.functional.logsigmoid(r[0] - r[1]), (r[0] > r[1]).float().detach()
@@ -905,7 +935,12 @@ def dp_reward_model(rm: RewardModel, tokenizer, prompts, chosen, rejected, plan:
 # ===== STAGE 3: DPPPO (Algorithm 3, Eq. 2) ==================================================================
 def sample_categorical(probs: torch.Tensor, generator=None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row of `probs` [B, V], the CDF inverted at a uniform u [B]: multinomial's law
-    from one number per row, not V exponentials (40 % of sampling time on CPU)."""
+    from one number per row, not V exponentials (40 % of sampling time on CPU).
+
+    probs >= 0; a row need not sum to 1 (it is scaled by its total). u [B] in [0, 1): given, or drawn with
+    torch.rand(B, generator=generator) when None. Returns [B] long: the smallest i with cdf_i > u * cdf_(V-1),
+    cdf the row's cumulative sum, at most V - 1 (round-off). So a zero-probability token is never drawn (at
+    u = 0 neither), and the same u gives the same draws (sample draws every step's u at once: chunks agree)."""
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[0], generator=generator) if u is None else u
     return torch.searchsorted(cdf, u.to(probs.device)[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp(
@@ -963,7 +998,14 @@ def _sample_rows(model, ids, mask, limit, uniforms, eos_id):
 
 
 def gae(rewards, values, action_mask, *, gamma: float, lam: float):
-    """(advantages, returns) by GAE along each row's action positions; nothing mixes trajectories."""
+    """(advantages, returns) by GAE along each row's action positions; nothing mixes trajectories.
+
+    rewards, values, action_mask [B, T-1], by target: action_mask 1 on each row's response columns (a
+    contiguous run, starting and ending anywhere); rewards and values elsewhere are ignored, whatever they
+    hold. gamma: discount; lam: GAE's lambda. Returns (advantages, returns), both [B, T-1] and 0 off the
+    response. Over a row's response columns k = 1..n:
+        delta_k = r_k + gamma * V_(k+1) - V_k, with V_(n+1) = 0 (nothing follows the last token);
+        A_k = delta_k + gamma * lam * A_(k+1), with A_(n+1) = 0;  returns_k = A_k + V_k."""
     adv = torch.zeros_like(rewards)
     next_adv = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     next_value = torch.zeros_like(next_adv)
@@ -980,7 +1022,23 @@ def masked_mean(x, m):
 
 
 def ppo_loss(policy: nn.Module, *, cliprange: float, cliprange_value: float, vf_coef: float):
-    """One trajectory's clipped surrogate + vf_coef * clipped value loss, means over *its own* tokens."""
+    """One trajectory's clipped surrogate + vf_coef * clipped value loss, means over *its own* tokens.
+
+    Returns loss_fn(params, ids, mask, action_mask, old_logprobs, old_values, advantages, returns) -> (loss,
+    aux) for per_sample_grads, which vmaps grad(loss_fn) over the batch: one trajectory, no batch dimension.
+    - ids, mask [T]: the prompt (left-padded) then the response (right-padded).
+    - the other five [L]: Rollout's per-target columns from prompt_len - 1 on; column j is about the token
+      ids[start + 1 + j], start = T - 1 - L (a Python int, from the shapes alone). A column where action_mask
+      is 0 (padding) is ignored, whatever the others hold there.
+    - functional_call(policy, params, (ids[None], mask[None], start)) -> logits [1, T - start, V], values
+      [1, T - start]; new log-probs token_logprobs(logits, ids[None, start:])[0], new values values[0, :-1]
+      (V of the state each token is chosen in), both [L].
+    - ratio = exp(new - old log-probs); policy term max(-A ratio, -A clip(ratio, 1 - cliprange, 1 + cliprange));
+      value term 0.5 max((V - R)^2, (V_clip - R)^2), V_clip = old_values + clip(V - old_values, +-cliprange_value).
+    - loss_pg, loss_vf: the terms' means over the action tokens (masked_mean); clipfrac: the share of the
+      action tokens with |ratio - 1| > cliprange. Returns (loss_pg + vf_coef * loss_vf,
+      torch.stack([loss_pg, loss_vf, clipfrac]).detach()).
+    Under vmap: no .item(), float() or Python `if` on a tensor, no boolean-mask indexing: masks, torch.where."""
     def loss_fn(params, ids, mask, action_mask, old_logprobs, old_values, advantages, returns):
         start = ids.shape[-1] - 1 - action_mask.shape[-1]  # the response columns, static: no data-dependent slicing
         logits, values = functional_call(policy, params, (ids[None], mask[None], start))
@@ -1095,7 +1153,15 @@ class PromptBaseline:
 
 
 def kl_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef):
-    """Eq. 2 per token: R = -beta * (log pi - log pi_sft) on every response token, + r(x, y) on the last."""
+    """Eq. 2 per token: R = -beta * (log pi - log pi_sft) on every response token, + r(x, y) on the last.
+
+    scores [B]: r(x, y) (less the baseline); logprobs, ref_logprobs, action_mask [B, T-1], by target
+    (Rollout), action_mask 1 on each row's response columns; kl_coef: beta. Returns (rewards [B, T-1], kl [B]):
+    - rewards: -beta * (logprobs - ref_logprobs) on the response columns, 0 on every other column (prompt,
+      padding: whatever the log-probs hold there), plus scores[b] on row b's *last response column* (rows end
+      at different columns: not the tensor's last); a row with no response column gets no score.
+    - kl: each row's sum of (logprobs - ref_logprobs) over its response columns, the KL estimate that is logged.
+    The inputs are left as they were."""
     kl = (logprobs - ref_logprobs) * action_mask
     rewards = -kl_coef * kl
     last = (torch.arange(action_mask.shape[1], device=action_mask.device) * action_mask).argmax(-1)
@@ -1132,7 +1198,24 @@ def ppo_update(state: TrainState, loss_fn, ro: Rollout, advantages, returns, pla
 def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: StagePlan, args: PPOArgs, *,
           units=None, generator, eos_id=None, hooks: Hooks = NO_HOOKS) -> dict:
     """Stage 3, Algorithm 3: PPO with DP-SGD on D3's prompts, rewarded by `reward_fn(prompts, responses)`;
-    `units[i]` names prompt i's protected unit (default: each prompt its own)."""
+    `units[i]` names prompt i's protected unit (default: each prompt its own).
+
+    reward_fn(prompt texts, response texts) -> [n]. Returns ledger_entry(state.accountant, plan). First
+    args.validate(plan.epsilon); state = hooks.restore("ppo", TrainState.new(policy, args.lr, plan), plan);
+    then each iteration `it` from state.step to plan.steps - 1, every draw from `generator` (secret):
+    0. every param group's lr: args.lr * (1 - it / plan.steps) if args.lr_schedule == "linear", else args.lr.
+    1. Units.of(units, N).pick(poisson_sample(#units, plan.sample_rate, generator), it, args.unit_records): a
+       Poisson sample, never a fixed size; an empty one is normal and still takes its noisy update(s).
+    2. their prompts (encoded once: encode(..., max_prompt=args.max_prompt), then trim_left); rollout() responses
+       of lengths uniform in [response_min, response_max] (torch.randint, generator), rollout_chunk_size rows a pass.
+    3. scores = reward_fn(prompts, decode_responses(...)); kl_rewards (Eq. 2, beta = args.kl_coef) of the scores
+       less PromptBaseline(...)(idx, ...); gae (args.gamma, args.lam).
+    4. ppo_update(): one epoch of DP-SGD over args.minibatches minibatches (unit_rows when unit_records > 1).
+    5. state.account(plan): one accountant step per iteration, the empty ones too.
+    6. hooks.step("ppo", state, plan, batch_size=<units sampled>, reward=scores (before the baseline), kl=kl,
+       aux=<ppo_update's stats>, response_len=action_mask.sum(-1), lr=<the lr used>).
+    At the end hooks.finish("ppo", state, entry). hooks.phase(name) times "sampling" and "reference" (pass
+    rollout phase=hooks.phase), "reward" and "update"."""
     args.validate(plan.epsilon)
     state = hooks.restore("ppo", TrainState.new(policy, args.lr, plan), plan)
     device = next(iter(state.params.values())).device

@@ -28,42 +28,201 @@ TINY_BASE_ARGS = d.BaseModelArgs(n_layer=2, n_embd=64, n_head=2, vocab_size=400,
 
 
 # ------------------------------------------------------------------------------------ exercises
-# README, "Exercises": each exercise blanks (or breaks) a function and names the tests that grade it.
-# `python test_dp_rlhf.py --check-exercises` runs every grader twice: as is (it must pass) and with
-# DP_RLHF_MUTATE set, which replaces the function before the tests run (it must fail).
-EXERCISES = [  # (exercise, mutation, pytest -k selection)
-    ("DP-SGD's noisy gradient (Algorithm 2)", "privatize",
-     "privatize_without or clipped_norms or noise_std or empty_batch_gives"),
-    ("integer-order RDP of the subsampled Gaussian", "_log_a_int", "golden_values or integer_orders"),
-    ("Eq. 2 rewards, GAE and the clipped PPO loss", "kl_rewards gae ppo_loss",
-     "kl_rewards_eq2 or gae_matches or hand_computed"),
-    ("the Bradley-Terry reward loss (Eq. 1)", "reward_loss", "reward_loss_by_hand"),
-    ("sampling a token", "sample_categorical", "categorical"),
-    ("DPPPO's loop (Algorithm 3)", "dpppo", "raises_the_reward"),
-    ("break DP: divide by the realised batch", "privatize:realised-batch", "clipped_norms"),
-    ("the PLD accountant: connect the dots, read epsilon", "_connect_dots _epsilon",
-     "pld_named_settings or pld_gaussian_closed_form or pld_opacus"),
+# README, "Exercises": each exercise blanks functions of dp_rlhf (7 breaks one instead) and names the tests that
+# grade it. `python test_dp_rlhf.py --handout N --out DIR` writes a student's folder (bottom of this file);
+# `--check-exercises` runs every grader as is (it must pass), blanked and with each named wrong body (both must
+# fail). DP_RLHF_MUTATE=<blank names or a WRONG key> applies one of them to a plain pytest run.
+@dataclasses.dataclass(frozen=True)
+class Exercise:
+    number: str
+    title: str
+    blank: tuple    # the functions of dp_rlhf.py the handout blanks (empty: the student breaks working code)
+    grader: str     # pytest -k selection
+    wrong: tuple    # keys of WRONG: plausible wrong answers the grader must fail
+    student: str    # a student's time, roughly
+    text: str       # what the handout's EXERCISE.md asks
+
+
+EXERCISES = [
+    Exercise("1", "DP-SGD's noisy gradient (Algorithm 2)", ("privatize",),
+             "privatize_without or clipped_norms or noise_std or empty_batch_gives or nonfinite_per_sample",
+             ("privatize:per-parameter-clip", "privatize:realised-batch", "privatize:noise-without-c",
+              "privatize:nan-to-zero", "privatize:normalise"), "20-30 min",
+             "Clip each sample's gradient to flat norm C (all parameters together), sum, add N(0, sigma^2 C^2) once "
+             "and divide by the *expected* batch size qN (Wu et al. 2024, Algorithm 2; Abadi et al. 2016). One "
+             "step's sum then moves by at most C when one sample is added or removed: the sensitivity the "
+             "accountant's sigma is calibrated to."),
+    Exercise("2", "the integer-order RDP of the subsampled Gaussian", ("_log_a_int",),
+             "golden_values or rdp_known_values",
+             ("_log_a_int:no-binomial", "_log_a_int:q-swapped", "_log_a_int:last-term-dropped",
+              "_log_a_int:linear-space"), "15-20 min",
+             "Write log A_a at integer orders (Mironov, Talwar, Zhang 2019, Sec. 3.3) in log space; compute_rdp "
+             "and the moments accountant build on it. The grader checks epsilon against the values Opacus and "
+             "TF-Privacy publish, and the RDP at orders where A_a overflows a float64."),
+    Exercise("3a", "Eq. 2: the per-token rewards of a trajectory", ("kl_rewards",), "kl_rewards_eq2",
+             ("kl_rewards:unmasked", "kl_rewards:score-on-the-last-column", "kl_rewards:length-as-index",
+              "kl_rewards:plus-kl", "kl_rewards:kl-mean"), "about 15 min",
+             "Spread Eq. 2 over a trajectory's tokens: a KL penalty -beta (log pi - log pi_sft) on every response "
+             "token and the score r(x, y) on its last one. Rows are left-padded prompts and right-padded "
+             "responses of different lengths, so where the response ends is per row."),
+    Exercise("3b", "GAE along a trajectory", ("gae",), "gae_on_hand",
+             ("gae:off-by-one", "gae:bootstraps-from-padding", "gae:no-lambda", "gae:monte-carlo-returns",
+              "gae:unmasked"), "20-30 min",
+             "Generalised advantage estimation (Schulman et al. 2016) along each row's response tokens only: "
+             "nothing follows the last token, and padding is no state."),
+    Exercise("3c", "the clipped PPO loss of one trajectory", ("ppo_loss",), "ppo_loss_on_hand or ppo_loss_under_vmap",
+             ("ppo_loss:no-value-clip", "ppo_loss:min-for-max", "ppo_loss:unmasked-mean", "ppo_loss:item",
+              "ppo_loss:values-shifted"), "30-45 min",
+             "PPO's clipped surrogate plus the clipped value loss of ONE trajectory (Schulman et al. 2017), as the "
+             "closure DP-SGD differentiates per sample under torch.func.vmap: one trajectory's gradient sees no "
+             "other, so it can be clipped alone."),
+    Exercise("4", "the Bradley-Terry reward loss (Eq. 1)", ("reward_loss",),
+             "reward_loss_by_hand or reward_loss_under_vmap",
+             ("reward_loss:wrong-order", "reward_loss:log-of-sigmoid", "reward_loss:python-if",
+              "reward_loss:ties-count"), "10-15 min",
+             "Eq. 1 for one comparison (chosen, rejected): one comparison is one per-sample gradient, clipped as "
+             "one, under torch.func.vmap."),
+    Exercise("5", "sampling a token", ("sample_categorical",), "categorical",
+             ("sample_categorical:left-searchsorted", "sample_categorical:multinomial",
+              "sample_categorical:unscaled-u"), "10-15 min",
+             "Draw a token from the policy's distribution by inverting its CDF at one given uniform per row (the "
+             "sampler draws every step's uniforms at once, so a batch sampled in chunks draws what it draws whole)."),
+    Exercise("6", "DPPPO's loop (Algorithm 3)", ("dpppo",),
+             "dpppo_keeps or raises_the_reward or lr_schedule_anneals",
+             ("dpppo:no-accountant-step", "dpppo:fixed-batch", "dpppo:skips-empty-batches", "dpppo:constant-lr"),
+             "60-90 min",
+             "Algorithm 3: Poisson-sample prompts, roll out, score, spread Eq. 2, GAE, one noisy update, one "
+             "accountant step, every iteration, the empty ones too. The helpers (rollout, kl_rewards, gae, "
+             "ppo_update, PromptBaseline) are there; the docstring is the loop's contract. The grader builds a "
+             "tiny model once (about a minute; set DP_RLHF_TEST_CACHE to a directory to keep it)."),
+    Exercise("7", "break DP: divide by the realised batch", (), "clipped_norms", ("privatize:realised-batch",),
+             "20-40 min",
+             "Break privacy on purpose. In privatize, divide by the realised batch size instead of the expected "
+             "one (Opacus #571) and run the grader: test_clipped_norms_at_most_c_and_divisor_is_expected_batch "
+             "catches it. Say what leaks. Then, in dpppo, whiten the advantages over the whole batch, or adapt "
+             "beta from the batch's KL, and write the test that catches it: one trajectory's clipped gradient "
+             "must not change when another trajectory of the batch does."),
+    Exercise("8", "the PLD accountant: connect the dots, read epsilon", ("_connect_dots", "_epsilon"),
+             "pld_by_hand or pld_named_settings or pld_gaussian_closed_form or pld_opacus",
+             ("_connect_dots:no-chord", "_connect_dots:slopes-in-eps", "_connect_dots:no-flat-top",
+              "_epsilon:grid-only", "_epsilon:ignores-infinity", "_epsilon:negative"), "60-90 min",
+             "The privacy-loss-distribution accountant's two pieces: one step's PLD discretised pessimistically "
+             "(\"connect the dots\", Doroshenko et al. 2022), and epsilon read from delta by the hockey-stick "
+             "divergence, exactly between grid points. It must land between Google's dp-accounting's optimistic "
+             "and pessimistic epsilon (the grader installs it: pip install dp-accounting)."),
 ]
+SWEEP = "9"  # the privacy-utility curve: a command (README), no handout
+
+WRONG = {  # name: (function, (reference text, wrong text), ...): a plausible wrong answer, one edit away (teacher-only)
+    "privatize:per-parameter-clip": ("privatize", (  # each tensor clipped to C alone: up to C sqrt(#tensors)
+        "clip.to(g.dtype), g)", "(max_grad_norm / (_flat(g).norm(dim=1) + 1e-6)).clamp(max=1.0), g)")),
+    "privatize:realised-batch": ("privatize", (  # the Opacus #571 mistake: the divisor leaks the batch size
+        "summed / expected_batch_size", "summed / max(1, g.shape[0])")),
+    "privatize:noise-without-c": ("privatize", ("(noise_multiplier * max_grad_norm)", "noise_multiplier")),
+    "privatize:nan-to-zero": ("privatize", (  # coordinate by coordinate: the sample's finite part still counts
+        "torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g, 0.0)", "torch.nan_to_num(g, nan=0.0, posinf=0.0, "
+        "neginf=0.0)")),
+    "privatize:normalise": ("privatize", (".clamp(max=1.0) if", " if")),  # every gradient scaled to norm C
+    "_log_a_int:no-binomial": ("_log_a_int", ("_log_binom(a, i) + ", "")),
+    "_log_a_int:q-swapped": ("_log_a_int", ("i * math.log(q) + (a - i) * math.log1p(-q)",
+                                            "i * math.log1p(-q) + (a - i) * math.log(q)")),
+    "_log_a_int:last-term-dropped": ("_log_a_int", ("torch.arange(order + 1,", "torch.arange(order,")),
+    "_log_a_int:linear-space": ("_log_a_int", ("torch.logsumexp(terms, 0).item()", "math.log(terms.exp().sum())")),
+    "kl_rewards:unmasked": ("kl_rewards", ("(logprobs - ref_logprobs) * action_mask", "logprobs - ref_logprobs")),
+    "kl_rewards:score-on-the-last-column": ("kl_rewards", (
+        "(torch.arange(action_mask.shape[1], device=action_mask.device) * action_mask).argmax(-1)",
+        "torch.full((len(scores),), action_mask.shape[1] - 1)")),
+    "kl_rewards:length-as-index": ("kl_rewards", (  # as if every response started at column 0
+        "(torch.arange(action_mask.shape[1], device=action_mask.device) * action_mask).argmax(-1)",
+        "action_mask.sum(-1).long() - 1")),
+    "kl_rewards:plus-kl": ("kl_rewards", ("rewards = -kl_coef * kl", "rewards = kl_coef * kl")),
+    "kl_rewards:kl-mean": ("kl_rewards", ("kl.sum(-1)", "kl.sum(-1) / action_mask.sum(-1).clamp(min=1)")),
+    "gae:off-by-one": ("gae", ("reversed(range(rewards.shape[1]))", "reversed(range(rewards.shape[1] - 1))")),
+    "gae:bootstraps-from-padding": ("gae", (  # V after the last token read from the next column, not 0
+        "torch.where(m > 0, values[:, t], next_value)", "values[:, t]")),
+    "gae:no-lambda": ("gae", ("gamma * lam * next_adv", "gamma * next_adv")),
+    "gae:monte-carlo-returns": ("gae", ("    return adv, (adv + values) * action_mask", (
+        "    ret, g = torch.zeros_like(rewards), torch.zeros_like(next_adv)\n"
+        "    for t in reversed(range(rewards.shape[1])):\n"
+        "        g = torch.where(action_mask[:, t] > 0, rewards[:, t] + gamma * g, g)\n"
+        "        ret[:, t] = g * action_mask[:, t]\n"
+        "    return adv, ret"))),
+    "gae:unmasked": ("gae", ("m = action_mask[:, t]", "m = torch.ones_like(action_mask[:, t])")),
+    "ppo_loss:no-value-clip": ("ppo_loss", (
+        "0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)", "0.5 * (values - returns) ** 2")),
+    "ppo_loss:min-for-max": ("ppo_loss", ("pg = torch.maximum(", "pg = torch.minimum(")),
+    "ppo_loss:unmasked-mean": ("ppo_loss", (
+        "masked_mean(pg, action_mask), masked_mean(vf, action_mask)", "pg.mean(), vf.mean()")),
+    "ppo_loss:item": ("ppo_loss", (  # right on one trajectory, a crash under vmap
+        "loss_pg, loss_vf = masked_mean(pg, action_mask), masked_mean(vf, action_mask)",
+        "n = max(action_mask.sum().item(), 1.0)\n"
+        "        loss_pg, loss_vf = (pg * action_mask).sum() / n, (vf * action_mask).sum() / n")),
+    "ppo_loss:values-shifted": ("ppo_loss", ("[0], values[0, :-1]", "[0], values[0, 1:]")),
+    "reward_loss:wrong-order": ("reward_loss", ("logsigmoid(r[0] - r[1])", "logsigmoid(r[1] - r[0])")),
+    "reward_loss:log-of-sigmoid": ("reward_loss", (
+        "-nn.functional.logsigmoid(r[0] - r[1])", "-torch.log(torch.sigmoid(r[0] - r[1]))")),
+    "reward_loss:python-if": ("reward_loss", (  # right on one comparison, a crash under vmap
+        "(r[0] > r[1]).float().detach()", "torch.tensor(1.0 if r[0] > r[1] else 0.0)")),
+    "reward_loss:ties-count": ("reward_loss", ("(r[0] > r[1])", "(r[0] >= r[1])")),
+    "sample_categorical:left-searchsorted": ("sample_categorical", ("right=True", "right=False")),
+    "sample_categorical:multinomial": ("sample_categorical", (  # the right law, but not the given u
+        "u = torch.rand(probs.shape[0], generator=generator) if u is None else u",
+        "return torch.multinomial(probs, 1, generator=generator).squeeze(1)")),
+    "sample_categorical:unscaled-u": ("sample_categorical", ("[:, None] * cdf[:, -1:]", "[:, None]")),
+    "dpppo:no-accountant-step": ("dpppo", ("state.account(plan)  #", "state.step += 1  #")),
+    "dpppo:fixed-batch": ("dpppo", (  # the accountant's q assumes Poisson sampling
+        "poisson_sample(len(units), plan.sample_rate, generator)",
+        "torch.randperm(len(units), generator=generator)[:round(plan.expected_batch_size)]")),
+    "dpppo:skips-empty-batches": ("dpppo", (
+        "idx = rows[valid]  # one prompt a unit (m = 1), or up to m",
+        "idx = rows[valid]\n        if len(idx) == 0:\n            continue")),
+    "dpppo:constant-lr": ("dpppo", ("args.lr * (1 - it / plan.steps) if args.lr_schedule == \"linear\" else args.lr",
+                                    "args.lr")),
+    "_connect_dots:no-chord": ("_connect_dots", ("delta[:1] - 1", "delta.new_zeros(1)")),  # the mass below: lost
+    "_connect_dots:slopes-in-eps": ("_connect_dots", ("delta.diff() / math.expm1(h)", "delta.diff() / h"),
+                                    ("math.exp(h) * k", "k")),
+    "_connect_dots:no-flat-top": ("_connect_dots", ("torch.cat([k, delta.new_zeros(1)])", "torch.cat([k, k[-1:]])")),
+    "_epsilon:grid-only": ("_epsilon", (  # the first atom where delta is met: up to h too pessimistic
+        "max(0.0, math.log(a[i].item() - delta) - log_b[i].item())", "loss[i].item()")),
+    "_epsilon:ignores-infinity": ("_epsilon", ("p.new_zeros(1)]) + inf", "p.new_zeros(1)])")),
+    "_epsilon:negative": ("_epsilon", ("max(0.0, math.log(a[i].item() - delta) - log_b[i].item())",
+                                       "math.log(a[i].item() - delta) - log_b[i].item()")),
+}
 
 
 def _mutate(spec: str):
-    """DP_RLHF_MUTATE: blank the named functions of dp_rlhf (raise NotImplementedError), or apply
-    one named wrong body."""
-    if spec == "privatize:realised-batch":  # the Opacus #571 mistake: leaks the batch size
-        right = d.privatize
-
-        def wrong(grads, **kw):
-            return right(grads, **{**kw, "expected_batch_size": max(1, next(iter(grads.values())).shape[0])})
-        d.privatize = wrong
-        return
-    for name in spec.split():
-        def blank(*args, _name=name, **kwargs):
-            raise NotImplementedError(f"exercise: implement {_name}")
-        setattr(d, name, blank)
+    """Blank the functions of dp_rlhf named in `spec` (separated by spaces: they raise NotImplementedError), or
+    apply the wrong body WRONG[spec] (its reference text replaced in the function's source). Returns the undo."""
+    import __future__
+    import inspect
+    fn, *edits = WRONG[spec] if spec in WRONG else (None,)
+    names = [fn] if fn else spec.split()
+    saved = {name: getattr(d, name) for name in names}
+    if fn:
+        src = inspect.getsource(saved[fn])
+        for old, new in edits:
+            if src.count(old) != 1:  # the reference changed under the wrong body: it must be rewritten
+                raise ValueError(f"{spec}: {old!r} is not exactly once in {fn}'s source")
+            src = src.replace(old, new)
+        scope: dict = {}
+        exec(compile(src, f"<wrong body {spec}>", "exec", flags=__future__.annotations.compiler_flag,
+                     dont_inherit=True), vars(d), scope)
+        setattr(d, fn, scope[fn])
+    else:
+        for name in names:
+            def blank(*args, _name=name, **kwargs):
+                raise NotImplementedError(f"exercise: implement {_name}")
+            setattr(d, name, blank)
+    return lambda: [setattr(d, name, f) for name, f in saved.items()]
 
 
 if os.environ.get("DP_RLHF_MUTATE"):
     _mutate(os.environ["DP_RLHF_MUTATE"])
+
+
+def _close(actual, expected, what: str, **tolerances):
+    """assert_close whose failure says first which property broke (the graders' messages)."""
+    torch.testing.assert_close(actual, expected, msg=lambda default: f"{what}\n{default}", **tolerances)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -100,9 +259,10 @@ def eps_of(q, sigma, steps, delta):
 ])
 def test_accountant_golden_values(q, sigma, steps, delta, eps, order):
     got, got_order = eps_of(q, sigma, steps, delta)
-    assert got == pytest.approx(eps, abs=0.005)
+    assert got == pytest.approx(eps, abs=0.005), f"epsilon {got:.4f}, Opacus / TF-Privacy publish {eps} (q={q}, " \
+        f"sigma={sigma}, {steps} steps, delta={delta})"
     if order is not None:
-        assert got_order == order
+        assert got_order == order, f"the best order is {got_order}, published {order}"
 
 
 def _brute_force_rdp(q, sigma, alpha):
@@ -118,6 +278,17 @@ def test_integer_orders_match_brute_force(q, sigma):
     for alpha in (2, 3, 5, 8, 12, 20):
         ours = d.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[alpha])[0]
         assert ours == pytest.approx(_brute_force_rdp(q, sigma, alpha), rel=1e-9)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("q,sigma,alpha,rdp", [  # log(A_alpha) / (alpha - 1), the binomial sum in 60-digit arithmetic
+    (0.01, 1.0, 2, 1.7181342207454794e-4), (0.1, 0.8, 8, 3.61865742244435), (0.5, 2.0, 20, 1.7796588838340486),
+    (0.003, 0.6, 12, 10.329419768161739),  # the last term, q^12 e^(132 / 0.72), is most of A
+    (0.5, 0.6, 64, 88.184739372129586), (0.01, 1.1, 256, 101.1618942900286)])  # A overflows a float64
+def test_rdp_known_values_at_integer_orders(q, sigma, alpha, rdp):
+    got = d.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[alpha])[0]
+    assert math.isfinite(got), f"RDP at order {alpha} is {got}: A_a overflows a float64 here, but its log does not"
+    assert got == pytest.approx(rdp, rel=1e-9), f"RDP at order {alpha}, q = {q}, sigma = {sigma}: {got}, want {rdp}"
 
 
 def _quadrature_rdp(q, sigma, alpha):
@@ -269,6 +440,42 @@ def gaussian_epsilon(sigma, steps, delta):
     return optimize.brentq(excess, 0, 200, xtol=1e-14, rtol=1e-15)
 
 
+
+
+@pytest.mark.unit
+def test_pld_by_hand_connect_the_dots():
+    h, f64 = math.log(2), dict(dtype=torch.float64)  # e^h = 2: every number here is a binary fraction
+    # atoms 1/2, 1/4, 1/4 at the losses 0, h, 2h: delta(eps_i) = sum over l > eps_i of p_l (1 - e^(eps_i - l)):
+    # 1/4 (1 - 1/2) + 1/4 (1 - 1/4) = 0.3125 at 0, 1/4 (1 - 1/2) = 0.125 at h, 0 at 2h
+    p = d._connect_dots(torch.tensor([0.3125, 0.125, 0.0], **f64), h)
+    assert p.shape == (3,) and p.dtype == torch.float64, "one float64 mass per grid point"
+    _close(p[1], torch.tensor(0.25, **f64), "a middle atom is the polyline's kink e^eps_i (s_i - s_(i-1)), slopes "
+           "taken in x = e^eps (not in eps)")
+    _close(p[0], torch.tensor(0.5, **f64), "the lowest atom takes the mass below the grid: its left slope is the "
+           "chord's from (0, 1) to the first point")
+    _close(p[2], torch.tensor(0.25, **f64), "past the last point the curve is flat: the top atom's right slope is 0")
+    # 1/8 more at +infinity (delta never goes below it): atoms 1/2, 1/4, 1/8; delta 0.34375, 0.1875, 0.125
+    _close(d._connect_dots(torch.tensor([0.34375, 0.1875, 0.125], **f64), h), torch.tensor([0.5, 0.25, 0.125], **f64),
+           "with mass at +infinity (delta[-1] = 1/8) the atoms are 1/2, 1/4, 1/8")
+    p = d._connect_dots(torch.tensor([0.5, 0.45, 0.1, 0.0], **f64), h)  # not convex: its second kink is -0.25
+    assert (p >= 0).all(), f"{p.tolist()}: a negative kink (round-off on a convex curve) is 0, not a negative mass"
+
+
+@pytest.mark.unit
+def test_pld_by_hand_epsilon():
+    h = math.log(2)  # e^h = 2
+    pld = (-1, torch.tensor([0.25, 0.25, 0.25, 0.125], dtype=torch.float64), 0.125)  # losses -h, 0, h, 2h; 1/8 at inf
+    # delta(0) = 1/8 + 1/4 (1 - 1/2) + 1/8 (1 - 1/4) = 0.34375; delta(h) = 1/8 + 1/8 (1 - 1/2) = 0.1875; delta(2h) = 1/8
+    eps = lambda delta: d._epsilon(pld, h, delta)
+    assert eps(0.1) == math.inf, "delta below the mass at +infinity (1/8): no finite eps"
+    # on [0, h) the atoms above eps are at h and 2h: delta(eps) = (1/8 + 1/4 + 1/8) - e^eps (1/4 e^-h + 1/8 e^-2h)
+    assert eps(0.2) == pytest.approx(math.log(0.3 / 0.15625), rel=1e-12), \
+        f"eps(0.2) = {eps(0.2)}: between atoms solve delta(eps) = A - e^eps B exactly, A = 1/8 (at +infinity) + 1/4 " \
+        "+ 1/8 and B = 1/4 e^-h + 1/8 e^-2h (not the next grid point, h)"
+    assert eps(0.15) == pytest.approx(math.log(0.1 / 0.03125), rel=1e-12), \
+        f"eps(0.15) = {eps(0.15)}: on [h, 2h) only the atom at 2h is above eps: A = 1/8 + 1/8, B = 1/8 e^-2h"
+    assert eps(0.125) == pytest.approx(2 * h, rel=1e-12), "delta(2h) = 1/8: eps(1/8) = 2h"
+    assert eps(0.4) == 0.0 and eps(0.6) == 0.0, "delta(0) = 0.34375 is below delta: eps is 0 (never negative)"
 
 
 @pytest.mark.parametrize("q, sigma, steps, delta", NAMED)
@@ -503,12 +710,25 @@ def test_per_sample_grad_unchanged_when_another_sample_changes(tiny):
 
 @pytest.mark.unit
 def test_privatize_without_noise_is_the_clipped_sum():
-    g = {"a": torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]]), "b": torch.tensor([[[0.0]], [[0.0]], [[1.0]]])}
+    g = {"a": torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0], [1.2, 0.0]]),
+         "b": torch.tensor([[[0.0]], [[0.0]], [[1.0]], [[1.6]]])}
     out = d.privatize(g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=10.0)
-    # norms 5, 0.5, 1 -> factors 1/5, 1, 1/(1+1e-6)
+    assert set(out) == {"a", "b"} and out["a"].shape == (2,) and out["b"].shape == (1, 1), \
+        "privatize returns one tensor per name, summed over the batch (no batch dimension)"
+    one = lambda i: d.privatize({k: v[i:i + 1] for k, v in g.items()}, max_grad_norm=1.0, noise_multiplier=0.0,
+                                expected_batch_size=1.0)
+    _close(one(1)["a"], torch.tensor([0.3, 0.4]), "a gradient of norm 0.5 < C = 1 must pass unchanged: the factor "
+           "is min(1, C / (norm + 1e-6)), never above 1")
+    _close(one(3)["a"], torch.tensor([0.6, 0.0]), "clip the flat norm over all parameters together: sample 3's "
+           "norm is 2 (a: 1.2, b: 1.6, each below C), so both halves scale by 1/2", atol=1e-5, rtol=1e-5)
+    _close(one(3)["b"], torch.tensor([[0.8]]), "clip the flat norm over all parameters together: sample 3's norm "
+           "is 2 (a: 1.2, b: 1.6, each below C), so both halves scale by 1/2", atol=1e-5, rtol=1e-5)
+    # norms 5, 0.5, 1, 2 -> factors 1/5, 1, 1/(1 + 1e-6), 1/2; the sum over 4 samples, divided by 10
     f3 = 1 / (1 + 1e-6)
-    torch.testing.assert_close(out["a"], torch.tensor([3 / 5 + 0.3, 4 / 5 + 0.4]) / 10)
-    torch.testing.assert_close(out["b"], torch.tensor([[f3]]) / 10)
+    _close(out["a"], torch.tensor([3 / 5 + 0.3 + 0.6, 4 / 5 + 0.4]) / 10, "the clipped gradients summed, divided "
+           "by expected_batch_size = 10 (not the 4 samples)")
+    _close(out["b"], torch.tensor([[f3 + 0.8]]) / 10, "the clipped gradients summed, divided by "
+           "expected_batch_size = 10 (not the 4 samples)")
 
 
 @pytest.mark.unit
@@ -518,10 +738,11 @@ def test_clipped_norms_at_most_c_and_divisor_is_expected_batch():
     for i in range(16):  # each sample alone: its clipped contribution has norm <= C
         one = d.privatize({k: v[i:i + 1] for k, v in g.items()}, max_grad_norm=0.7, noise_multiplier=0.0,
                           expected_batch_size=1.0)
-        assert math.sqrt(sum(v.pow(2).sum() for v in one.values())) <= 0.7 + 1e-6
+        norm = math.sqrt(sum(v.pow(2).sum() for v in one.values()))
+        assert norm <= 0.7 + 1e-6, f"sample {i}'s clipped gradient has norm {norm:.4f} > C = 0.7 (w and v together)"
     a = d.privatize(g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4.0)
     b = d.privatize(g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=8.0)
-    torch.testing.assert_close(a["w"], 2 * b["w"])  # scales with 1 / expected size, whatever B is
+    _close(a["w"], 2 * b["w"], "the divisor is expected_batch_size (4, then 8), whatever the realised batch (16)")
 
 
 @pytest.mark.unit
@@ -529,8 +750,9 @@ def test_noise_std_is_sigma_c_over_expected_batch():
     gen = torch.Generator().manual_seed(0)
     g = {"w": torch.zeros(3, 200_000)}
     out = d.privatize(g, max_grad_norm=2.0, noise_multiplier=1.5, expected_batch_size=10.0, generator=gen)["w"]
-    assert out.mean().item() == pytest.approx(0.0, abs=0.002)
-    assert out.std().item() == pytest.approx(1.5 * 2.0 / 10.0, rel=0.01)
+    assert out.mean().item() == pytest.approx(0.0, abs=0.002), "the noise has mean 0"
+    assert out.std().item() == pytest.approx(1.5 * 2.0 / 10.0, rel=0.01), \
+        f"noise std {out.std().item():.4f}: want sigma * C / expected batch = 1.5 * 2 / 10 (one draw, not per sample)"
 
 
 @pytest.mark.unit
@@ -538,8 +760,8 @@ def test_empty_batch_gives_noise_only():
     gen = torch.Generator().manual_seed(0)
     out = d.privatize({"w": torch.zeros(0, 50_000)}, max_grad_norm=1.0, noise_multiplier=1.0,
                       expected_batch_size=5.0, generator=gen)["w"]
-    assert out.shape == (50_000,)
-    assert out.std().item() == pytest.approx(0.2, rel=0.02)
+    assert out.shape == (50_000,), "an empty batch still gives one tensor per name, of the parameter's shape"
+    assert out.std().item() == pytest.approx(0.2, rel=0.02), "an empty batch gives the noise alone: sigma C / qN = 0.2"
 
 
 @pytest.mark.unit
@@ -745,37 +967,140 @@ def test_gae_matches_plain_loop():
 
 
 @pytest.mark.unit
+def test_gae_on_hand_computed_values():
+    act = torch.tensor([[0.0, 1, 1, 1, 0], [0.0, 0, 0, 1, 1], [1.0, 0, 0, 0, 0]])
+    r = torch.tensor([[9.0, 1, 0, 2, 7], [4.0, 4, 4, 1, 1], [3.0, 8, 8, 8, 8]])  # off the response: not 0
+    v = torch.tensor([[5.0, 1, 2, 1, 3], [6.0, 6, 6, 2, 0], [1.0, 9, 9, 9, 9]])
+    adv, ret = d.gae(r, v, act, gamma=0.5, lam=0.5)
+    assert adv.shape == ret.shape == act.shape, "returns (advantages, returns), each [B, T-1]"
+    assert (adv[act == 0] == 0).all() and (ret[act == 0] == 0).all(), \
+        f"advantages and returns must be 0 off the response (prompt and padding columns):\n{adv}\n{ret}"
+    # by hand, gamma = lam = 0.5. Row 0: delta_3 = 2 - 1 = 1 (nothing after the last token), A_3 = 1; delta_2 = 0 +
+    # 0.5 * 1 - 2 = -1.5, A_2 = -1.5 + 0.25 * 1 = -1.25; delta_1 = 1 + 0.5 * 2 - 1 = 1, A_1 = 1 + 0.25 * -1.25.
+    # Row 1: A_4 = 1 - 0 = 1; A_3 = 1 + 0 - 2 + 0.25 * 1 = -0.75. Row 2: one token, A_0 = 3 - 1 = 2.
+    last = torch.tensor([[0, 3], [1, 4], [2, 0]])
+    _close(adv[last[:, 0], last[:, 1]], torch.tensor([1.0, 1.0, 2.0]), "a trajectory's last token has nothing after "
+           "it: A = r - V there (not r + gamma V(next column) - V; the last column counts too)")
+    want = torch.tensor([[0.0, 0.6875, -1.25, 1, 0], [0.0, 0, 0, -0.75, 1], [2.0, 0, 0, 0, 0]])
+    _close(adv, want, "A_k = delta_k + gamma lam A_(k+1), delta_k = r_k + gamma V_(k+1) - V_k, along the response")
+    _close(ret, (want + v) * act, "returns = advantages + values (on the response)")
+
+
+@pytest.mark.unit
 def test_ppo_loss_on_hand_computed_values():
-    class Fixed(torch.nn.Module):  # logits/values as parameters, so the loss is a plain function of them
+    class Fixed(torch.nn.Module):  # log-probs and values as parameters, so the loss is a plain function of them
         def __init__(self):
             super().__init__()
-            self.logp = torch.nn.Parameter(torch.log(torch.tensor([[0.5, 0.5], [0.8, 0.2], [0.4, 0.6]])))
-            self.v = torch.nn.Parameter(torch.tensor([0.0, 1.0, 2.0]))
+            p = [[0.5, 0.5], [0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.6, 0.4], [0.55, 0.45], [0.5, 0.5], [0.5, 0.5]]
+            self.logp = torch.nn.Parameter(torch.tensor(p).log())  # position t predicts ids[t + 1]
+            self.v = torch.nn.Parameter(torch.tensor([9.0, 1, 1, 1, 0, 0.1, 4, 8]))
 
         def forward(self, ids, mask, start=0):
             return self.logp[None, start:].expand(ids.shape[0], -1, -1), self.v[None, start:].expand(ids.shape[0], -1)
     policy = Fixed()
-    ids = torch.tensor([0, 0, 1])  # targets: token 0 from logits row 0 (p=0.5), token 1 from row 1 (p=0.2)
-    act = torch.tensor([1.0, 1.0])
-    old_lp = torch.log(torch.tensor([0.25, 0.2]))  # new: log 0.5, log 0.2 -> ratios 2.0 and 1.0
-    old_v, adv, ret = torch.tensor([0.5, 0.5]), torch.tensor([1.0, -1.0]), torch.tensor([2.0, 0.0])
+    ids, mask = torch.tensor([0, 0, 0, 1, 0, 1, 0, 1]), torch.tensor([1, 1, 1, 1, 1, 1, 1, 0])  # 2 prompt tokens
+    # the columns from prompt_len - 1 = 1 on: targets ids[2:], five response tokens and a padding column (junk)
+    act = torch.tensor([1.0, 1, 1, 1, 1, 0])
+    old_lp = torch.tensor([0.4, 0.6, 1 / 3, 0.8, 0.5, 0.1]).log()  # new 0.6 0.3 0.5 0.4 0.55: ratios 1.5 .5 1.5 .5 1.1
+    adv = torch.tensor([1.0, 1, -1, -1, 2, 7])
+    old_v, ret = torch.tensor([0.0, 0, 1, 0.5, 0, 3]), torch.tensor([1.0, 0, 2, 0.5, 0.1, 9])  # new V: 1 1 1 0 .1
     loss_fn = d.ppo_loss(policy, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
-    loss, aux = loss_fn(dict(policy.named_parameters()), ids, torch.ones(3), act, old_lp, old_v, adv, ret)
-    # policy: t0 max(-1*2, -1*1.2) = -1.2; t1 max(1*1, 1*1) = 1 -> mean -0.1
-    # value: v = [0, 1]; clipped [0.3, 0.7]; t0 0.5*max(4, 2.89) = 2; t1 0.5*max(1, 0.49) = 0.5 -> 1.25
-    assert aux[0].item() == pytest.approx(-0.1)
-    assert aux[1].item() == pytest.approx(1.25)
-    assert aux[2].item() == pytest.approx(0.5)  # one of two ratios outside [0.8, 1.2]
-    assert loss.item() == pytest.approx(-0.1 + 0.1 * 1.25)
+    loss, aux = loss_fn(dict(policy.named_parameters()), ids, mask, act, old_lp, old_v, adv, ret)
+    assert loss.shape == () and aux.shape == (3,), "returns (loss, aux = [policy loss, value loss, clip fraction])"
+    # policy: max(-A r, -A clip(r, 0.8, 1.2)): A = 1, r = 1.5: -1.2 (clipped); A = 1, r = .5: -.5; A = -1, r = 1.5: 1.5;
+    # A = -1, r = .5: .8 (clipped); A = 2, r = 1.1: -2.2 -> mean over the 5 tokens -0.32
+    assert aux[0].item() == pytest.approx(-0.32), \
+        f"policy loss {aux[0].item():.4f}, want -0.32: max(-A r, -A clip(r)), each branch wins once here; the " \
+        "mean over the 5 response tokens (not the padding column)"
+    # value: 0.5 max((V - R)^2, (V_old + clip(V - V_old, +-0.2) - R)^2): 0.5 max(0, .64) = .32 (clipped);
+    # 0.5 max(1, .04) = .5; .5; 0.5 max(.25, .04) = .125; 0 -> mean 0.289
+    assert aux[1].item() == pytest.approx(0.289), \
+        f"value loss {aux[1].item():.4f}, want 0.289: 0.5 max((V - R)^2, (V_clip - R)^2) with V the value of the " \
+        "state each token is chosen in (values[0, :-1]); the first token's clipped term wins"
+    assert aux[2].item() == pytest.approx(0.8), "clip fraction: 4 of the 5 response tokens have |r - 1| > 0.2"
+    assert loss.item() == pytest.approx(-0.32 + 0.1 * 0.289), "loss = policy loss + vf_coef * value loss"
+    assert not aux.requires_grad, "aux is detached (statistics, not part of the gradient)"
+    loss.backward()
+    assert (policy.logp.grad[[1, 4]] == 0).all() and (policy.logp.grad[[2, 3, 5]] != 0).any(1).all(), \
+        "a token where the clipped policy term wins has no policy gradient; the others have one"
+    assert policy.logp.grad[6].eq(0).all() and policy.v.grad[6] == 0, "the padding column reached the gradient"
+    assert policy.v.grad[1] == 0 and policy.v.grad[2] != 0, "where the clipped value term wins, V has no gradient"
+
+
+@pytest.fixture(scope="session")
+def small_gpt2():
+    """A small GPT-2 with random weights (nothing trained, no tokenizer): the vmap smoke runs' model, in a second."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, eos_token_id=0,
+                                          pad_token_id=0, attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0,
+                                          attn_pdrop=0.0)).eval()
+
+
+def _randomised(module, gen):
+    """Every trainable weight random and small (LoRA's B starts at 0: then every weight has a gradient)."""
+    for p in d.trainable(module).values():
+        p.data = torch.randn(p.shape, generator=gen) * 0.05
+    return module
+
+
+@pytest.mark.unit
+def test_ppo_loss_under_vmap_on_a_small_gpt2(small_gpt2):
+    """dpppo differentiates ppo_loss's closure per trajectory, vmap(grad(loss_fn)): it must run there and give a
+    trajectory the gradient it has alone, and the columns from the last prompt position on give the full width's."""
+    import copy
+    gen = torch.Generator().manual_seed(0)
+    policy = _randomised(d.ActorCritic(d.add_lora(copy.deepcopy(small_gpt2))), gen)
+    ids, mask = torch.randint(1, 64, (2, 10), generator=gen), torch.ones(2, 10, dtype=torch.long)
+    mask[1, :2] = 0  # row 1: a prompt of 2 tokens, left-padded to the prompts' width 4
+    mask[0, 7:] = 0  # row 0: a response of 3 tokens, then padding; row 1's has 6
+    act = mask[:, 1:].float()
+    act[:, :3] = 0  # targets of response tokens: from column prompt_len - 1 = 3 on
+    lp, v, adv, ret = (torch.randn(2, 9, generator=gen) for _ in range(4))  # not 0 off the response either
+    cut = [x[:, 3:] for x in (act, lp, v, adv, ret)]
+    loss_fn = d.ppo_loss(policy, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    params = {k: p.detach() for k, p in d.trainable(policy).items()}
+    try:
+        grads, aux = d.per_sample_grads(loss_fn, params, ids, mask, *cut, has_aux=True)
+    except Exception as e:
+        raise AssertionError(f"ppo_loss's closure fails under torch.func.vmap ({type(e).__name__}: {e}): no .item(), "
+                             "float() or Python if on a tensor, no boolean-mask indexing") from e
+    assert aux.shape == (2, 3) and all(g.shape[0] == 2 for g in grads.values()), "one (loss, aux) per trajectory"
+    assert all(g.isfinite().all() for g in grads.values()), "a finite trajectory has a finite gradient"
+    alone, alone_aux = torch.func.grad(loss_fn, has_aux=True)(params, ids[0], mask[0], *(x[0] for x in cut))
+    _close(aux[0], alone_aux, "under vmap, trajectory 0's policy loss, value loss and clip fraction are its own")
+    for k in params:
+        _close(grads[k][0], alone[k], "under vmap, trajectory 0's gradient is its own alone", atol=1e-6, rtol=1e-4)
+    full, full_aux = d.per_sample_grads(loss_fn, params, ids, mask, act, lp, v, adv, ret, has_aux=True)
+    _close(full_aux, aux, "start = T - 1 - L: the trajectories given from column 0 (L = T - 1, start 0) must have the "
+           "same loss as from column 3 (L = 6, start 3)")
+    for k in params:
+        _close(full[k], grads[k], "start = T - 1 - L: the trajectories given from column 0 must have the same gradient",
+               atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.unit
 def test_kl_rewards_eq2():
-    lp, ref = torch.tensor([[0.0, -1.0, -2.0, 0.0]]), torch.tensor([[0.0, -1.5, -1.0, 0.0]])
-    act = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
-    rewards, kl = d.kl_rewards(torch.tensor([3.0]), lp, ref, act, kl_coef=0.5)
-    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.25, 0.5 + 3.0, 0.0]]))
-    torch.testing.assert_close(kl, torch.tensor([-0.5]))
+    act = torch.tensor([[0.0, 0, 1, 1, 0, 0],   # a prompt, 2 response tokens, padding
+                        [0.0, 1, 1, 1, 1, 1],   # a response to the last column
+                        [0.0, 0, 0, 0, 0, 0]])  # no response token
+    lp = torch.tensor([[9.0, 9, -1, -2, 5, 5], [3.0, -1, -1, -0.5, -3, -2], [1.0, 2, 3, 4, 5, 6]])
+    ref = torch.tensor([[0.0, 1, -1.5, -1, 2, 3], [0.0, -1, -2, -0.5, -1, -2], [0.0, 0, 0, 0, 0, 0]])
+    inputs = [x.clone() for x in (lp, ref, act)]
+    rewards, kl = d.kl_rewards(torch.tensor([3.0, -2.0, 7.0]), lp, ref, act, kl_coef=0.5)
+    for x, y in zip((lp, ref, act), inputs):
+        assert torch.equal(x, y), "kl_rewards changed its inputs in place"
+    assert rewards.shape == act.shape and kl.shape == (3,), "returns (rewards [B, T-1], kl [B])"
+    _close(rewards[:2, 2], torch.tensor([-0.25, -0.5]), "-beta (log pi - log pi_sft) on a response token")
+    _close(rewards[[0, 1], [3, 5]], torch.tensor([0.5 + 3.0, -2.0]), "the score goes on the row's last response "
+           "token (row 0: column 3), not on the tensor's last column nor at the response's length")
+    assert (rewards[:2][act[:2] == 0] == 0).all(), \
+        f"the KL penalty reached a prompt or padding column (the log-probs there are not 0 here):\n{rewards}"
+    assert (rewards[2] == 0).all(), "a row with no response token gets nothing, not even its score"
+    _close(rewards, torch.tensor([[0.0, 0, -0.25, 0.5 + 3.0, 0, 0], [0.0, 0, -0.5, 0, 1, -2], [0.0, 0, 0, 0, 0, 0]]),
+           "-beta (log pi - log pi_sft) on each response token, plus the score on the row's last response token")
+    _close(kl, torch.tensor([-0.5, -1.0, 0.0]), "the second value is each row's KL summed over its response tokens")
 
 
 def test_reference_equals_sft_model_at_ppo_init(tiny):
@@ -834,6 +1159,20 @@ def test_sample_categorical_draws_the_given_distribution():
     assert (draws[:, 1] == 3).all()  # a zero-probability token is never drawn
 
 
+@pytest.mark.unit
+def test_sample_categorical_inverts_the_cdf_at_the_given_u():
+    u = torch.linspace(0, 0.999, 1000)
+    got = d.sample_categorical(torch.tensor([[0.25, 0.0, 0.5, 0.25]]).expand(1000, -1), u=u)  # cdf .25 .25 .75 1
+    assert got.dtype == torch.long and got.shape == (1000,), "one index per row, [B] long"
+    want = torch.where(u < 0.25, 0, torch.where(u < 0.75, 2, 3))
+    assert torch.equal(got, want), f"{(got != want).sum()} of 1000 draws are not the CDF inverted at the given u " \
+        "(the smallest i with cdf_i > u; the same u, the same draw): e.g. u = 0.25 gives token 2"
+    zero_first = d.sample_categorical(torch.tensor([[0.0, 0.5, 0.5]]), u=torch.tensor([0.0]))
+    assert zero_first.tolist() == [1], "at u = 0 a zero-probability token was drawn: cdf_i > u, strictly"
+    unscaled = d.sample_categorical(torch.tensor([[2.0, 0.0, 6.0], [2.0, 0.0, 6.0]]), u=torch.tensor([0.2, 0.3]))
+    assert unscaled.tolist() == [0, 2], "a row need not sum to 1: u is scaled by the row's total (here 8)"
+
+
 def test_fused_gelu_gives_gpt2s_logits(tmp_path):
     """load_lm swaps GPT-2's gelu_new for the same function as one fused kernel (speed only)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -847,6 +1186,31 @@ def test_fused_gelu_gives_gpt2s_logits(tmp_path):
     ids = torch.randint(0, 1024, (3, 20))
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dpppo_keeps_poisson_batches_and_one_accountant_step_an_iteration(tiny):
+    """Algorithm 3's loop contract: each iteration a Poisson sample of prompts (its size varies, and may be 0), its
+    noisy update and its accountant step, the empty ones too, hooks.step, and the linear lr schedule."""
+    import copy
+    lm, tok = tiny
+    policy = d.ActorCritic(d.add_lora(copy.deepcopy(lm)))
+    before = {k: v.clone() for k, v in d.trainable(policy).items()}
+    rows, prompts = [], ["the film was", "it is a", "i loved the", "but the"] * 4
+    args = d.PPOArgs(steps=12, batch_size=1, lr=1e-2, lr_schedule="linear", response_min=2, response_max=3)
+    plan = d.plan_stage(args, len(prompts), 4.0, 1e-3)
+    entry = d.dpppo(policy, tok, prompts, lambda p, r: torch.zeros(len(r)), plan, args,
+                    generator=torch.Generator().manual_seed(0), hooks=d.RunHooks(log=rows.append))
+    sizes = [r["ppo/batch_size"] for r in rows]
+    assert len(rows) == 12, f"hooks.step once an iteration, the empty batches too: {len(rows)} calls in 12 iterations"
+    assert len(set(sizes)) > 1, f"batch sizes {sizes}: a Poisson sample (each prompt with probability 1/16), whose " \
+        "size varies, not a fixed size: the accountant assumes Poisson sampling"
+    accountant = d.ACCOUNTANTS[plan.accountant]()
+    accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, num_steps=12)
+    assert entry["steps"] == 12 and entry["epsilon"] == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-9), \
+        f"epsilon {entry['epsilon']}: one accountant step each iteration (12), the empty ones too"
+    assert [r["ppo/lr"] for r in rows] == pytest.approx([1e-2 * (1 - t / 12) for t in range(12)]), \
+        "lr_schedule 'linear': iteration t's lr is args.lr * (1 - t / steps)"
+    assert any(not torch.equal(before[k], p) for k, p in d.trainable(policy).items()), "no noisy update moved a weight"
 
 
 def test_dpppo_raises_the_reward(tiny):
@@ -863,8 +1227,8 @@ def test_dpppo_raises_the_reward(tiny):
             d.plan_stage(args, len(prompts), 8.0, 1e-3), args, generator=torch.Generator().manual_seed(0),
             hooks=d.RunHooks(log=rows.append))
     reward = [r["ppo/reward_mean"] for r in rows]
-    assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 1.0, reward
-    assert rows[-1]["privacy/epsilon"] <= 8.0
+    assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 1.0, f"the reward did not rise: {reward}"
+    assert 8.0 * (1 - 1e-3) <= rows[-1]["privacy/epsilon"] <= 8.0, "15 iterations spend the planned epsilon, 8"
 
 
 def test_ppo_linear_lr_schedule_anneals_by_iteration(tiny):
@@ -1276,12 +1640,59 @@ def test_reward_loss_by_hand():
             self.r = torch.nn.Parameter(torch.tensor([1.5, -0.5]))
 
         def forward(self, ids, mask, response_mask):
+            assert ids.shape == mask.shape == (2, 3) and response_mask.shape == (2, 2), \
+                "the reward model scores the comparison's pair at once: ids, mask [2, T], response_mask [2, T-1]"
             return self.r
     rm = Fixed()
-    ones = torch.ones(2, 3)
-    loss, correct = d.reward_loss(rm)(dict(rm.named_parameters()), torch.zeros(2, 3), ones, ones)
-    assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)))  # -log sigma(1.5 - (-0.5))
-    assert correct.item() == 1.0
+    ids, mask, response_mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.ones(2, 2)
+    loss_fn = d.reward_loss(rm)
+    loss, correct = loss_fn(dict(rm.named_parameters()), ids, mask, response_mask)
+    assert loss.shape == () and correct.shape == (), "returns (loss, correct): two scalar tensors"
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0))), \
+        f"loss {loss.item():.4f}: -log sigma(r_chosen - r_rejected) = log(1 + e^-2), and row 0 is the chosen"
+    assert correct.item() == 1.0 and not correct.requires_grad, "correct: 1.0, detached, when r[0] > r[1]"
+    loss.backward()
+    s = 1 / (1 + math.exp(2.0))  # d loss / d r_chosen = -sigma(r_rejected - r_chosen)
+    _close(rm.r.grad, torch.tensor([-s, s]), "the loss's gradient reaches both scores: -sigma(-2) and sigma(-2)")
+    for r, want, right, what in [((-0.5, 1.5), math.log1p(math.exp(2.0)), 0.0, "the rejected scores higher"),
+                                 ((0.3, 0.3), math.log(2), 0.0, "a tie (not a correct ranking: r[0] > r[1] strictly)"),
+                                 ((-60.0, 60.0), 120.0, 0.0, "a large margin: -log sigma(-120) = 120 is finite (use "
+                                  "logsigmoid: log(sigmoid(-120)) is log 0 in float32)")]:
+        with torch.no_grad():
+            rm.r.copy_(torch.tensor(r))
+        loss, correct = loss_fn(dict(rm.named_parameters()), ids, mask, response_mask)
+        assert loss.item() == pytest.approx(want, rel=1e-5) and correct.item() == right, \
+            f"{what}: loss {loss.item()}, correct {correct.item()}; want {want:.4f} and {right}"
+
+
+@pytest.mark.unit
+def test_reward_loss_under_vmap_on_a_small_gpt2(small_gpt2):
+    """dp_reward_model differentiates reward_loss's closure per comparison, vmap(grad(loss_fn)): it must run there,
+    give `correct` per comparison, and a comparison the gradient it has alone."""
+    import copy
+    gen = torch.Generator().manual_seed(0)
+    rm = _randomised(d.RewardModel(d.add_lora(copy.deepcopy(small_gpt2)), pad_token_id=0), gen)
+    ids, mask = torch.randint(1, 64, (3, 2, 8), generator=gen), torch.ones(3, 2, 8, dtype=torch.long)
+    mask[2, :, :2] = 0  # comparison 2: a prompt of 2 tokens, left-padded to 4
+    mask[0, 1, 6:] = 0  # comparison 0: a shorter rejected completion
+    ids, mask = torch.cat([ids[:1], ids[:1].flip(1), ids[2:]]) * mask, torch.cat([mask[:1], mask[:1].flip(1), mask[2:]])
+    response_mask = mask[..., 1:].float()
+    response_mask[..., :3] = 0  # comparison 1 is comparison 0 swapped: one of them is ranked right
+    loss_fn = d.reward_loss(rm)
+    params = {k: p.detach() for k, p in d.trainable(rm).items()}
+    try:
+        grads, correct = d.per_sample_grads(loss_fn, params, ids, mask, response_mask, has_aux=True)
+    except Exception as e:
+        raise AssertionError(f"reward_loss's closure fails under torch.func.vmap ({type(e).__name__}: {e}): no "
+                             ".item(), float() or Python if on a tensor") from e
+    with torch.no_grad():
+        r = torch.stack([rm(ids[i], mask[i], response_mask[i]) for i in range(3)])
+    _close(correct, (r[:, 0] > r[:, 1]).float(), "under vmap, correct is 1.0 where the chosen (row 0) scores higher")
+    assert all(g.shape[0] == 3 and g.isfinite().all() for g in grads.values()), "one finite gradient per comparison"
+    alone = torch.func.grad(loss_fn, has_aux=True)(params, ids[2], mask[2], response_mask[2])[0]
+    for k in params:
+        _close(grads[k][2], alone[k], "under vmap, comparison 2's gradient is the one it has alone", atol=1e-6,
+               rtol=1e-4)
 
 
 def test_one_comparison_is_one_per_sample_gradient(tiny):
@@ -1484,7 +1895,8 @@ def test_nonfinite_per_sample_gradient_counts_as_zero():
     ref = d.privatize({k: v[:1] for k, v in g.items()}, max_grad_norm=1.0, noise_multiplier=0.0,
                       expected_batch_size=4.0)
     for k in g:  # rows 1 and 2 are dropped to zero; row 0 alone remains
-        torch.testing.assert_close(out[k], ref[k])
+        _close(out[k], ref[k], "a sample with a non-finite coordinate counts as zero, whole: none of its coordinates "
+               "may reach the sum (row 1 is [nan, 1] and [2], row 2 [0.3, 0.4] and [inf])")
     assert d.finite_rows(g).tolist() == [True, False, False]
 
 
@@ -2171,27 +2583,357 @@ def probe_units(seeds=(0, 1, 2), out="runs/probe-units", n_posts=6000, n_compare
     return table
 
 
-def check_exercises() -> bool:
-    """Each grader passes as the code is and fails with its function blanked (or broken)."""
+# ------------------------------------------------------------------------------------ exercises: handouts, check
+# A handout is a folder a student gets: dp_rlhf.py with the exercise's functions blanked (signature, docstring, a
+# TODO), the grader test_exercise.py (the exercise's tests and what they use, cut out of this file with `ast`:
+# nothing from the exercise block above, no reference such as _gae_loop), pytest.ini, requirements.txt and
+# EXERCISE.md. No git history: the answers are not one `git diff` away.
+HANDOUT_FILES = ("EXERCISE.md", "dp_rlhf.py", "pytest.ini", "requirements.txt", "test_exercise.py")
+GRADER = "python -m pytest -q test_exercise.py"
+TEACHER_ONLY = {"Exercise", "EXERCISES", "WRONG", "_mutate", "check_exercises", "handout", "_gae_loop",
+                "_brute_force_rdp", "_quadrature_rdp"}  # never in a grader: wrong bodies, references, the tools
+
+
+def _exercises(numbers: str) -> list:
+    """'1,3a' -> those exercises; '3' is 3a, 3b and 3c; 'all', every one."""
+    by_number, out = {e.number: e for e in EXERCISES}, []
+    for n in (x.strip() for x in numbers.split(",")):
+        picked = [e for k, e in by_number.items() if n in (k, "all") or (k[:-1] == n and k[-1].isalpha())]
+        if not picked:
+            raise ValueError(f"exercise {n!r}: " + ("9 is a sweep, the README's command: no handout, no grader"
+                                                    if n == SWEEP else f"choose from {', '.join(by_number)}, all"))
+        out += [e for e in picked if e not in out]
+    return out
+
+
+def _selected(selection: str, name: str) -> bool:
+    """pytest -k's rule on a test's name: each word a case-insensitive substring of it, with and / or / not."""
+    import re
+    return eval(re.sub(r"\w+", lambda m: m[0] if m[0] in ("and", "or", "not") else str(m[0].lower() in name.lower()),
+                       selection))
+
+
+def _grader_tests(exercises) -> list[str]:
+    """The test functions the exercises' graders select, in this file's order (the order pytest runs them in)."""
+    tree = _tree(open(__file__).read())
+    return [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+            and any(_selected(e.grader, n.name) for e in exercises)]
+
+
+def _blanked(source: str, names) -> str:
+    """`source` with each top-level function in `names` cut to its signature, its docstring and a TODO."""
+    lines, found = source.splitlines(keepends=True), {}
+    for node in _tree(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name in names:
+            found[node.name] = node
+    if set(names) - set(found):
+        raise ValueError(f"dp_rlhf.py has no function {sorted(set(names) - set(found))}")
+    for node in sorted(found.values(), key=lambda n: -n.lineno):  # bottom up: the line numbers above stay right
+        doc, pad = node.body[0], " " * node.body[0].col_offset
+        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            raise ValueError(f"{node.name} has no docstring: a blanked function's docstring is its contract")
+        lines[doc.end_lineno:node.end_lineno] = [f"{pad}# TODO (exercise): write {node.name}; its docstring is the "
+                                                 "contract\n", f'{pad}raise NotImplementedError("exercise: write '
+                                                 f'{node.name}")\n']
+    return "".join(lines)
+
+
+def _pasted_back(blanked: str, reference: str, names) -> str:
+    """Each function of `names` in `blanked` (a handout's dp_rlhf.py) given its body in `reference` back."""
+    ref_lines, lines = reference.splitlines(keepends=True), blanked.splitlines(keepends=True)
+    ref = {n.name: n for n in _tree(reference).body if isinstance(n, ast.FunctionDef)}
+    for node in sorted((n for n in _tree(blanked).body if isinstance(n, ast.FunctionDef) and n.name in names),
+                       key=lambda n: -n.lineno):
+        r = ref[node.name]
+        lines[node.body[0].end_lineno:node.end_lineno] = ref_lines[r.body[0].end_lineno:r.end_lineno]
+    return "".join(lines)
+
+
+def _grader_source(exercises) -> str:
+    """The exercises' tests with what they use of this file, transitively (imports, constants, fixtures, helpers,
+    the autouse fixtures), in this file's order; a top-level expression (logging's level) goes with the statement
+    before it."""
+    source = open(__file__).read()
+    tree, lines = _tree(source), source.splitlines(keepends=True)
+    defined, imports, roots = {}, [], set(_grader_tests(exercises))
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imports.append(node)
+            defined.update({(a.asname or a.name).split(".")[0]: node for a in node.names})
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined[node.name] = node
+            roots |= {node.name for k in getattr(node, "decorator_list", []) for kw in getattr(k, "keywords", [])
+                      if kw.arg == "autouse" and getattr(kw.value, "value", False)}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                defined.update({n.id: node for n in ast.walk(target) if isinstance(n, ast.Name)})
+    uses = lambda node: ({n.id for n in ast.walk(node) if isinstance(n, ast.Name)}  # and fixtures, by parameter
+                         | {a.arg for n in ast.walk(node) if isinstance(n, ast.FunctionDef) for a in n.args.args})
+    needed, todo, configure = set(), list(roots), []
+    while todo:
+        name = todo.pop()
+        if name in defined and name not in needed:
+            needed.add(name)
+            todo += uses(defined[name]) if not isinstance(defined[name], (ast.Import, ast.ImportFrom)) else []
+    kept = lambda node: any(v is node for k, v in defined.items() if k in needed)
+    for before, node in zip(tree.body, tree.body[1:]):
+        if isinstance(node, ast.Expr) and kept(before) and uses(node) <= set(defined):
+            configure.append(node)
+            needed |= uses(node)  # names of imports: nothing more to follow
+    if needed & TEACHER_ONLY:
+        raise ValueError(f"a grader uses {sorted(needed & TEACHER_ONLY)}: teacher-only")
+    out = [f'"""Exercise {", ".join(e.number for e in exercises)}: the grader, `{GRADER}` in this folder. It fails '
+           'until\nyour dp_rlhf.py is right; a failure says which property broke. (Built from dp-rlhf\'s '
+           'test_dp_rlhf.py.)"""\n\n']
+    for node in imports:
+        kept = [a for a in node.names if (a.asname or a.name).split(".")[0] in needed]
+        if kept:
+            out.append(ast.unparse(type(node)(**{**node.__dict__, "names": kept})) + "\n")
+    for node in tree.body:
+        name = getattr(node, "name", None) or next(iter(k for k, v in defined.items() if v is node), None)
+        if node in configure or (not isinstance(node, (ast.Import, ast.ImportFrom)) and name in needed):
+            first = min([node.lineno] + [k.lineno for k in getattr(node, "decorator_list", [])])
+            out.append("\n\n" + "".join(lines[first - 1:node.end_lineno]))
+    return "".join(out)
+
+
+def handout(numbers: str, out: str) -> str:
+    """Write the handout of exercises `numbers` ('1', '3', '1,4') into the new (or empty) folder `out`."""
+    exercises = _exercises(numbers)
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"{out} is not empty: a handout goes into a new folder")
+    blank = [f for e in exercises for f in e.blank]
+    grader = _grader_source(exercises)
+    requirements = open(os.path.join(HERE, "requirements.txt")).read().rstrip() + "\npytest\n"
+    requirements += "dp-accounting  # the grader's oracle\n" if "dp_accounting" in grader else ""
+    text = [f"# Exercise {e.number}: {e.title}\n\n{e.text}\n\n**Expected time:** {e.student}.\n" for e in exercises]
+    write = ("**Write** " + ", ".join(f"`{f}`" for f in blank) + " in `dp_rlhf.py`: under " + ("its docstring, its "
+             "body" if len(blank) == 1 else "each docstring, the body") + " is a `# TODO` that raises "
+             "NotImplementedError. The docstring is the contract: the inputs and their shapes, what is returned, in "
+             "order, the constants that matter. The rest of `dp_rlhf.py` works; use it.\n"
+             if blank else "**Nothing is blank:** `dp_rlhf.py` is the working reference. Break it as the text "
+             "says, run the grader, then put it back.\n")
+    doc = ("\n".join(text) + "\n" + write + "\nThe paper: Wu et al., \"Privately Aligning Language Models with "
+           "Reinforcement Learning\", ICLR 2024 (arXiv 2310.16960).\n\n**Grade it** from this folder:\n\n"
+           f"    pip install -r requirements.txt   # once\n    {GRADER}\n\n" + ("It fails until the code is right. "
+           if blank else "It passes on the working code, and must fail on the broken one. ") + "Read the first "
+           "failure (`-x` stops there): its message names the property that broke.\n")
+    os.makedirs(out, exist_ok=True)
+    files = {"EXERCISE.md": doc, "dp_rlhf.py": _blanked(open(os.path.join(HERE, "dp_rlhf.py")).read(), blank),
+             "pytest.ini": open(os.path.join(HERE, ".pytest.ini")).read(), "requirements.txt": requirements,
+             "test_exercise.py": grader}
+    assert sorted(files) == sorted(HANDOUT_FILES)
+    for name, content in files.items():
+        with open(os.path.join(out, name), "w") as f:
+            f.write(content)
+    return out
+
+
+def _blocks(tree, top: bool = False) -> list[list[str]]:
+    """Every statement list in `tree`, at any depth, each statement as ast.dump (positions left out); the module's
+    own list only with `top` (no function body is one, and dumping each whole def twice costs seconds)."""
+    return [[ast.dump(s) for s in getattr(n, f)] for n in ast.walk(tree) if top or n is not tree
+            for f in ("body", "orelse", "finalbody")
+            if isinstance(getattr(n, f, None), list) and getattr(n, f) and isinstance(getattr(n, f)[0], ast.stmt)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(source: str) -> ast.Module:
+    """ast.parse, once a source (ten handouts parse the same two files): the trees are only read."""
+    return ast.parse(source)
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed(source: str) -> tuple:
+    """(tree, every statement, every statement list) of `source`, the statements as ast.dump."""
+    blocks = _blocks(_tree(source))
+    return _tree(source), [s for b in blocks for s in b], blocks
+
+
+def _answer_leaks(reference: str, names, sources) -> list[str]:
+    """What of the reference bodies of `names` appears in `sources` (compared by AST): a whole body (as a run of
+    any statement list), or one statement of it that the reference has nowhere else."""
+    import collections
+    ref, everywhere = _parsed(reference)[0], collections.Counter(_parsed(reference)[1])
+    seen, blocks, leaks = set(), [], []
+    for source in sources:
+        seen.update(_parsed(source)[1])
+        blocks += _parsed(source)[2]
+    for fn in (n for n in ref.body if isinstance(n, ast.FunctionDef) and n.name in names):
+        body = [ast.dump(s) for s in fn.body[1:]]  # after the docstring
+        own = collections.Counter(s for b in _blocks(ast.Module(fn.body[1:], []), top=True) for s in b)
+        leaks += [f"{fn.name}'s body" for b in blocks if any(b[i:i + len(body)] == body for i in range(len(b)))]
+        leaks += [f"{fn.name}: {s[:100]}" for s, c in own.items() if everywhere[s] == c and s in seen]
+    return leaks
+
+
+class _Outcome:
+    """A pytest plugin: the test functions collected and the failures (test, the first line of its message)."""
+
+    def __init__(self):
+        self.collected, self.failures = [], []
+
+    def pytest_collection_finish(self, session):
+        self.collected = list(dict.fromkeys(item.originalname for item in session.items))
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = (crash.message if crash is not None else str(report.longrepr)).strip().splitlines() or [""]
+            self.failures.append((report.nodeid.split("::")[-1], message[0]))
+
+
+def _run_grader(selection: str, mutation: str | None = None) -> tuple:
+    """(pytest's exit code, _Outcome, seconds): the grader run in this process, with `mutation` applied."""
+    import contextlib
+    import io
+    import time
+    undo, outcome, t = _mutate(mutation) if mutation else (lambda: None), _Outcome(), time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:unraisableexception",  # its gc at
+                                "-k", selection, os.path.abspath(__file__)], plugins=[outcome])  # exit: 3 s a run
+    finally:
+        undo()
+    return int(code), outcome, time.perf_counter() - t
+
+
+def check_exercises(numbers: str = "all") -> bool:
+    """Each grader passes as the code is, and fails blanked and on each named wrong body: a table, a row each. The
+    runs share this process (torch is imported once); a mutation is undone before the next run."""
     import tempfile
-    env = {**os.environ, "DP_RLHF_TEST_CACHE": os.environ.get("DP_RLHF_TEST_CACHE") or tempfile.mkdtemp()}
+    os.environ["DP_RLHF_TEST_CACHE"] = os.environ.get("DP_RLHF_TEST_CACHE") or tempfile.mkdtemp()
     ok = True
-    print("| exercise | mutation | grader (-k) | as is | mutated |\n|---|---|---|---|---|")
-    for name, mutation, selection in EXERCISES:
-        codes = []
-        for mutate in ("", mutation):
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", selection,
-                                os.path.abspath(__file__)], capture_output=True, text=True, cwd=HERE,
-                               env={**env, "DP_RLHF_MUTATE": mutate})
-            codes.append(r.returncode)
-        good = codes[0] == 0 and codes[1] == 1  # 1: tests failed (not 5: none selected, not 2: broken)
-        ok &= good
-        print(f"| {name} | `{mutation}` | `{selection}` | {'pass' if codes[0] == 0 else 'FAIL'} | "
-              f"{'fails' if codes[1] == 1 else f'exit {codes[1]}'} |{'' if good else '  <- wrong'}")
+    print("| # | variant | the grader | s | |\n|---|---|---|---|---|", flush=True)
+    for ex in _exercises(numbers):
+        variants = [("as is", None)] + [("blank", " ".join(ex.blank))] * bool(ex.blank) + [(w, w) for w in ex.wrong]
+        for label, mutation in variants:
+            try:
+                code, outcome, seconds = _run_grader(ex.grader, mutation)
+            except ValueError as e:  # the reference moved under a wrong body: a row that says so, not a crash
+                print(f"| {ex.number} | `{label}` | cannot apply: {e} | 0 | WRONG |", flush=True)
+                ok = False
+                continue
+            if mutation is None:
+                handed = _grader_tests([ex])
+                good = code == 0 and outcome.collected == handed
+                result = (f"pass ({len(outcome.collected)} tests)" if good else f"exit {code}: " + (
+                    "; ".join(f"{t}: {m}" for t, m in outcome.failures[:1]) or f"ran {outcome.collected}, the "
+                    f"handout has {handed}"))
+            else:  # 1: a test failed (not 2, 3, 4: broken, nor 5: none selected)
+                good = code == 1 and bool(outcome.failures)
+                result = (f"fails: {outcome.failures[0][0]}: {outcome.failures[0][1]}" if outcome.failures
+                          else f"exit {code}")[:160]
+            ok &= good
+            print(f"| {ex.number} | {label if mutation is None else f'`{label}`'} | {result.replace('|', '/')} | "
+                  f"{seconds:.0f} | {'ok' if good else 'WRONG'} |", flush=True)
     return ok
 
 
-if __name__ == "__main__" and "--check-exercises" in sys.argv:
-    sys.exit(0 if check_exercises() else 1)
-if __name__ == "__main__" and "--probe-units" in sys.argv:
-    probe_units()
+def test_every_wrong_body_applies_to_the_reference_and_is_undone():
+    """Each WRONG entry still edits its function's current source (it compiles, and changes the function), and
+    its undo puts the reference back; every exercise names only existing wrong bodies. The check runs them."""
+    for spec, (fn, *_edits) in WRONG.items():
+        right = getattr(d, fn)
+        undo = _mutate(spec)
+        assert getattr(d, fn) is not right, spec
+        undo()
+        assert getattr(d, fn) is right, spec
+    assert all(w in WRONG for e in EXERCISES for w in e.wrong) and all(len(e.wrong) >= 3 for e in EXERCISES if e.blank)
+
+
+def test_handouts_hide_the_answers_and_paste_back_to_the_reference(tmp_path):
+    """Every exercise's handout: its dp_rlhf.py is the reference with the exercise's bodies blanked (pasted back, it
+    is the reference, byte for byte); no blanked body, nor any statement of one that the reference has nowhere
+    else, appears in any file of it (by AST); its grader holds the exercise's tests and nothing teacher-only."""
+    reference = open(os.path.join(HERE, "dp_rlhf.py")).read()
+    for ex in EXERCISES:
+        out = handout(ex.number, str(tmp_path / ex.number))
+        assert sorted(os.listdir(out)) == sorted(HANDOUT_FILES), f"exercise {ex.number}: {os.listdir(out)}"
+        files = {f: open(os.path.join(out, f)).read() for f in HANDOUT_FILES}
+        assert _pasted_back(files["dp_rlhf.py"], reference, ex.blank) == reference, ex.number
+        blanked = {n.name: n for n in _tree(files["dp_rlhf.py"]).body if isinstance(n, ast.FunctionDef)}
+        for name in ex.blank:
+            assert [type(s) for s in blanked[name].body] == [ast.Expr, ast.Raise], f"{name} is not blank"
+        leaks = _answer_leaks(reference, ex.blank, [files["dp_rlhf.py"], files["test_exercise.py"]])
+        assert not leaks, f"exercise {ex.number}'s handout shows its answer: {leaks}"
+        for f in ex.blank:  # the detector can fail: in the reference it finds the body, and statements of it
+            found = _answer_leaks(reference, [f], [reference])
+            assert f"{f}'s body" in found and any(x.startswith(f"{f}: ") for x in found), (f, found)
+        grader = _tree(files["test_exercise.py"])
+        tests = [n.name for n in grader.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+        assert tests == _grader_tests([ex]) and tests, f"exercise {ex.number}'s grader holds {tests}"
+        names = {getattr(n, "id", None) or getattr(n, "name", None) for n in ast.walk(grader)}
+        assert not names & TEACHER_ONLY, f"exercise {ex.number}'s grader holds {names & TEACHER_ONLY}"
+        assert GRADER in files["EXERCISE.md"] and "unit:" in files["pytest.ini"] and "pytest" in files[
+            "requirements.txt"] and ("dp-accounting" in files["requirements.txt"]) == (ex.number == "8")
+    with pytest.raises(ValueError, match="not empty"):
+        handout("1", str(tmp_path / "1"))
+    with pytest.raises(ValueError, match="sweep"):
+        handout("9", str(tmp_path / "9"))
+    assert [e.number for e in _exercises("3,1")] == ["3a", "3b", "3c", "1"]
+
+
+def test_a_handout_fails_as_handed_out_and_passes_with_the_reference_pasted_back(tmp_path):
+    """The grader command, run as EXERCISE.md prints it inside exercise 4's folder: it fails on the blank and
+    passes once the reference body is pasted back."""
+    reference, ex = open(os.path.join(HERE, "dp_rlhf.py")).read(), _exercises("4")[0]
+    out = handout("4", str(tmp_path / "ex4"))
+    env = {k: v for k, v in os.environ.items() if k != "DP_RLHF_MUTATE"}
+    grade = lambda: subprocess.run([sys.executable, *GRADER.split()[1:]], cwd=out, capture_output=True, text=True,
+                                   env=env, timeout=600)
+    r = grade()
+    assert r.returncode == 1 and "NotImplementedError: exercise: write reward_loss" in r.stdout, r.stdout[-3000:]
+    path = os.path.join(out, "dp_rlhf.py")
+    pasted = _pasted_back(open(path).read(), reference, ex.blank)
+    with open(path, "w") as f:
+        f.write(pasted)
+    r = grade()
+    assert r.returncode == 0 and f"{len(_grader_tests([ex]))} passed" in r.stdout, r.stdout[-3000:]
+
+
+def test_check_exercises_on_a_ci_sized_subset():
+    """--check-exercises on three exercises (every variant of each): their graders pass as is and fail blanked and
+    on every named wrong body, so they cannot decay unseen. The whole check is README's command."""
+    env = {k: v for k, v in os.environ.items() if k != "DP_RLHF_MUTATE"}
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--check-exercises", "3a,3c,5"], cwd=HERE,
+                       capture_output=True, text=True, env=env, timeout=600)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 3") or line.startswith("| 5")]
+    assert r.returncode == 0 and len(rows) == sum(2 + len(e.wrong) for e in _exercises("3a,3c,5")), \
+        r.stdout[-4000:] + r.stderr[-2000:]
+    assert all(row.endswith("| ok |") for row in rows), r.stdout
+
+
+def test_readme_lists_each_exercise_as_its_grader_runs():
+    """README's exercise table names each exercise's functions and grader selection as EXERCISES does."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    for ex in EXERCISES:
+        row = next((line for line in readme.splitlines() if line.startswith(f"| {ex.number} |")), "")
+        assert f"`{ex.grader}`" in row and all(f"`{f}`" in row for f in ex.blank + ex.wrong[:1] * (not ex.blank)), \
+            f"README's row of exercise {ex.number} is out of date: {row!r}"
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="The exercises' handouts and their check (README, Exercises); "
+                                     "the unit probe (NOTES.md).")
+    parser.add_argument("--handout", metavar="N[,M]", help="write exercise N's handout (3: 3a, 3b and 3c) to --out")
+    parser.add_argument("--out", metavar="DIR", help="the handout's folder: new, or empty")
+    parser.add_argument("--check-exercises", nargs="?", const="all", metavar="N[,M]",
+                        help="each grader as is (must pass), blanked and on each wrong body (must fail)")
+    parser.add_argument("--probe-units", action="store_true", help="the unit-level probe runs (NOTES.md)")
+    ns = parser.parse_args()
+    try:
+        if ns.handout:
+            if not ns.out:
+                parser.error("--handout needs --out DIR")
+            path = handout(ns.handout, ns.out)
+            print(f"wrote {path}/: " + ", ".join(HANDOUT_FILES) + f". The student runs `{GRADER}` there.")
+        elif ns.check_exercises:
+            sys.exit(0 if check_exercises(ns.check_exercises) else 1)
+        elif ns.probe_units:
+            probe_units()
+        else:
+            parser.print_help()
+    except ValueError as e:
+        parser.error(str(e))
