@@ -1934,7 +1934,7 @@ def test_dpppo_takes_noise_only_steps_on_an_empty_batch(tiny):
                     d.plan_stage(args, 100, 4.0, 1e-3), args, generator=torch.Generator().manual_seed(0),
                     hooks=d.RunHooks(log=rows.append))
     assert [r["ppo/batch_size"] for r in rows] == [0, 0, 0]
-    assert entry["steps"] == 3 and 0 < entry["epsilon"] <= 4.0
+    assert entry["steps"] == 3 and 0 <= entry["epsilon"] <= 4.0  # (q T < delta here: the PLD spends 0)
     assert any(not torch.equal(before[k], p) for k, p in d.trainable(policy).items())  # the noise moved them
 
 
