@@ -343,11 +343,7 @@ class PLDAccountant:
         self.h, self.tail = value_discretization_interval, tail_mass
         self._steps, self._prefixes, self._eps = {}, {}, {}  # caches: one step's PLDs, composed prefixes, the last eps
 
-    def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1):
-        if self.history and self.history[-1][:2] == [noise_multiplier, sample_rate]:
-            self.history[-1][2] += num_steps
-        else:
-            self.history.append([noise_multiplier, sample_rate, num_steps])
+    step = MomentsAccountant.step  # the same run-length history
 
     def _run(self, sigma: float, q: float, n: int) -> list:
         """n steps at (sigma, q), [remove, add]; at q = 1 both are the Gaussian's one PLD, composed once."""
