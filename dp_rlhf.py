@@ -72,12 +72,6 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from transformers.utils import logging as hf_logging
 
 
-def arg(default, help: str, *, choices: tuple | None = None, limit: str | None = None, required: bool = False):
-    """A config field with its one-line doc (also its --help text) and the values it allows:
-    `choices`, or a `limit` such as ">0" or "(0,1)" (LIMITS), checked in one place (`check_config`)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "limit": limit, "required": required})
-
-
 # #############################################################################################
 # PART I: THE METHOD, in the paper's order, using nothing defined below it (its loops report to `Hooks`).
 # #############################################################################################
@@ -631,6 +625,21 @@ def dp_step(state: TrainState, loss_fn, batch: tuple, plan: StagePlan, *, expect
     return noisy, aux
 
 
+def trim_left(*tensors, mask):
+    """Drop the columns that are padding in every row (exact, padding is masked); [N, T] or [N, 2, T]."""
+    if mask.shape[0] == 0:
+        return tensors
+    first = int(mask.flatten(0, -2).any(0).float().argmax())
+    return tuple(t[..., first:] for t in tensors)
+
+
+def ledger_entry(accountant, plan: StagePlan) -> dict:
+    """One stage's line of the privacy ledger; epsilon is what was *spent* (<= the target)."""
+    return {"epsilon": accountant.get_epsilon(plan.delta) if plan.private else math.inf, "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
+            "num_private_examples": plan.num_private_examples, "accountant": plan.accountant}
+
+
 def dp_train(stage: str, module: nn.Module, loss_fn, data: tuple, plan: StagePlan, args, *,
              units: Units | None = None, generator, hooks: Hooks = NO_HOOKS, has_aux: bool = False) -> dict:
     """Algorithm 2 as a loop (stages 1 and 2) over `units` of `data` (the records first, data[1] the mask):
@@ -758,14 +767,6 @@ def encode(tokenizer, prompts: list[str], completions: list[str] | None = None, 
     return ids, mask, loss_mask
 
 
-def trim_left(*tensors, mask):
-    """Drop the columns that are padding in every row (exact, padding is masked); [N, T] or [N, 2, T]."""
-    if mask.shape[0] == 0:
-        return tensors
-    first = int(mask.flatten(0, -2).any(0).float().argmax())
-    return tuple(t[..., first:] for t in tensors)
-
-
 def additive_mask(attention_mask: torch.Tensor, query_len: int, dtype) -> torch.Tensor:
     """[B, 1, query_len, T] additive mask, queries the last columns: a query sees earlier real keys and
     always itself (no row all -inf; a padding query's output never reaches a loss)."""
@@ -852,6 +853,12 @@ class RewardModel(nn.Module):
 
 
 # ===== STAGE 1: DP SFT: LoRA fine-tuning on D1 with DP-SGD ==================================================
+def arg(default, help: str, *, choices: tuple | None = None, limit: str | None = None, required: bool = False):
+    """A config field with its one-line doc (also its --help text) and the values it allows:
+    `choices`, or a `limit` such as ">0" or "(0,1)" (LIMITS), checked in one place (`check_config`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "limit": limit, "required": required})
+
+
 @dataclass
 class SFTArgs:
     """Stage 1 (DP SFT) hyper-parameters (stage 2's too, and two more)."""
@@ -947,23 +954,6 @@ def sample_categorical(probs: torch.Tensor, generator=None, u: torch.Tensor | No
 _CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
 
 
-@torch.no_grad()
-def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False,
-           chunk_size: int = 0):
-    """Pure ancestral sampling, key/value cached (no top-k/p or minimum length: valid KL estimates; `greedy`: the
-    argmax), a row to max_new_tokens or `eos_id`, `chunk_size` rows at a time: all uniforms drawn at once, rows
-    draw the same in chunks or whole. Returns ids, mask [B, T], action_mask, logprobs, hidden [B, T-1(, d)]."""
-    limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(ids.shape[0])
-    uniforms = torch.rand(int(limit.max()) if len(ids) else 0, len(ids), generator=generator) if not greedy else None
-    parts = [_sample_rows(model, ids[r], mask[r], limit[r], None if greedy else uniforms[:, r], eos_id)
-             for r in row_chunks(len(ids), chunk_size)]
-    if len(parts) == 1:
-        return parts[0]
-    width = max(x[0].shape[1] for x in parts)  # chunks that stopped early: right-pad with zeros, as dead rows are
-    return tuple(torch.cat([nn.functional.pad(x[i], (0, 0) * (i == 4) + (0, width - x[0].shape[1])) for x in parts])
-                 for i in range(5))
-
-
 def row_chunks(n: int, chunk_size: int) -> list[slice]:
     return [slice(s, s + (chunk_size or n)) for s in range(0, n, chunk_size or max(n, 1))] or [slice(0, 0)]
 
@@ -991,6 +981,23 @@ def _sample_rows(model, ids, mask, limit, uniforms, eos_id):
         return torch.cat([torch.zeros(b, p - 1, *shape, device=ids.device)] + [c[:, None] for c in columns], 1)
     return (ids, mask, by_target([m.float() for m in mask[:, p:].T]), by_target(logprobs),
             by_target(hidden, lm.config.n_embd))
+
+
+@torch.no_grad()
+def sample(model: nn.Module, ids, mask, *, max_new_tokens, generator, eos_id=None, greedy: bool = False,
+           chunk_size: int = 0):
+    """Pure ancestral sampling, key/value cached (no top-k/p or minimum length: valid KL estimates; `greedy`: the
+    argmax), a row to max_new_tokens or `eos_id`, `chunk_size` rows at a time: all uniforms drawn at once, rows
+    draw the same in chunks or whole. Returns ids, mask [B, T], action_mask, logprobs, hidden [B, T-1(, d)]."""
+    limit = torch.as_tensor(max_new_tokens, device=ids.device).expand(ids.shape[0])
+    uniforms = torch.rand(int(limit.max()) if len(ids) else 0, len(ids), generator=generator) if not greedy else None
+    parts = [_sample_rows(model, ids[r], mask[r], limit[r], None if greedy else uniforms[:, r], eos_id)
+             for r in row_chunks(len(ids), chunk_size)]
+    if len(parts) == 1:
+        return parts[0]
+    width = max(x[0].shape[1] for x in parts)  # chunks that stopped early: right-pad with zeros, as dead rows are
+    return tuple(torch.cat([nn.functional.pad(x[i], (0, 0) * (i == 4) + (0, width - x[0].shape[1])) for x in parts])
+                 for i in range(5))
 
 
 def gae(rewards, values, action_mask, *, gamma: float, lam: float):
@@ -1093,26 +1100,30 @@ class Rollout:
     mask: torch.Tensor
     action_mask: torch.Tensor   # 1 where ids[:, t + 1] is a response token (an action of the policy)
     logprobs: torch.Tensor      # log pi_old(a_t | s_t), from the sampler
-    ref_logprobs: torch.Tensor  # log LM_sft(a_t | s_t): the same network with LoRA off
     values: torch.Tensor        # V_old(s_t), the value head on the sampler's hidden state
     prompt_len: int             # responses are predicted from column prompt_len - 1 on
+    ref_logprobs: torch.Tensor | None = None  # log LM_sft(a_t | s_t), from `reference_logprobs`
 
 
 @torch.no_grad()
-def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id, chunk_size=0,
-            phase=NO_HOOKS.phase):
-    """Responses; the sampler's log-probs and states are pi_old and V_old: only the reference needs a pass."""
+def rollout(policy: ActorCritic, prompt_ids, prompt_mask, *, lengths, generator, eos_id, chunk_size=0) -> Rollout:
+    """Responses; the sampler's log-probs and states are pi_old and V_old, so only the reference needs a pass."""
     policy.eval()
-    with phase("sampling"):
-        ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
-                                                  generator=generator, eos_id=eos_id, chunk_size=chunk_size)
-    p, ref_logprobs = prompt_ids.shape[1], logprobs  # (an empty Poisson batch has nothing to score)
-    with phase("reference"), lora_disabled(policy):  # the frozen SFT model: the same network, LoRA off
-        if len(ids):
-            ref = [token_logprobs(policy.lm.lm_head(hidden_states(policy.lm, ids[r], mask[r])[:, p - 1:]),
-                                  ids[r, p - 1:]) for r in row_chunks(len(ids), chunk_size)]
-            ref_logprobs = torch.cat([torch.zeros_like(logprobs[:, :p - 1]), torch.cat(ref)], 1) * act
-    return Rollout(ids, mask, act, logprobs, ref_logprobs, policy.value_head(hidden).squeeze(-1) * act, p)
+    ids, mask, act, logprobs, hidden = sample(policy, prompt_ids, prompt_mask, max_new_tokens=lengths,
+                                              generator=generator, eos_id=eos_id, chunk_size=chunk_size)
+    return Rollout(ids, mask, act, logprobs, policy.value_head(hidden).squeeze(-1) * act, prompt_ids.shape[1])
+
+
+@torch.no_grad()
+def reference_logprobs(policy: ActorCritic, ro: Rollout, chunk_size=0) -> torch.Tensor:
+    """log LM_sft of each response token [B, T-1]: the same network with LoRA off, `chunk_size` rows a pass."""
+    if not len(ro.ids):  # an empty Poisson batch has nothing to score
+        return ro.logprobs
+    p = ro.prompt_len
+    with lora_disabled(policy):
+        ref = [token_logprobs(policy.lm.lm_head(hidden_states(policy.lm, ro.ids[r], ro.mask[r])[:, p - 1:]),
+                              ro.ids[r, p - 1:]) for r in row_chunks(len(ro.ids), chunk_size)]
+    return torch.cat([torch.zeros_like(ro.logprobs[:, :p - 1]), torch.cat(ref)], 1) * ro.action_mask
 
 
 def decode_responses(tokenizer, ids, action_mask, eos_id) -> list[str]:
@@ -1203,15 +1214,16 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
     1. Units.of(units, N).pick(poisson_sample(#units, plan.sample_rate, generator), it, args.unit_records): a
        Poisson sample, never a fixed size; an empty one is normal and still takes its noisy update(s).
     2. their prompts (encoded once: encode(..., max_prompt=args.max_prompt), then trim_left); rollout() responses
-       of lengths uniform in [response_min, response_max] (torch.randint, generator), rollout_chunk_size rows a pass.
+       of lengths uniform in [response_min, response_max] (torch.randint, generator), rollout_chunk_size rows a pass,
+       and their reference_logprobs().
     3. scores = reward_fn(prompts, decode_responses(...)); kl_rewards (Eq. 2, beta = args.kl_coef) of the scores
        less PromptBaseline(...)(idx, ...); gae (args.gamma, args.lam).
     4. ppo_update(): one epoch of DP-SGD over args.minibatches minibatches (unit_rows when unit_records > 1).
     5. state.account(plan): one accountant step per iteration, the empty ones too.
     6. hooks.step("ppo", state, plan, batch_size=<units sampled>, reward=scores (before the baseline), kl=kl,
        aux=<ppo_update's stats>, response_len=action_mask.sum(-1), lr=<the lr used>).
-    At the end hooks.finish("ppo", state, entry). hooks.phase(name) times "sampling" and "reference" (pass
-    rollout phase=hooks.phase), "reward" and "update"."""
+    At the end hooks.finish("ppo", state, entry). hooks.phase(name) times "sampling", "reference", "reward"
+    and "update"."""
     args.validate(plan.epsilon)
     state = hooks.restore("ppo", TrainState.new(policy, args.lr, plan), plan)
     device = next(iter(state.params.values())).device
@@ -1228,8 +1240,11 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
         x_ids, x_mask = (t.to(device) for t in trim_left(p_ids[idx], p_mask[idx], mask=p_mask[idx]))
         # 2. Roll out y ~ pi(. | x), keeping log pi_old, log LM_sft and V_old per response token.
         lengths = torch.randint(args.response_min, args.response_max + 1, (len(idx),), generator=generator)
-        ro = rollout(policy, x_ids, x_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id,
-                     chunk_size=args.rollout_chunk_size, phase=hooks.phase)
+        with hooks.phase("sampling"):
+            ro = rollout(policy, x_ids, x_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id,
+                         chunk_size=args.rollout_chunk_size)
+        with hooks.phase("reference"):
+            ro.ref_logprobs = reference_logprobs(policy, ro, args.rollout_chunk_size)
         # 3. Score r(x, y) - b(x), spread Eq. 2 over the tokens, and estimate advantages (GAE).
         with hooks.phase("reward"):
             responses = decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)
@@ -1250,14 +1265,7 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
     return entry
 
 
-# ===== PRIVACY LEDGER: what each stage spent (its own accountant, above), and the total over stages =========
-def ledger_entry(accountant, plan: StagePlan) -> dict:
-    """One stage's line of the privacy ledger; epsilon is what was *spent* (<= the target)."""
-    return {"epsilon": accountant.get_epsilon(plan.delta) if plan.private else math.inf, "delta": plan.delta,
-            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
-            "num_private_examples": plan.num_private_examples, "accountant": plan.accountant}
-
-
+# ===== PRIVACY LEDGER: the total over stages, from each stage's `ledger_entry` ==============================
 def compose_ledger(stages: dict, delta: float, composition: str) -> float:
     """Total epsilon: parallel over disjoint D1/D2/D3 (the paper's theorem), the max; sequential (a user
     in several stages), every stage's steps composed in the run's accountant, converted once."""
@@ -2301,16 +2309,19 @@ def run_directory(args, task: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def stage_inputs(task: str, data: dict, tok, args, rm_tok=None) -> dict[str, list[dict]]:
-    """What each stage is given, a line per example: {"key": its unit's keyed hash, "input": the texts,
-    "tokens": the exact token ids it encodes}. The pipeline trains on these texts, --dry-run writes
-    these lines, and the property tests compare them between neighbouring datasets."""
+def stage_inputs(task: str, data: dict, tok, args, rm_tok=None, tokens: bool = False) -> dict[str, list[dict]]:
+    """What each stage is given, a line per example: {"key": its unit's keyed hash, "input": the texts} and, with
+    `tokens`, "tokens": the exact token ids it encodes. The pipeline trains on these texts, --dry-run writes
+    these lines with their tokens, and the property tests compare them between neighbouring datasets."""
     def lines(part, inputs, tokenizer, a, completion=None):
-        rows = [encode_rows(tokenizer, [x["prompt"] for x in inputs], [x[c] for x in inputs] if c else None,
-                            max_prompt=a.max_prompt, max_completion=getattr(a, "max_completion", 0))[0]
-                for c in (completion if isinstance(completion, tuple) else (completion,))]
-        return [{"key": unit_key(r["_unit"], args.seed), "input": x, "tokens": t[0] if len(t) == 1 else list(t)}
-                for r, x, *t in zip(data[part], inputs, *rows)]
+        out = [{"key": unit_key(r["_unit"], args.seed), "input": x} for r, x in zip(data[part], inputs)]
+        if tokens:  # (the dry run's only: a run encodes its own batches)
+            rows = [encode_rows(tokenizer, [x["prompt"] for x in inputs], [x[c] for x in inputs] if c else None,
+                                max_prompt=a.max_prompt, max_completion=getattr(a, "max_completion", 0))[0]
+                    for c in (completion if isinstance(completion, tuple) else (completion,))]
+            for line, *t in zip(out, *rows):
+                line["tokens"] = t[0] if len(t) == 1 else list(t)
+        return out
     pick_ = lambda part, *fields: [{f: r[f] for f in fields} for r in data[part]]
     if task == "sentiment":
         prompts = {k: prefix_prompts(tok, [r["text"] for r in data[k]], args.prompt_min, args.prompt_max, args.seed)
@@ -2439,7 +2450,7 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
         sizes = {stage: len({r["_unit"] for r in data[part]}) for stage, part in task.stages}  # N: units
         delta = args.delta if args.delta is not None else 1 / sum(sizes.values())
         plans = plan_stages(args, sizes, delta)
-        inputs = stage_inputs(task.name, data, tok, args, rm_base[1] if rm_base else None)
+        inputs = stage_inputs(task.name, data, tok, args, rm_base[1] if rm_base else None, tokens=args.dry_run)
         if args.dry_run:
             return write_plan(run, task.name, args, plans, inputs, report)
         public = task.public_reward(args, run.device)

@@ -92,7 +92,7 @@ EXERCISES = [
              ("dpppo:no-accountant-step", "dpppo:fixed-batch", "dpppo:skips-empty-batches", "dpppo:constant-lr"),
              "60-90 min",
              "Algorithm 3: Poisson-sample prompts, roll out, score, spread Eq. 2, GAE, one noisy update, one "
-             "accountant step, every iteration, the empty ones too. The helpers (rollout, kl_rewards, gae, "
+             "accountant step, every iteration, the empty ones too. The helpers (rollout, reference_logprobs, kl_rewards, gae, "
              "ppo_update, PromptBaseline) are there; the docstring is the loop's contract. The grader builds a "
              "tiny model once (about a minute; set DP_RLHF_TEST_CACHE to a directory to keep it)."),
     Exercise("7", "break DP: divide by the realised batch", (), "clipped_norms", ("privatize:realised-batch",),
@@ -1117,7 +1117,7 @@ def test_reference_equals_sft_model_at_ppo_init(tiny):
     gen = torch.Generator().manual_seed(0)
     ro = d.rollout(policy, ids, mask, lengths=torch.tensor([4, 6]), generator=gen, eos_id=None)
     sft_lp = d.token_logprobs(d.CausalLM(sft)(ro.ids, ro.mask), ro.ids) * ro.action_mask
-    torch.testing.assert_close(ro.ref_logprobs, sft_lp)
+    torch.testing.assert_close(d.reference_logprobs(policy, ro), sft_lp)
     torch.testing.assert_close(ro.logprobs, sft_lp, atol=1e-5, rtol=1e-4)  # fresh LoRA: starts exactly at LM_sft
     assert ro.action_mask.sum(1).tolist() == [4.0, 6.0]
 
@@ -1126,7 +1126,8 @@ def _ppo_batch(policy, tok, prompts, lengths, seed):
     ids, mask, _ = d.encode(tok, prompts, max_prompt=8)
     ro = d.rollout(policy, ids, mask, lengths=torch.tensor(lengths), generator=torch.Generator().manual_seed(seed),
                    eos_id=None)
-    rewards, _ = d.kl_rewards(torch.arange(len(prompts)).float(), ro.logprobs, ro.ref_logprobs, ro.action_mask, 0.1)
+    ref = d.reference_logprobs(policy, ro)
+    rewards, _ = d.kl_rewards(torch.arange(len(prompts)).float(), ro.logprobs, ref, ro.action_mask, 0.1)
     adv, ret = d.gae(rewards, ro.values, ro.action_mask, gamma=1.0, lam=0.95)
     return ro.ids, ro.mask, ro.action_mask, ro.logprobs, ro.values, adv, ret
 
@@ -1361,8 +1362,9 @@ def test_resume_after_ctrl_c_mid_ppo_gives_the_uninterrupted_ledger(tmp_path, ca
     out, work = tmp_path / "run", tmp_path / "run.partial"
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "dp_rlhf.py"), *flags, "--out", str(out)],
                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                         env={**os.environ, "DP_RLHF_STATUS_EVERY": "0"})
-    seen = []
+                         env={**os.environ, "DP_RLHF_STATUS_EVERY": "0"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (a background
+    seen = []  # shell starts children with SIGINT ignored, and the program rightly keeps ignoring it)
     for line in p.stderr:
         seen.append(line)
         if line.startswith("ppo") and ": 4/8" in line:  # after iteration 4 finished, during iteration 5
@@ -1588,6 +1590,8 @@ def test_rollout_in_chunks_is_the_rollout_whole(tiny):
     lengths = torch.tensor([5, 9, 3, 12, 1, 7, 4])
     whole, *chunked = (d.rollout(policy, ids, mask, lengths=lengths, generator=torch.Generator().manual_seed(0),
                                  eos_id=tok.eos_token_id, chunk_size=c) for c in (0, 3, 1))
+    for ro, c in zip([whole, *chunked], (0, 3, 1)):
+        ro.ref_logprobs = d.reference_logprobs(policy, ro, c)
     for ro in chunked:
         assert torch.equal(ro.ids, whole.ids) and torch.equal(ro.action_mask, whole.action_mask)
         for name in ("logprobs", "ref_logprobs", "values"):
@@ -2048,7 +2052,7 @@ def _assert_only_changed(task, tok, args, load, records, neighbour, changed_unit
     """`load(records)` and `load(neighbour)` (the split, through files where there are files) give
     the same stage and the same inputs to every unit but `changed_units`, and each unit's records
     sit in one stage."""
-    a, b = (d.stage_inputs(task, load(r), tok, args) for r in (records, neighbour))
+    a, b = (d.stage_inputs(task, load(r), tok, args, tokens=True) for r in (records, neighbour))
     for inputs in (a, b):
         stage_of = {}
         for stage, lines in inputs.items():
