@@ -14,7 +14,7 @@ Learning" (ICLR 2024, arXiv 2310.16960). Search for these banners:
     PART II: RUNNING IT
       DATA                      built-in synthetic tasks and base model, loaders, the split by protected unit
       PIPELINES                 one pipeline for both tasks, run directories, checkpoints, sweeps
-    PART III: TOOLS             probes, the privacy audit, the benchmark
+    PART III: THE AUDIT         an empirical lower bound on epsilon from one DP SFT run
     CLI
 
 Everything runs offline by default (a tiny built-in GPT-2 and synthetic private data):
@@ -23,8 +23,9 @@ Everything runs offline by default (a tiny built-in GPT-2 and synthetic private 
     python dp_rlhf.py sentiment --epsilon 4        # IMDb-style, public reward, SFT -> DPPPO
     python dp_rlhf.py rlhf --epsilon 4             # TL;DR-style, SFT -> DP reward model -> DPPPO
     python dp_rlhf.py rlhf --dry-run               # the plan and every stage's inputs, nothing trained
-    python dp_rlhf.py bench                        # cost of DP-SGD against a non-private step
-    python dp_rlhf.py bench ppo                    # one DPPPO iteration by phase (beside TRL with --trl)
+    python dp_rlhf.py audit --epsilon 1            # one DP SFT run's empirical lower bound on epsilon
+
+The tests, the exercises' handouts, the benchmarks and the probes are in test_dp_rlhf.py.
 """
 
 from __future__ import annotations
@@ -40,13 +41,10 @@ import itertools
 import json
 import math
 import os
-import random
 import re
-import resource
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -1520,6 +1518,43 @@ def public_tokenizer(corpus: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos)
 
 
+def public_probe_posts(args: BaseModelArgs, n: int = 500) -> list[dict]:
+    """Held-out *public* posts for the copy probe (their own seed: not in the corpus, not private)."""
+    rng = np.random.default_rng(args.seed + 2)
+    return [_post(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def copy_probe(lm: nn.Module, tokenizer, posts: list[dict], device: str = "cpu", batch: int = 250) -> dict:
+    """Does the model read its prompt? Top-1 accuracy of the post's person among PEOPLE after "... tl;dr :
+    my", and of its feeling among FEELINGS after "... my <person> <event> and i feel": chance (1/16,
+    1/12) if it ignores the post, 1 if it copies. A candidate scores the log-probability of its tokens."""
+    model = CausalLM(lm)
+
+    def top1(prompts, candidates, answers):
+        words, scores = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates], []
+        for s in range(0, len(prompts), batch):
+            chunk = prompts[s:s + batch]
+            if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution
+                ids, mask, _ = encode(tokenizer, chunk, max_prompt=512)
+                logits = model(ids.to(device), mask.to(device))[:, -1].float()
+                scores.append(logits.log_softmax(-1)[:, [w[0] for w in words]].cpu())
+                continue
+            columns = []
+            for c in candidates:
+                ids, mask, targets = encode(tokenizer, chunk, [" " + c] * len(chunk), max_prompt=512, max_completion=16)
+                targets[:, -1] = 0  # the word only, not the closing eos
+                columns.append((token_logprobs(model(ids.to(device), mask.to(device)).cpu(), ids) * targets).sum(-1))
+            scores.append(torch.stack(columns, 1))
+        best = torch.cat(scores).argmax(-1).tolist()
+        return float(np.mean([candidates[i] == a for i, a in zip(best, answers)]))
+
+    prompts = [TLDR_PROMPT.format(post=p["post"]) + " my" for p in posts]
+    feel = [TLDR_PROMPT.format(post=p["post"]) + f" my {p['person']} {p['event']} and i feel" for p in posts]
+    return {"person": top1(prompts, PEOPLE, [p["person"] for p in posts]),
+            "feeling": top1(feel, FEELINGS, [p["feeling"] for p in posts])}
+
+
 def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu") -> str:
     """Path of the built-in base model, pre-trained on the public corpus once (cached), from its own
     seed: the global RNG is left as it was, so a run that builds it draws what a cached run draws."""
@@ -2180,12 +2215,24 @@ class Checkpoint:
 
 
 class RunHooks(Hooks):
-    """A run's view of its stages: progress on stderr, a row per logged step into `log` (metrics.jsonl),
-    a checkpoint after each iteration, and seconds per phase (CUDA synchronised)."""
+    """A run in progress: where it writes (`work`, renamed to `out` at its end), its device, its secret generator;
+    and how it watches its stages: progress on stderr, a row per logged step to `log` (default: appended to
+    `work`/metrics.jsonl, so a resumed run goes on), a checkpoint after each iteration, seconds per phase."""
 
-    def __init__(self, ckpt: Checkpoint | None = None, log=None, device: str = "cpu"):
-        self.ckpt, self.log, self.seconds, self.bar = ckpt, log, {}, None
+    def __init__(self, ckpt: Checkpoint | None = None, log=None, device: str = "cpu", work: str = "", out: str = "",
+                 generator: torch.Generator | None = None):
+        self.ckpt, self.log, self.device, self.work, self.out = ckpt, log or self.write_metrics, device, work, out
+        self.generator, self.seconds, self.bar, self.file, self.t0 = generator, {}, None, None, time.time()
         self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def write_metrics(self, row: dict):
+        self.file = self.file or open(os.path.join(self.work, "metrics.jsonl"), "a")
+        self.file.write(json.dumps({**row, "time/seconds": round(time.time() - self.t0, 2)}) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
 
     def restore(self, stage, state, plan):
         state = self.ckpt.restore(stage, state, plan) if self.ckpt else state
@@ -2231,32 +2278,6 @@ class RunHooks(Hooks):
         self.bar.close()
 
 
-class RunLog:
-    """metrics.jsonl: one JSON row per logged step, appended (a resumed run goes on)."""
-
-    def __init__(self, path: str):
-        self.t0, self.path, self.file = time.time(), path, None
-
-    def __call__(self, row: dict):
-        self.file = self.file or open(self.path, "a")
-        self.file.write(json.dumps({**row, "time/seconds": round(time.time() - self.t0, 2)}) + "\n")
-        self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()
-
-
-@dataclass
-class Run:
-    """A run in progress: where it writes, its device, its secret generator, its hooks."""
-    work: str
-    out: str
-    device: str
-    generator: torch.Generator
-    hooks: RunHooks
-
-
 @contextlib.contextmanager
 def run_directory(args, task: str):
     """A run, whole or not at all: it writes into <out>.partial/, renamed to <out> when the block has
@@ -2284,13 +2305,13 @@ def run_directory(args, task: str):
         except OSError as e:  # e.g. under /proc, or a directory not ours
             raise UserError(f"--out {out} cannot be created: {e.strerror} ({work})") from None
     ckpt = Checkpoint(work, args.checkpoint_every, None if args.resume else {"task": task, **config_of(args)})
-    log = RunLog(os.path.join(work, "metrics.jsonl"))
     torch.manual_seed(args.seed)  # public: initial weights
     generator = private_generator(args.seed if args.reproducible_noise and not args.resume else None)
+    run = RunHooks(ckpt, device=device, work=work, out=out, generator=generator)
     try:
-        yield Run(work, out, device, generator, RunHooks(ckpt, log, device))
+        yield run
     except BaseException as e:
-        log.close()
+        run.close()
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
         if ckpt.flush():
@@ -2300,7 +2321,7 @@ def run_directory(args, task: str):
         if isinstance(e, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
-    log.close()
+    run.close()
     shutil.rmtree(old := out.rstrip("/") + ".old", ignore_errors=True)
     if os.path.exists(out):
         os.replace(out, old)
@@ -2355,7 +2376,7 @@ def planned_epsilon(plan: StagePlan) -> float:
     return accountant.get_epsilon(plan.delta) if plan.private else math.inf
 
 
-def write_plan(run: Run, task: str, args, plans: dict, inputs: dict, report: dict) -> dict:
+def write_plan(run: RunHooks, task: str, args, plans: dict, inputs: dict, report: dict) -> dict:
     """--dry-run: print the plan (per stage N, q, steps, sigma, the epsilon it spends, delta), write
     plan.json and inputs/<stage>.jsonl. Diff two dry runs to see what one unit changes."""
     print(f"plan ({task}, nothing trained):", file=sys.stderr)
@@ -2385,7 +2406,7 @@ def eval_reward(args, device):
     return hub_sentiment_reward(args.eval_reward_model, "0", device) if args.eval_reward_model else None
 
 
-def learned_reward(args, run: Run, sft_lm, tok, rm_base, inputs: dict, plans: dict) -> tuple:
+def learned_reward(args, run: RunHooks, sft_lm, tok, rm_base, inputs: dict, plans: dict) -> tuple:
     """STAGE 2: the DP reward model on D2, from LM_sft (or --reward-base) with a fresh head (and LoRA).
     Its scores are DPPPO's reward, post-processing. Returns (reward_fn, its ledger entry, its held-out
     accuracy, a function that saves it)."""
@@ -2393,7 +2414,7 @@ def learned_reward(args, run: Run, sft_lm, tok, rm_base, inputs: dict, plans: di
     rm = RewardModel(add_lora(rm_lm, rank=args.rm.lora_rank), head=args.rm.head,
                      pad_token_id=rm_tok.pad_token_id).to(run.device).eval()
     entry = dp_reward_model(rm, rm_tok, *texts_of(inputs["rm"], "prompt", "chosen", "rejected"), plans["rm"], args.rm,
-                            units=units_of(inputs["rm"]), generator=run.generator, hooks=run.hooks)
+                            units=units_of(inputs["rm"]), generator=run.generator, hooks=run)
 
     def rm_reward(prompts, responses):
         return reward_model_scores(rm, rm_tok, prompts, responses, max_prompt=args.rm.max_prompt,
@@ -2460,7 +2481,7 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
         # STAGE 1: DP SFT on D1, then merge its LoRA: LM_sft.
         sft_lm = add_lora(copy.deepcopy(base_lm))
         ledger = {"sft": dp_sft(sft_lm, tok, *texts_of(inputs["sft"], "prompt", "completion"), plans["sft"], args.sft,
-                                units=units_of(inputs["sft"]), generator=run.generator, hooks=run.hooks)}
+                                units=units_of(inputs["sft"]), generator=run.generator, hooks=run)}
         merge_lora(sft_lm)
         reward_fn, extra, save_rm = public, {}, None
         if task.learned_reward is not None:  # STAGE 2 (rlhf): the DP reward model on D2
@@ -2470,7 +2491,7 @@ def run_pipeline(args: RunArgs, task: Task) -> dict:
         policy = ActorCritic(add_lora(copy.deepcopy(sft_lm))).to(run.device)
         eos_id = tok.eos_token_id if task.eos else None
         ledger["ppo"] = dpppo(policy, tok, *texts_of(inputs["ppo"], "prompt"), reward_fn, plans["ppo"], args.ppo,
-                              units=units_of(inputs["ppo"]), generator=run.generator, eos_id=eos_id, hooks=run.hooks)
+                              units=units_of(inputs["ppo"]), generator=run.generator, eos_id=eos_id, hooks=run)
         models = {"pretrained": CausalLM(base_lm), "sft": CausalLM(sft_lm), "aligned": policy}
         evals, generations = evaluate_models(args, task, models, tok, data, inputs, reward_fn, public, run.device)
         save_model(merge_lora(policy.lm), tok, os.path.join(run.work, "policy"))
@@ -2682,110 +2703,8 @@ def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[
 
 
 # #############################################################################################
-# PART III: TOOLS. Probes of the built-in task's design, a privacy audit, the benchmark: they
-# measure the method and the runs, and nothing above needs them.
+# PART III: THE AUDIT. It measures the method's runs, and nothing above needs it.
 # #############################################################################################
-
-
-# ===== PROBES: the measurements behind the built-in task's design (NOTES.md), re-runnable ==================
-@dataclass
-class ProbeArgs:
-    """`probe`: the copy probe and the reward-feature probe of a base model (no private data)."""
-    model: str = arg("builtin", "'builtin', a Hub id or a local dir")
-    num_comparisons: int = arg(4000, "built-in comparisons to fit the linear probes on", limit=">=1")
-    seed: int = arg(0, "seed of the probe's comparisons", limit=">=0")
-    device: str | None = arg(None, "'cpu' or 'cuda'")
-    base: BaseModelArgs = field(default_factory=BaseModelArgs)
-
-
-def public_probe_posts(args: BaseModelArgs, n: int = 500) -> list[dict]:
-    """Held-out *public* posts for the copy probe (their own seed: not in the corpus, not private)."""
-    rng = np.random.default_rng(args.seed + 2)
-    return [_post(rng) for _ in range(n)]
-
-
-@torch.no_grad()
-def copy_probe(lm: nn.Module, tokenizer, posts: list[dict], device: str = "cpu", batch: int = 250) -> dict:
-    """Does the model read its prompt? Top-1 accuracy of the post's person among PEOPLE after "... tl;dr :
-    my", and of its feeling among FEELINGS after "... my <person> <event> and i feel": chance (1/16,
-    1/12) if it ignores the post, 1 if it copies. A candidate scores the log-probability of its tokens."""
-    model = CausalLM(lm)
-
-    def top1(prompts, candidates, answers):
-        words, scores = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates], []
-        for s in range(0, len(prompts), batch):
-            chunk = prompts[s:s + batch]
-            if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution
-                ids, mask, _ = encode(tokenizer, chunk, max_prompt=512)
-                logits = model(ids.to(device), mask.to(device))[:, -1].float()
-                scores.append(logits.log_softmax(-1)[:, [w[0] for w in words]].cpu())
-                continue
-            columns = []
-            for c in candidates:
-                ids, mask, targets = encode(tokenizer, chunk, [" " + c] * len(chunk), max_prompt=512, max_completion=16)
-                targets[:, -1] = 0  # the word only, not the closing eos
-                columns.append((token_logprobs(model(ids.to(device), mask.to(device)).cpu(), ids) * targets).sum(-1))
-            scores.append(torch.stack(columns, 1))
-        best = torch.cat(scores).argmax(-1).tolist()
-        return float(np.mean([candidates[i] == a for i, a in zip(best, answers)]))
-
-    prompts = [TLDR_PROMPT.format(post=p["post"]) + " my" for p in posts]
-    feel = [TLDR_PROMPT.format(post=p["post"]) + f" my {p['person']} {p['event']} and i feel" for p in posts]
-    return {"person": top1(prompts, PEOPLE, [p["person"] for p in posts]),
-            "feeling": top1(feel, FEELINGS, [p["feeling"] for p in posts])}
-
-
-@torch.no_grad()
-def reward_features(lm, tokenizer, prompts, responses, *, batch: int = 256) -> dict:
-    """What a reward head could read from a frozen LM per (x, y): the last hidden state, the mean and
-    sum of y's hidden states, y's summed and mean log-likelihood, y's length."""
-    out = {k: [] for k in ("last", "mean_h", "sum_h", "loglik", "mean_loglik", "length")}
-    for s in range(0, len(prompts), batch):
-        ids, mask, resp = encode(tokenizer, prompts[s:s + batch], responses[s:s + batch], max_prompt=96,
-                                 max_completion=48)
-        h = hidden_states(lm, ids, mask)
-        lp, n = (token_logprobs(lm.lm_head(h), ids) * resp).sum(-1), resp.sum(-1)
-        pooled = (h[:, 1:] * resp[..., None]).sum(1)
-        for k, v in (("last", h[:, -1]), ("mean_h", pooled / n[:, None]), ("sum_h", pooled), ("loglik", lp[:, None]),
-                     ("mean_loglik", (lp / n)[:, None]), ("length", n[:, None])):
-            out[k].append(v.double())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def linear_probe_accuracy(train: tuple, test: tuple, keys: list[str]) -> float:
-    """Held-out accuracy of a Bradley-Terry logistic regression on (chosen - rejected) features."""
-    x, x_test = (torch.cat([pair[0][k] - pair[1][k] for k in keys], 1) for pair in (train, test))
-    scale = x.std(0) + 1e-6
-    x, x_test = x / scale, x_test / scale
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        (loss := nn.functional.softplus(-x @ w).mean() + 1e-4 * w.pow(2).sum()).backward()
-        return loss
-    opt.step(closure)
-    return float((x_test @ w.detach() > 0).double().mean())
-
-
-def cmd_probe(args: ProbeArgs):
-    """Does the model copy from its prompt, and what can a reward head read from it?"""
-    lm, tok = load_lm(args.model, args.device or "cpu", args.base)
-    print(f"copy probe ({args.model}, 500 public held-out posts): "
-          + ", ".join(f"{k} top-1 {v:.3f}" for k, v in copy_probe(lm, tok, public_probe_posts(args.base)).items())
-          + f" (chance {1 / len(PEOPLE):.3f}, {1 / len(FEELINGS):.3f})")
-    cmps, n = make_tldr(0, args.num_comparisons + 1000, seed=50_000 + args.seed)[1], args.num_comparisons
-    feats = [tuple(reward_features(lm, tok, [c["prompt"] for c in part], [" " + c[w] for c in part])
-                   for w in ("chosen", "rejected")) for part in (cmps[:n], cmps[n:])]
-    tp = lambda c, w: true_preference(c["meta"], c[w])
-    ceiling = np.mean([(tp(c, "chosen") > tp(c, "rejected")) + 0.5 * (tp(c, "chosen") == tp(c, "rejected"))
-                       for c in cmps[n:]])
-    print(f"\nwhat a linear reward head can read from the frozen model: held-out accuracy on 1,000 built-in "
-          f"comparisons (trained on {n}; the hidden preference itself: {ceiling:.3f})\n")
-    print("| features | accuracy |\n|---|---|")
-    for keys in (["last"], ["mean_h"], ["sum_h", "length"], ["loglik"], ["loglik", "length"],
-                 ["mean_loglik", "length"], ["mean_loglik", "length", "mean_h"], ["loglik", "length", "mean_h"]):
-        print(f"| {' + '.join(keys)} | {linear_probe_accuracy(*feats, keys):.3f} |")
 
 
 # ===== AUDIT: a one-run privacy audit of DP SFT (Steinke, Nasr, Jagielski 2023) =============================
@@ -2967,235 +2886,6 @@ def run_audit(args: AuditArgs) -> dict:
     return summary
 
 
-# ===== BENCHMARK: what DP-SGD costs over a non-private step, and a DPPPO iteration beside TRL ===============
-GPT2_SIZES = dict(tiny=(2, 64, 2), small=(12, 768, 12), medium=(24, 1024, 16), large=(36, 1280, 20))  # layers, d, heads
-
-
-def _bench_child(variant: str, ns) -> dict:
-    """One variant in a fresh process: median step time and peak memory above the loaded model."""
-    torch.manual_seed(0)
-    device = ns.device
-    cfg = GPT2_SIZES[ns.model]
-    lm = GPT2LMHeadModel(GPT2Config(n_layer=cfg[0], n_embd=cfg[1], n_head=cfg[2], attn_implementation="eager"))
-    model = CausalLM(add_lora(lm.to(device).eval(), rank=4))
-    state = TrainState.new(model, 1e-4)
-    plan = StagePlan(epsilon=1.0, delta=1e-5, num_private_examples=ns.batch, sample_rate=1.0, steps=1,
-                     noise_multiplier=1.0, max_grad_norm=1.0)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, lm.config.vocab_size, (ns.batch, ns.seq_len), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    mask[0, : ns.seq_len // 4] = 0  # one left-padded row, as in real batches
-    loss_mask = mask[:, 1:].float()
-    loss_fn = sft_loss(model)
-
-    def nonprivate():
-        lp = token_logprobs(model(ids, mask), ids)
-        (-(lp * loss_mask).sum(1) / loss_mask.sum(1)).sum().div(ns.batch).backward()
-        state.optimizer.step(), state.optimizer.zero_grad(set_to_none=True)
-
-    def dp():
-        dp_step(state, loss_fn, (ids, mask, loss_mask), plan, expected_batch_size=ns.batch, generator=gen,
-                chunk_size=ns.chunk_size)
-
-    def loop():  # the textbook way: one backward per example
-        total = {k: torch.zeros_like(p) for k, p in state.params.items()}
-        for i in range(ns.batch):
-            g = torch.autograd.grad(loss_fn(state.params, ids[i], mask[i], loss_mask[i]), list(state.params.values()))
-            norm = torch.sqrt(sum(x.pow(2).sum() for x in g))
-            for (k, t), x in zip(total.items(), g):
-                t += x * (1.0 / (norm + 1e-6)).clamp(max=1.0)
-        for k, p in state.params.items():
-            p.grad = (total[k] + torch.randn(p.shape, generator=gen).to(device)) / ns.batch
-        state.optimizer.step(), state.optimizer.zero_grad(set_to_none=True)
-
-    step = dict(nonprivate=nonprivate, dp=dp, loop=loop)[variant]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    base_mem = _memory_now(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for r in range(ns.warmup + ns.repeats):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        if r >= ns.warmup:
-            times.append(time.perf_counter() - t)
-    return {"variant": variant, "seconds": float(np.median(times)), "peak_bytes": _peak_memory(device, base_mem)}
-
-
-def _peak_memory(device: str, base: int) -> int:
-    """Peak bytes above `base` (CUDA: allocated; CPU: the process's maximum resident set)."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() - base
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-
-
-def _memory_now(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.memory_allocated()
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _bench_model_dir(ns) -> str:
-    """A GPT-2 directory both our loop and the peer (TRL) load: the built-in base model, or a
-    random-init GPT-2 of the given size with the built-in tokenizer, written once per run."""
-    builtin = builtin_base_model()
-    if ns.model == "builtin":
-        return builtin
-    path = os.path.join(cache_dir(), f"bench-random-{ns.model}")
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        n_layer, n_embd, n_head = GPT2_SIZES[ns.model]
-        torch.manual_seed(0)
-        with _atomic_dir(path) as tmp:
-            GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head)).save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(builtin).save_pretrained(tmp)
-    return path
-
-
-def _bench_ppo_child(ns) -> dict:
-    """DPPPO iterations of the real loop (`dpppo`) on one batch size: median seconds per phase, peak
-    memory above the loaded model and in all. --preset paper: App. B's settings (minibatches of 256,
-    prompts of 2-8 tokens, responses of 4-16) for one iteration."""
-    torch.manual_seed(0)
-    lm, tok = load_lm(ns.model_dir, ns.device)
-    policy = ActorCritic(add_lora(lm)).to(ns.device)
-    base, paper = _memory_now(ns.device), ns.preset == "paper"
-    # review openings, as many prompts as the batch: q = 1, every prompt every iteration.
-    prompts = prefix_prompts(tok, [r["text"] for r in make_reviews(ns.batch, seed=0)], 2, 8 if paper else 7, seed=0)
-    rows, length = [], (4, 16) if paper else (ns.response, ns.response)
-    args = PPOArgs(steps=ns.warmup + ns.repeats, batch_size=ns.batch, response_min=length[0], response_max=length[1],
-                   chunk_size=ns.chunk_size or PPOArgs.chunk_size, minibatches=max(1, ns.batch // 256) if paper else 1,
-                   lr=3e-3 if paper else PPOArgs.lr)
-    if ns.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    plan = plan_stage(args, len(prompts), ns.epsilon, 1e-5)
-    dpppo(policy, tok, prompts, builtin_sentiment_reward, plan, args, generator=torch.Generator().manual_seed(0),
-          hooks=RunHooks(log=rows.append, device=ns.device))
-    timed = rows[ns.warmup:]
-    phases = {k[5:]: float(np.median([r[k] for r in timed])) for k in timed[0] if k.startswith("time/")}
-    return {"phases": phases, "total": float(np.median([sum(r[f"time/{p}"] for p in phases) for r in timed])),
-            "peak_bytes": _peak_memory(ns.device, base), "peak_total": _peak_memory(ns.device, 0)}
-
-
-def _trl_child(ns) -> dict:
-    """The peer: TRL 0.11's classic PPOTrainer (the gpt2-sentiment recipe: batched `generate`, then
-    `step`), non-private and fully fine-tuned, one epoch over one minibatch of the batch; prompts of
-    2-7 random token ids, 15 new tokens, a toy reward. Runs in TRL's own virtual environment
-    (transformers 4.x), so this module imports there too; trl is imported here only."""
-    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
-    torch.manual_seed(0)
-    random.seed(0)
-    # tokenizer.json itself: tokenizer configs written by transformers 5 do not load in 4.x
-    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(ns.model_dir, "tokenizer.json"),
-                                  eos_token="<|endoftext|>")
-    tok.pad_token = tok.eos_token
-    model, ref = (AutoModelForCausalLMWithValueHead.from_pretrained(ns.model_dir) for _ in range(2))
-    trainer = PPOTrainer(PPOConfig(batch_size=ns.batch, mini_batch_size=ns.batch, ppo_epochs=1, learning_rate=1.41e-5,
-                                   log_with=None), model, ref, tok)
-    vocab = list(range(min(len(tok), 200)))
-    gen = dict(min_length=-1, top_k=0.0, top_p=1.0, do_sample=True, pad_token_id=tok.eos_token_id)
-    times = []
-    for _ in range(ns.warmup + ns.repeats):
-        queries = [torch.tensor([random.choice(vocab) for _ in range(random.randint(2, 7))]) for _ in range(ns.batch)]
-        t = time.perf_counter()
-        responses = trainer.generate(queries, return_prompt=False, batch_size=ns.batch, max_new_tokens=ns.response,
-                                     **gen)
-        trainer.step(queries, responses, [torch.tensor(float((r == vocab[1]).sum())) for r in responses])
-        times.append(time.perf_counter() - t)
-    return {"phases": {}, "total": float(np.median(times[ns.warmup:])), "peak_bytes": None}
-
-
-def _child(python: str, ns, variant: str, **flags) -> dict:
-    """Run `bench --variant` in a fresh process (clean timing and peak memory): its JSON line."""
-    cmd = [python, os.path.abspath(__file__), "bench", ns.what, "--variant", variant, "--model", ns.model,
-           "--batch", str(ns.batch), "--seq-len", str(ns.seq_len), "--device", ns.device, "--repeats", str(ns.repeats),
-           "--warmup", str(ns.warmup), "--response", str(ns.response), "--threads", str(ns.threads)]
-    cmd += [x for k, v in flags.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 or not r.stdout.strip():
-        raise UserError(f"bench {variant} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def cmd_bench_paper(ns, model_dir: str):
-    """`bench ppo --preset paper`: one DPPPO iteration at epsilon = 4 with App. B's settings at rollout
-    batches 256, 1,024 and 4,096 (or --batch): what the preset needs before renting a GPU."""
-    print(f"DPPPO iteration, --preset paper: {ns.model} GPT-2 (random init, vocabulary 50,257), epsilon 4, "
-          f"minibatches of 256, {ns.device}, {ns.threads} threads, rollout chunk {PPOArgs.rollout_chunk_size}")
-    print("| batch (minibatches) | sampling | reference | reward | update | s / iteration | s / trajectory | "
-          "peak memory (MiB) |\n|---|---|---|---|---|---|---|---|")
-    for batch in [ns.batch] if "batch" in ns.given else (256, 1024, 4096):
-        r = _child(sys.executable, argparse.Namespace(**{**vars(ns), "batch": batch, "warmup": 0, "repeats": 1}),
-                   "ppo", model_dir=model_dir, epsilon="4", preset="paper")
-        ph = " | ".join(f"{r['phases'].get(p, 0):.1f}" for p in ("sampling", "reference", "reward", "update"))
-        print(f"| {batch:,} ({max(1, batch // 256)}) | {ph} | {r['total']:.1f} | {r['total'] / batch:.4f} | "
-              f"{r['peak_total'] / 2**20:,.0f} |", flush=True)
-
-
-def cmd_bench_ppo(ns):
-    """`bench ppo`: one DPPPO iteration at epsilon = inf and 4, by phase, and the TRL peer."""
-    model_dir = _bench_model_dir(ns)
-    if ns.preset == "paper":
-        return cmd_bench_paper(ns, model_dir)
-    rows = {f"ours, epsilon = {eps}": _child(sys.executable, ns, "ppo", model_dir=model_dir, epsilon=eps,
-                                             chunk_size=ns.chunk_size) for eps in ("inf", "4")}
-    if ns.trl:
-        rows["TRL 0.11 PPOTrainer, non-private, full fine-tune"] = _child(ns.trl, ns, "trl", model_dir=model_dir)
-    ref = rows["ours, epsilon = inf"]["total"]
-    trl = next((r["total"] for k, r in rows.items() if k.startswith("TRL")), None)
-    print(f"PPO iteration: {ns.model} GPT-2 ({model_dir}), batch {ns.batch} prompts of 2-7 tokens, responses "
-          f"{ns.response} tokens, {ns.device}, {ns.threads} threads, median of {ns.repeats} iterations")
-    print("| loop | sampling | reference | reward | update | s / iteration | x eps=inf | x TRL | peak memory (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        ph = [f"{r['phases'][p]:.3f}" if p in r["phases"] else "" for p in ("sampling", "reference", "reward",
-                                                                             "update")]
-        mem = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else ""
-        x_trl = f"{r['total'] / trl:.2f}" if trl else ""
-        print(f"| {name} | {' | '.join(ph)} | {r['total']:.3f} | {r['total'] / ref:.2f} | {x_trl} | {mem} |")
-
-
-def cmd_bench(ns):
-    """Each variant in its own process (clean peak memory), then one table of ratios."""
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
-    ns.threads, ns.given = ns.threads or torch.get_num_threads(), {k for k in ("batch", "model") if getattr(ns, k)}
-    ns.model = ns.model or ("builtin" if ns.what == "ppo" and not ns.preset else "small")
-    ns.batch = ns.batch or (64 if ns.what == "ppo" else 8)
-    if ns.what == "step" and (ns.model == "builtin" or ns.preset):
-        raise UserError("bench step --model builtin or --preset is not allowed; use tiny, small, medium or large "
-                        "(or 'bench ppo')")
-    if ns.variant:  # a child
-        child = {"ppo": _bench_ppo_child, "trl": _trl_child}.get(ns.variant)
-        return print(json.dumps(child(ns) if child else _bench_child(ns.variant, ns)))
-    if ns.what == "ppo":
-        return cmd_bench_ppo(ns)
-    chunk = ns.chunk_size or max(1, ns.batch // 2)
-    runs = {"nonprivate": ("nonprivate", None, "non-private (batched backward)"),
-            "dp": ("dp", None, "DP: vmap per-sample grads + privatize"),
-            "dp_chunked": ("dp", chunk, f"DP, vmap chunk_size={chunk}"),
-            "loop": ("loop", None, "DP, per-example loop")}
-    rows = {key: _child(sys.executable, ns, variant, chunk_size=c) for key, (variant, c, _) in runs.items()}
-    base = rows["nonprivate"]
-    print(f"GPT-2 {ns.model} (random init) + LoRA r=4 on q,v; batch {ns.batch} x {ns.seq_len} tokens; "
-          f"{ns.device}; median of {ns.repeats} steps")
-    print("| step | time (s) | x non-private | peak memory (MiB) | x non-private |")
-    print("|---|---|---|---|---|")
-    for key, (_, _, label) in runs.items():
-        r = rows[key]
-        print(f"| {label} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / max(base['peak_bytes'], 1):.2f} |")
-    for name, cls in ACCOUNTANTS.items():  # what the accountants cost: one epsilon, one sigma search
-        t, acc = time.perf_counter(), cls()
-        acc.step(noise_multiplier=1.5, sample_rate=0.04, num_steps=2250)
-        eps, t1 = acc.get_epsilon(1e-5), time.perf_counter()
-        sigma = get_noise_multiplier(target_epsilon=4.0, target_delta=6e-6, sample_rate=0.0064, steps=50,
-                                     accountant=cls)
-        print(f"{name}: epsilon {eps:.4f} (q=0.04, sigma=1.5, 2250 steps, delta=1e-5) in {t1 - t:.2f} s; sigma "
-              f"{sigma:.3f} for epsilon 4 (q=0.0064, 50 steps, delta=6e-6) in {time.perf_counter() - t1:.2f} s")
-
-
 # ===== CLI: one --flag per config field; every value checked in one place (`validate`) ======================
 @dataclass
 class PrivacyArgs:
@@ -3205,25 +2895,6 @@ class PrivacyArgs:
     noise_multiplier: float | None = arg(None, "sigma (noise std / clipping norm)", limit=">=0")
     epsilon: float | None = arg(None, "target epsilon: print the sigma that reaches it instead", limit=">0")
     delta: float = arg(1e-5, "target delta", limit="(0,1)")
-
-
-@dataclass
-class BenchArgs:
-    """`bench`: time and memory of a DP step against a non-private one ('bench ppo': a DPPPO iteration)."""
-    model: str | None = arg(None, "GPT-2 size, random init (default small; 'bench ppo': the built-in model)",
-                            choices=("builtin", "tiny", "small", "medium", "large"))
-    batch: int | None = arg(None, "sequences per step (default 8; 'bench ppo': 64 prompts)", limit=">=1")
-    seq_len: int = arg(64, "tokens per sequence", limit=">=1")
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
-    repeats: int = arg(7, "timed steps", limit=">=1")
-    warmup: int = arg(2, "untimed steps first", limit=">=0")
-    chunk_size: int | None = arg(None, "the chunked DP row's chunk (default: half the batch; 'bench ppo': 64)",
-                                 limit=">=1")
-    response: int = arg(15, "'bench ppo': tokens per response (as the TRL peer)", limit=">=1")
-    threads: int | None = arg(None, "torch CPU threads, also the peer's (default: torch's default)", limit=">=1")
-    trl: str | None = arg(None, "'bench ppo': the python of a virtual environment with trl 0.11 (README)")
-    preset: str | None = arg(None, "'bench ppo --preset paper': App. B's DPPPO on GPT-2 124M, batch 256-4,096",
-                             choices=("paper",))
 
 
 LIMITS = {  # a field's `limit` -> (the test, what the one-line refusal says); nan fails every test
@@ -3324,19 +2995,6 @@ def refuse_ignored_flags(args, given: set, command: str, epsilons: list[float] |
             raise UserError(f"--{name.replace('_', '-')} is not allowed here: {why}")
 
 
-def _parse_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"'{text}' is not true/false")
-    return text.lower() in ("true", "1", "yes")
-
-
 def _parse_list(name: str, text: str, kind, example: str) -> list:
     try:
         return [kind(x) for x in text.split(",")]
@@ -3357,12 +3015,13 @@ def _add_dataclass_args(parser, config, prefix: str = ""):
             _add_dataclass_args(parser, _nested(f), prefix + f.name + "_")
         elif f.metadata.get("cli") is not False:
             kind, default, choices = str(f.type), getattr(config, f.name), f.metadata.get("choices")
-            conv = _parse_bool if "bool" in kind else _parse_float if "float" in kind else int if "int" in kind else str
-            parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, type=conv,
-                                default=None, required=f.metadata.get("required", False),
+            how = {"action": "store_true"} if "bool" in kind else {
+                "type": float if "float" in kind else int if "int" in kind else str,
+                "metavar": "{" + ",".join(choices) + "}" if choices else None}
+            parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, default=None,
+                                required=f.metadata.get("required", False), **how,
                                 help=(f.metadata["help"] + ("" if default is None else f" (default: {default})"))
-                                .replace("%", "%%"), metavar="{" + ",".join(choices) + "}" if choices else None,
-                                **({"nargs": "?", "const": True} if conv is _parse_bool else {}))
+                                .replace("%", "%%"))
 
 
 def _build_dataclass(config, ns, prefix: str = ""):
@@ -3471,14 +3130,6 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_dataclass_args(sub.add_parser("privacy", help=PrivacyArgs.__doc__.split(": ", 1)[1]), PrivacyArgs())
-    p = sub.add_parser("bench", help=BenchArgs.__doc__.split(": ", 1)[1])
-    p.add_argument("what", nargs="?", choices=["step", "ppo"], default="step",
-                   help="'step' (default): one DP-SGD step; 'ppo': one DPPPO iteration by phase, beside TRL with --trl")
-    _add_dataclass_args(p, BenchArgs())
-    p.add_argument("--variant", choices=["nonprivate", "dp", "loop", "ppo", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
-    p.add_argument("--epsilon", type=_parse_float, default=math.inf, help=argparse.SUPPRESS)
-    _add_dataclass_args(sub.add_parser("probe", help=ProbeArgs.__doc__.split(": ", 1)[1]), ProbeArgs())
     for name, cls in (("sentiment", SentimentArgs), ("rlhf", RLHFArgs), ("audit", AuditArgs)):
         _add_dataclass_args(p := sub.add_parser(name, help=cls.__doc__.split(": ", 1)[1]), cls())
         if name != "audit":
@@ -3494,13 +3145,10 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        if ns.command not in ("privacy", "bench", "probe"):
+        if ns.command != "privacy":
             return cmd_run(ns.command, ns)
-        check_config(args := _build_dataclass({"privacy": PrivacyArgs, "bench": BenchArgs, "probe": ProbeArgs}[
-            ns.command](), ns))
-        if ns.command == "bench":
-            return cmd_bench(argparse.Namespace(**{**vars(ns), **dataclasses.asdict(args)}))
-        return (cmd_privacy if ns.command == "privacy" else cmd_probe)(args)
+        check_config(args := _build_dataclass(PrivacyArgs(), ns))
+        return cmd_privacy(args)
     except UserError as e:  # only these: any other exception is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
