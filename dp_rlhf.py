@@ -2577,76 +2577,74 @@ def _cell(values, percent=False) -> str:
     return f(m) if math.isnan(ci) else f"{f(m)} ± {f(ci).lstrip('+')}"
 
 
-def recovered(results: dict, eps: float, metric: str) -> list[float]:
-    """Per seed: (aligned at eps - pre-trained) / (aligned at inf - pre-trained). A seed whose non-private
-    run ends at or below the pre-trained model has no gain to recover, and is left out."""
-    out = []
-    for s_e, s_inf in zip(results[eps], results[math.inf]):
-        pre, full = s_inf["eval"]["pretrained"][metric], s_inf["eval"]["aligned"][metric]
-        if full > pre:
-            out.append((s_e["eval"]["aligned"][metric] - pre) / (full - pre))
-    return out
-
-
-def sweep_table(results: dict, task: str) -> str:
-    """Markdown tables in the shape of the paper's Tables 1 and 3: a column per epsilon, each cell the
-    mean over seeds with its 95 % confidence interval. `results[eps]`: one summary per seed."""
-    eps = list(results)
-    head = "| | " + " | ".join(f"eps={e:g}" for e in eps) + " |\n|---|" + "---|" * len(eps) + "\n"
-    row = lambda name, cells: f"| {name} | " + " | ".join(cells) + " |"
-    if task == "audit":
-        return audit_table(results, head, row)
-    out = []
-    for metric in ["reward"] + (["true_preference", "rouge1", "rouge2", "rougeL"] if task == "rlhf" else ["repeats"]):
-        if all(metric in s["eval"]["aligned"] for e in eps for s in results[e]):
-            rows = [row(m, (_cell([s["eval"][m][metric] for s in results[e]]) for e in eps))
-                    for m in ("pretrained", "sft", "aligned")]
-            own_rm = task == "rlhf" and metric == "reward"  # each column has its own DP reward model
-            if math.inf in results and metric != "repeats" and not own_rm:
-                rows.append(row("recovered", (_cell(recovered(results, e, metric), percent=True) for e in eps)))
-            out.append(f"{metric}\n\n" + head + "\n".join(rows))
-    if task == "rlhf":
-        out.append("reward-model held-out accuracy\n\n" + head + row(
-            "accuracy", (_cell([s["eval"]["rm_accuracy"] for s in results[e]]) for e in eps)))
-    return "\n\n".join(out) + "\n"
-
-
-def audit_table(results: dict, head: str, row) -> str:
-    """The audit's sweep: the claim, each observer's proved bound per seed, and TPR at three FPRs."""
-    eps = list(results)
-    rows = [row("claimed", (_cell([s["epsilon_claimed"] for s in results[e]]) for e in eps))]
-    if any(s["noise_scale"] != 1 for e in eps for s in results[e]):  # a broken mechanism, on purpose
-        really = lambda s: f"x{s['noise_scale']:g}: {s['stages']['sft']['epsilon']:.2f}"
-        rows.append(row("run with noise x, really", (" / ".join(map(really, results[e])) for e in eps)))
-    for o in ("every_step", "final"):
-        bounds = (" / ".join(f"{s[o]['epsilon_lower_bound']:.2f}" for s in results[e]) for e in eps)
-        rows.append(row(f"lower bound, {o.replace('_', '-')}", bounds))
-    for name, key in (("claimed mechanism", None), ("every-step attack", "every_step"),
-                      ("final-iterate attack", "final")):
-        tprs = [[s[key]["tpr_at_fpr"] if key else s["mechanism_tpr_at_fpr"] for s in results[e]] for e in eps]
-        rows.append(row(f"TPR, {name}", (" / ".join(f"{np.mean([t[i] for t in ts]):.3f}" for i in range(3))
-                                         for ts in tprs)))
-    return ("claimed epsilon and the proved lower bounds (per seed; each must stay below the claim), and TPR at FPR "
-            "0.1 % / 1 % / 10 % (mean over seeds)\n\n" + head + "\n".join(rows) + "\n")
-
-
-def sweep_csv(results: dict, task: str) -> str:
-    """Every number behind the tables, one per line: metric, model, epsilon, seed, value."""
-    lines = ["metric,model,epsilon,seed,value"]
+def sweep_rows(results: dict, task: str) -> list[tuple]:
+    """Every number of a sweep, one row each: (metric, model, epsilon, seed, value), in the order run. results.csv
+    is these rows, and the tables and the plot read them. `results[eps]`: one summary per seed."""
+    rows = []
     for e, runs in results.items():
         for s in runs:
             evals = s["eval"] if task != "audit" else {
-                "sft": {"epsilon_spent": s["stages"]["sft"]["epsilon"],
-                        "epsilon_lower_bound": s["epsilon_lower_bound"]},
+                "sft": {"epsilon_spent": s["stages"]["sft"]["epsilon"], "epsilon_lower_bound": s["epsilon_lower_bound"],
+                        "epsilon_claimed": s["epsilon_claimed"], "noise_scale": s["noise_scale"],
+                        **{f"mechanism_tpr_at_fpr_{f:g}": t for f, t in zip(s["fpr"], s["mechanism_tpr_at_fpr"])}},
                 **{o: {"epsilon_lower_bound": s[o]["epsilon_lower_bound"],
                        **{f"tpr_at_fpr_{f:g}": t for f, t in zip(s["fpr"], s[o]["tpr_at_fpr"])}}
                    for o in ("every_step", "final")}}
-            lines += [f"{metric},{model},{e:g},{s['seed']},{v}" for model, ev in evals.items()
-                      for metric, v in (ev.items() if isinstance(ev, dict) else [("accuracy", ev)])]
-    return "\n".join(lines) + "\n"
+            rows += [(metric, model, e, s["seed"], v) for model, ev in evals.items()
+                     for metric, v in (ev.items() if isinstance(ev, dict) else [("accuracy", ev)])]
+    return rows
 
 
-def plot_sweep(results: dict, task: str, path: str) -> bool:
+def _values(rows: list, metric: str, model: str, e: float) -> list:
+    """One cell's values, a seed each, in the order run."""
+    return [v for m, mo, ee, _, v in rows if (m, mo, ee) == (metric, model, e)]
+
+
+def recovered(rows: list, e: float, metric: str) -> list[float]:
+    """Per seed: (aligned at e - pre-trained) / (aligned at inf - pre-trained). A seed whose non-private
+    run ends at or below the pre-trained model has no gain to recover, and is left out."""
+    return [(got - pre) / (full - pre) for got, pre, full in zip(*(_values(rows, metric, model, eps) for model, eps in (
+        ("aligned", e), ("pretrained", math.inf), ("aligned", math.inf)))) if full > pre]
+
+
+def sweep_table(rows: list, task: str) -> str:
+    """Markdown tables in the shape of the paper's Tables 1 and 3: a column per epsilon, each cell the
+    mean over seeds with its 95 % confidence interval (the audit: the claim, each observer's bound per seed)."""
+    eps, metrics = list(dict.fromkeys(r[2] for r in rows)), list(dict.fromkeys(r[0] for r in rows))
+    head = "| | " + " | ".join(f"eps={e:g}" for e in eps) + " |\n|---|" + "---|" * len(eps) + "\n"
+    row = lambda name, cells: f"| {name} | " + " | ".join(cells) + " |"
+    cells = lambda metric, model, f=_cell: [f(_values(rows, metric, model, e)) for e in eps]
+    if task == "audit":
+        out = [row("claimed", cells("epsilon_claimed", "sft"))]
+        if any(r[0] == "noise_scale" and r[4] != 1 for r in rows):  # a broken mechanism, on purpose
+            really = [" / ".join(f"x{x:g}: {y:.2f}" for x, y in zip(_values(rows, "noise_scale", "sft", e),
+                                                                     _values(rows, "epsilon_spent", "sft", e)))
+                      for e in eps]
+            out.append(row("run with noise x, really", really))
+        for o in ("every_step", "final"):
+            out.append(row(f"lower bound, {o.replace('_', '-')}", cells("epsilon_lower_bound", o, lambda v: " / ".join(
+                f"{x:.2f}" for x in v))))
+        for name, model, prefix in (("claimed mechanism", "sft", "mechanism_"), ("every-step attack", "every_step", ""),
+                                    ("final-iterate attack", "final", "")):
+            tprs = [m for m in metrics if m.startswith("tpr_at_fpr_")]
+            out.append(row(f"TPR, {name}", (" / ".join(f"{np.mean(_values(rows, prefix + m, model, e)):.3f}"
+                                                       for m in tprs) for e in eps)))
+        return ("claimed epsilon and the proved lower bounds (per seed; each must stay below the claim), and TPR at "
+                "FPR 0.1 % / 1 % / 10 % (mean over seeds)\n\n" + head + "\n".join(out) + "\n")
+    out = []
+    for metric in ["reward"] + (["true_preference", "rouge1", "rouge2", "rougeL"] if task == "rlhf" else ["repeats"]):
+        if metric in metrics:
+            lines = [row(m, cells(metric, m)) for m in ("pretrained", "sft", "aligned")]
+            own_rm = task == "rlhf" and metric == "reward"  # each column has its own DP reward model
+            if math.inf in eps and metric != "repeats" and not own_rm:
+                lines.append(row("recovered", (_cell(recovered(rows, e, metric), percent=True) for e in eps)))
+            out.append(f"{metric}\n\n" + head + "\n".join(lines))
+    if task == "rlhf":
+        out.append("reward-model held-out accuracy\n\n" + head + row("accuracy", cells("accuracy", "rm_accuracy")))
+    return "\n\n".join(out) + "\n"
+
+
+def plot_sweep(rows: list, task: str, path: str) -> bool:
     """The paper's Fig. 3 shape: the aligned model's score against epsilon, the non-private run and the
     pre-trained model as lines. Only if matplotlib is installed (an optional extra)."""
     try:
@@ -2657,17 +2655,17 @@ def plot_sweep(results: dict, task: str, path: str) -> bool:
         print("--plot: matplotlib is not installed (pip install matplotlib); wrote the table and CSV only",
               file=sys.stderr)
         return False
-    first = results[next(iter(results))]
-    metric = "true_preference" if task == "rlhf" and "true_preference" in first[0]["eval"]["aligned"] else "reward"
-    finite = [e for e in results if math.isfinite(e)]
-    stats = [mean_ci([s["eval"]["aligned"][metric] for s in results[e]]) for e in finite]
+    eps = list(dict.fromkeys(r[2] for r in rows))
+    metric = "true_preference" if any(r[0] == "true_preference" for r in rows) else "reward"
+    finite = [e for e in eps if math.isfinite(e)]
+    stats = [mean_ci(_values(rows, metric, "aligned", e)) for e in finite]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.errorbar(finite, [m for m, _ in stats], yerr=[0 if math.isnan(c) else c for _, c in stats], marker="o",
                 capsize=3, label="DP aligned (mean, 95 % CI)")
-    for runs, model, style, label in ((results.get(math.inf), "aligned", "--", "non-private aligned"),
-                                      (first, "pretrained", ":", "pre-trained")):
-        if runs:
-            ax.axhline(np.mean([s["eval"][model][metric] for s in runs]), ls=style, color="gray", label=label)
+    for values, style, label in ((_values(rows, metric, "aligned", math.inf), "--", "non-private aligned"),
+                                 (_values(rows, metric, "pretrained", eps[0]), ":", "pre-trained")):
+        if values:
+            ax.axhline(np.mean(values), ls=style, color="gray", label=label)
     ax.set(xlabel="epsilon", ylabel=metric)
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=8)
@@ -2691,11 +2689,12 @@ def run_sweep(args: RunArgs, run, task: str, epsilons: list[float], seeds: list[
                 print(f"{task}: reusing {done}", file=sys.stderr)
                 return summary
         return run(cell_args)
-    results = {e: [cell(e, s) for s in seeds] for e in epsilons}
-    table = sweep_table(results, task)
+    rows = sweep_rows({e: [cell(e, s) for s in seeds] for e in epsilons}, task)
+    table = sweep_table(rows, task)
     write_text(os.path.join(base, "table.md"), table)
-    write_text(os.path.join(base, "results.csv"), sweep_csv(results, task))
-    if plot and task != "audit" and plot_sweep(results, task, os.path.join(base, "plot.png")):
+    write_text(os.path.join(base, "results.csv"), "metric,model,epsilon,seed,value\n" + "".join(
+        f"{m},{model},{e:g},{seed},{v}\n" for m, model, e, seed, v in rows))
+    if plot and task != "audit" and plot_sweep(rows, task, os.path.join(base, "plot.png")):
         print(f"wrote {base}/plot.png", file=sys.stderr)
     print(f"\n{task}: {args.model}, seeds {','.join(map(str, seeds))}; mean ± 95 % CI over seeds "
           f"({base}/table.md, results.csv)\n\n{table}")

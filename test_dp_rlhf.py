@@ -1858,10 +1858,10 @@ def test_sweep_prints_the_table_with_seeds_and_confidence_intervals(tmp_path, ca
 def test_mean_ci_and_recovered_by_hand():
     mean, ci = d.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2 dof) = 4.303
     assert mean == 2.0 and ci == pytest.approx(4.303 / math.sqrt(3))
-    run = lambda pre, aligned: {"eval": {"pretrained": {"m": pre}, "aligned": {"m": aligned}}}
-    results = {4.0: [run(0.0, 1.0), run(0.0, 0.5)], math.inf: [run(0.0, 2.0), run(0.0, -1.0)]}
+    run = lambda seed, pre, aligned: {"seed": seed, "eval": {"pretrained": {"m": pre}, "aligned": {"m": aligned}}}
+    results = {4.0: [run(0, 0.0, 1.0), run(1, 0.0, 0.5)], math.inf: [run(0, 0.0, 2.0), run(1, 0.0, -1.0)]}
     # the second seed's non-private run ends below the pre-trained model: no gain to recover, left out
-    assert d.recovered(results, 4.0, "m") == [0.5]
+    assert d.recovered(d.sweep_rows(results, "sentiment"), 4.0, "m") == [0.5]
 
 
 # ------------------------------------------------------------------------------------ privacy hardening
