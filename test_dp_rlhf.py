@@ -92,9 +92,9 @@ EXERCISES = [
              ("dpppo:no-accountant-step", "dpppo:fixed-batch", "dpppo:skips-empty-batches", "dpppo:constant-lr"),
              "60-90 min",
              "Algorithm 3: Poisson-sample prompts, roll out, score, spread Eq. 2, GAE, one noisy update, one "
-             "accountant step, every iteration, the empty ones too. The helpers (rollout, reference_logprobs, kl_rewards, gae, "
-             "ppo_update, PromptBaseline) are there; the docstring is the loop's contract. The grader builds a "
-             "tiny model once (about a minute; set DP_RLHF_TEST_CACHE to a directory to keep it)."),
+             "accountant step, every iteration, the empty ones too. The helpers (rollout, reference_logprobs, "
+             "kl_rewards, gae, ppo_update, PromptBaseline) are there; the docstring is the loop's contract. The "
+             "grader builds a tiny model once (about a minute; set DP_RLHF_TEST_CACHE to a directory to keep it)."),
     Exercise("7", "break DP: divide by the realised batch", (), "clipped_norms", ("privatize:realised-batch",),
              "20-40 min",
              "Break privacy on purpose. In privatize, divide by the realised batch size instead of the expected "
