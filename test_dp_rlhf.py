@@ -1,6 +1,7 @@
 """Tests for dp_rlhf.py. Each privacy property is checked against something independent of the
 code under test: published values, brute force, a per-example loop, hand computation."""
 
+import argparse
 import ast
 import dataclasses
 import functools
@@ -10,12 +11,24 @@ import logging
 import math
 import os
 import random
+import re
+import resource
 import subprocess
 import sys
+import time
+from importlib.util import find_spec
+
+if find_spec("pytest") is None:  # the TRL peer's venv runs this file (--bench ppo --trl): pytest's decorators no-ops
+    class _NoPytest:
+        __getattr__ = lambda self, name: self
+        __call__ = lambda self, *a, **k: a[0] if len(a) == 1 and callable(a[0]) and not k else self
+    sys.modules["pytest"] = _NoPytest()
 
 import numpy as np
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 
 import dp_rlhf as d
 
@@ -2526,15 +2539,15 @@ class _InductionOracle(torch.nn.Module):
 def test_copy_probe_on_a_hand_made_model():
     base = d.BaseModelArgs()
     tok = d.public_tokenizer(d.public_corpus(base)[0], base.vocab_size)
-    posts = d.public_probe_posts(base, n=120)
+    posts = public_probe_posts(base, n=120)
     # By hand: the copier names whoever follows the first "my" of the post, which is the person
     # unless a filler sentence ("my family thinks ...") comes first; "feel" occurs once, before the feeling.
     words = [p["post"].split() for p in posts]
     expected = np.mean([w[w.index("my") + 1] == p["person"] for w, p in zip(words, posts)])
     assert 0.5 < expected < 1.0
-    got = d.copy_probe(_InductionOracle(len(tok)), tok, posts)
+    got = copy_probe(_InductionOracle(len(tok)), tok, posts)
     assert got["person"] == pytest.approx(expected) and got["feeling"] == 1.0
-    blind = d.copy_probe(_InductionOracle(len(tok), copy=False), tok, posts)  # ties: the first candidate wins
+    blind = copy_probe(_InductionOracle(len(tok), copy=False), tok, posts)  # ties: the first candidate wins
     assert blind["person"] == pytest.approx(np.mean([p["person"] == d.PEOPLE[0] for p in posts]))
 
 
@@ -2589,6 +2602,446 @@ def probe_units(seeds=(0, 1, 2), out="runs/probe-units", n_posts=6000, n_compare
     print(table)
     return table
 
+
+# ------------------------------------------------------------------------------------ evidence: bench and probe
+# The measurements README and NOTES quote, re-runnable; they assert nothing, so they are tools, not tests:
+# `python test_dp_rlhf.py --bench step|ppo` and `--probe`, each with its own flags (`--bench step --help`). The TRL
+# peer runs this file in its own venv (transformers 4.x, perhaps no pytest): nothing here needs more than dp_rlhf.
+GPT2_SIZES = dict(tiny=(2, 64, 2), small=(12, 768, 12), medium=(24, 1024, 16), large=(36, 1280, 20))  # layers, d, heads
+
+
+@dataclasses.dataclass
+class BenchArgs:
+    """`--bench step`: a DP step's time and memory against a non-private one; `--bench ppo`: a DPPPO iteration."""
+    model: str | None = d.arg(None, "GPT-2 size, random init (default small; ppo: the built-in model)",
+                              choices=("builtin", "tiny", "small", "medium", "large"))
+    batch: int | None = d.arg(None, "sequences per step (default 8; ppo: 64 prompts)", limit=">=1")
+    seq_len: int = d.arg(64, "tokens per sequence", limit=">=1")
+    device: str = d.arg("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
+    rounds: int = d.arg(5, "timed rounds, each times every variant's step once (ppo: timed iterations)", limit=">=1")
+    warmup: int = d.arg(2, "untimed steps of each variant first", limit=">=0")
+    chunk_size: int | None = d.arg(None, "the chunked DP row's chunk (default: half the batch; ppo: 64)", limit=">=1")
+    response: int = d.arg(15, "ppo: tokens per response (as the TRL peer)", limit=">=1")
+    threads: int | None = d.arg(None, "torch CPU threads, also the children's (default: torch's)", limit=">=1")
+    trl: str | None = d.arg(None, "ppo: the python of a virtual environment with trl 0.11 (README)")
+    preset: str | None = d.arg(None, "'ppo --preset paper': App. B's DPPPO on GPT-2 124M, batch 256-4,096",
+                               choices=("paper",))
+
+
+STEP_ROWS = {  # variant: its row. 'hf' is what a user would otherwise run: the ratios' base
+    "hf": "non-private: HF's forward + loss ({attn} attention)", "ours": "non-private: our vmap-safe forward",
+    "dp": "DP: vmap per-sample grads + privatize", "dp_chunked": "DP, vmap chunk_size={chunk}",
+    "loop": "DP, per-example loop"}
+
+
+def _gpt2(ns, **config):
+    """GPT-2 of size ns.model, random init, LoRA r=4 on q,v: the same weights at every call."""
+    torch.manual_seed(0)
+    n_layer, n_embd, n_head = GPT2_SIZES[ns.model]
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, **config))
+    return d.add_lora(lm.to(ns.device).eval(), rank=4)
+
+
+def step_variants(ns, names) -> tuple[dict, str]:
+    """({variant: one step, with its own AdamW on the LoRA weights}, HF's attention) on one batch with a left-padded
+    row. Ours runs eager attention, as `load_lm` does: under vmap sdpa has no batching rule and loops per sample."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50257, (ns.batch, ns.seq_len), generator=gen).to(ns.device)
+    mask = torch.ones_like(ids)
+    mask[0, : ns.seq_len // 4] = 0
+    loss_mask, labels = mask[:, 1:].float(), ids.masked_fill(mask == 0, -100)
+    plan = d.StagePlan(epsilon=1.0, delta=1e-5, num_private_examples=ns.batch, sample_rate=1.0, steps=1,
+                       noise_multiplier=1.0, max_grad_norm=1.0)
+    hf = _gpt2(ns) if "hf" in names else None  # transformers' default attention: what a user gets
+    ours = d.CausalLM(_gpt2(ns, attn_implementation="eager")) if set(names) - {"hf"} else None
+    loss_fn, states = d.sft_loss(ours), {k: d.TrainState.new(hf if k == "hf" else ours, 1e-4, plan) for k in names}
+
+    def update(state):
+        state.optimizer.step(), state.optimizer.zero_grad(set_to_none=True)
+
+    def hf_step(state):
+        hf(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        update(state)
+
+    def ours_step(state):
+        lp = d.token_logprobs(ours(ids, mask), ids)
+        (-(lp * loss_mask).sum(1) / loss_mask.sum(1)).mean().backward()
+        update(state)
+
+    def dp_step(state, chunk_size=None):
+        d.dp_step(state, loss_fn, (ids, mask, loss_mask), plan, expected_batch_size=ns.batch, generator=gen,
+                  chunk_size=chunk_size)
+
+    def loop_step(state):  # the textbook way: one backward per example
+        total = {k: torch.zeros_like(p) for k, p in state.params.items()}
+        for i in range(ns.batch):
+            g = torch.autograd.grad(loss_fn(state.params, ids[i], mask[i], loss_mask[i]), list(state.params.values()))
+            norm = torch.sqrt(sum(x.pow(2).sum() for x in g))
+            for t, x in zip(total.values(), g):
+                t += x * (1.0 / (norm + 1e-6)).clamp(max=1.0)
+        for k, p in state.params.items():
+            p.grad = (total[k] + torch.randn(p.shape, generator=gen).to(ns.device)) / ns.batch
+        update(state)
+
+    fns = dict(hf=hf_step, ours=ours_step, dp=dp_step, dp_chunked=functools.partial(dp_step, chunk_size=ns.chunk_size),
+               loop=loop_step)
+    return {k: functools.partial(fns[k], states[k]) for k in names}, hf.config._attn_implementation if hf else ""
+
+
+def _timed(step, device: str) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - t
+
+
+def _peak_memory(device: str, base: int) -> int:
+    """Peak bytes above `base` (CUDA: allocated; CPU: the process's maximum resident set)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def _memory_now(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated()
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _step_memory(ns) -> dict:
+    """One variant alone in a fresh process (a clean peak): what its steps add above the built model."""
+    step = step_variants(ns, [ns.variant])[0][ns.variant]
+    base = _memory_now(ns.device)
+    if ns.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(ns.warmup + 1):
+        step()
+    return {"peak_bytes": _peak_memory(ns.device, base)}
+
+
+def bench_step(ns):
+    """Memory from a fresh process per variant; time from all variants in this one, interleaved (each round times
+    every variant once, in an order rotated each round), so drift over the run hits every variant alike."""
+    ns.chunk_size = ns.chunk_size or max(1, ns.batch // 2)
+    names = list(STEP_ROWS)
+    peak = {k: _child(sys.executable, ns, k, chunk_size=ns.chunk_size)["peak_bytes"] for k in names}
+    steps, attn = step_variants(ns, names)
+    for k in names:
+        for _ in range(ns.warmup):
+            steps[k]()
+    times = {k: [] for k in names}
+    for r in range(ns.rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k].append(_timed(steps[k], ns.device))
+    cell = lambda xs, f: f"{np.median(xs):{f}} ({min(xs):{f}}-{max(xs):{f}})"
+    print(f"GPT-2 {ns.model} (random init) + LoRA r=4 on q,v; batch {ns.batch} x {ns.seq_len} tokens, one row "
+          f"left-padded; {ns.device}, {ns.threads} threads; time: median (min-max) of {ns.rounds} rounds after "
+          f"{ns.warmup} warm-up steps, every variant once a round in a rotated order; x HF: the per-round ratios; "
+          "peak memory: each variant in a fresh process")
+    print("| step | time (s) | x non-private HF | peak memory (MiB) | x non-private HF |\n|---|---|---|---|---|")
+    for k, label in STEP_ROWS.items():
+        ratios = [t / h for t, h in zip(times[k], times["hf"])]
+        print(f"| {label.format(attn=attn, chunk=ns.chunk_size)} | {cell(times[k], '.3f')} | {cell(ratios, '.2f')} | "
+              f"{peak[k] / 2**20:.0f} | {peak[k] / max(peak['hf'], 1):.2f} |")
+    for name, cls in d.ACCOUNTANTS.items():  # what the accountants cost: one epsilon, one sigma search
+        t, acc = time.perf_counter(), cls()
+        acc.step(noise_multiplier=1.5, sample_rate=0.04, num_steps=2250)
+        eps, t1 = acc.get_epsilon(1e-5), time.perf_counter()
+        sigma = d.get_noise_multiplier(target_epsilon=4.0, target_delta=6e-6, sample_rate=0.0064, steps=50,
+                                       accountant=cls)
+        print(f"{name}: epsilon {eps:.4f} (q=0.04, sigma=1.5, 2250 steps, delta=1e-5) in {t1 - t:.2f} s; sigma "
+              f"{sigma:.3f} for epsilon 4 (q=0.0064, 50 steps, delta=6e-6) in {time.perf_counter() - t1:.2f} s")
+
+
+def _bench_model_dir(ns) -> str:
+    """A GPT-2 directory both our loop and the peer (TRL) load: the built-in base model, or a random-init GPT-2
+    of the given size with the built-in tokenizer (trained alone: no base model to pre-train), written once."""
+    if ns.model == "builtin":
+        return d.builtin_base_model()
+    path = os.path.join(d.cache_dir(), f"bench-random-{ns.model}")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        n_layer, n_embd, n_head = GPT2_SIZES[ns.model]
+        base = d.BaseModelArgs()
+        torch.manual_seed(0)
+        with d._atomic_dir(path) as tmp:
+            GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head)).save_pretrained(tmp)
+            d.public_tokenizer(d.public_corpus(base)[0], base.vocab_size).save_pretrained(tmp)
+    return path
+
+
+def _bench_ppo_child(ns) -> dict:
+    """DPPPO iterations of the real loop (`dpppo`) on one batch size: median seconds per phase, peak memory above
+    the loaded model and in all. --preset paper: App. B's settings (minibatches of 256, prompts of 2-8 tokens,
+    responses of 4-16) for one iteration."""
+    torch.manual_seed(0)
+    lm, tok = d.load_lm(ns.model_dir, ns.device)
+    policy = d.ActorCritic(d.add_lora(lm)).to(ns.device)
+    base, paper = _memory_now(ns.device), ns.preset == "paper"
+    # review openings, as many prompts as the batch: q = 1, every prompt every iteration.
+    prompts = d.prefix_prompts(tok, [r["text"] for r in d.make_reviews(ns.batch, seed=0)], 2, 8 if paper else 7, 0)
+    rows, length = [], (4, 16) if paper else (ns.response, ns.response)
+    args = d.PPOArgs(steps=ns.warmup + ns.rounds, batch_size=ns.batch, response_min=length[0],
+                     response_max=length[1], chunk_size=ns.chunk_size or d.PPOArgs.chunk_size,
+                     minibatches=max(1, ns.batch // 256) if paper else 1, lr=3e-3 if paper else d.PPOArgs.lr)
+    if ns.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    plan = d.plan_stage(args, len(prompts), ns.epsilon, 1e-5)
+    d.dpppo(policy, tok, prompts, d.builtin_sentiment_reward, plan, args, generator=torch.Generator().manual_seed(0),
+            hooks=d.RunHooks(log=rows.append, device=ns.device))
+    timed = rows[ns.warmup:]
+    phases = {k[5:]: float(np.median([r[k] for r in timed])) for k in timed[0] if k.startswith("time/")}
+    return {"phases": phases, "total": float(np.median([sum(r[f"time/{p}"] for p in phases) for r in timed])),
+            "peak_bytes": _peak_memory(ns.device, base), "peak_total": _peak_memory(ns.device, 0)}
+
+
+def _trl_child(ns) -> dict:
+    """The peer: TRL 0.11's classic PPOTrainer (the gpt2-sentiment recipe: batched `generate`, then `step`),
+    non-private and fully fine-tuned, one epoch over one minibatch of the batch; prompts of 2-7 random token ids,
+    15 new tokens, a toy reward. Runs in TRL's own venv (transformers 4.x); trl is imported here only."""
+    from transformers import PreTrainedTokenizerFast
+    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    torch.manual_seed(0)
+    random.seed(0)
+    # tokenizer.json itself: tokenizer configs written by transformers 5 do not load in 4.x
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(ns.model_dir, "tokenizer.json"),
+                                  eos_token="<|endoftext|>")
+    tok.pad_token = tok.eos_token
+    model, ref = (AutoModelForCausalLMWithValueHead.from_pretrained(ns.model_dir) for _ in range(2))
+    trainer = PPOTrainer(PPOConfig(batch_size=ns.batch, mini_batch_size=ns.batch, ppo_epochs=1, learning_rate=1.41e-5,
+                                   log_with=None), model, ref, tok)
+    vocab = list(range(min(len(tok), 200)))
+    gen = dict(min_length=-1, top_k=0.0, top_p=1.0, do_sample=True, pad_token_id=tok.eos_token_id)
+    times = []
+    for _ in range(ns.warmup + ns.rounds):
+        queries = [torch.tensor([random.choice(vocab) for _ in range(random.randint(2, 7))]) for _ in range(ns.batch)]
+        t = time.perf_counter()
+        responses = trainer.generate(queries, return_prompt=False, batch_size=ns.batch, max_new_tokens=ns.response,
+                                     **gen)
+        trainer.step(queries, responses, [torch.tensor(float((r == vocab[1]).sum())) for r in responses])
+        times.append(time.perf_counter() - t)
+    return {"phases": {}, "total": float(np.median(times[ns.warmup:])), "peak_bytes": None}
+
+
+def _child(python: str, ns, variant: str, **flags) -> dict:
+    """`--bench --variant` in a fresh process (clean timing and peak memory): its JSON line."""
+    cmd = [python, os.path.abspath(__file__), "--bench", ns.what, "--variant", variant, "--model", ns.model,
+           "--batch", str(ns.batch), "--seq-len", str(ns.seq_len), "--device", ns.device, "--rounds", str(ns.rounds),
+           "--warmup", str(ns.warmup), "--response", str(ns.response), "--threads", str(ns.threads)]
+    cmd += [x for k, v in flags.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise d.UserError(f"bench {variant} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_paper(ns, model_dir: str):
+    """`--bench ppo --preset paper`: one DPPPO iteration at epsilon = 4 with App. B's settings at rollout batches
+    256, 1,024 and 4,096 (or --batch): what the preset needs before renting a GPU."""
+    print(f"DPPPO iteration, --preset paper: {ns.model} GPT-2 (random init, vocabulary 50,257), epsilon 4, "
+          f"minibatches of 256, {ns.device}, {ns.threads} threads, rollout chunk {d.PPOArgs.rollout_chunk_size}")
+    print("| batch (minibatches) | sampling | reference | reward | update | s / iteration | s / trajectory | "
+          "peak memory (MiB) |\n|---|---|---|---|---|---|---|---|")
+    for batch in [ns.batch] if "batch" in ns.given else (256, 1024, 4096):
+        r = _child(sys.executable, argparse.Namespace(**{**vars(ns), "batch": batch, "warmup": 0, "rounds": 1}),
+                   "ppo", model_dir=model_dir, epsilon="4", preset="paper")
+        ph = " | ".join(f"{r['phases'].get(p, 0):.1f}" for p in ("sampling", "reference", "reward", "update"))
+        print(f"| {batch:,} ({max(1, batch // 256)}) | {ph} | {r['total']:.1f} | {r['total'] / batch:.4f} | "
+              f"{r['peak_total'] / 2**20:,.0f} |", flush=True)
+
+
+def bench_ppo(ns):
+    """`--bench ppo`: one DPPPO iteration at epsilon = inf and 4, by phase, each in a fresh process; the TRL peer."""
+    model_dir = _bench_model_dir(ns)
+    if ns.preset == "paper":
+        return bench_paper(ns, model_dir)
+    rows = {f"ours, epsilon = {eps}": _child(sys.executable, ns, "ppo", model_dir=model_dir, epsilon=eps,
+                                             chunk_size=ns.chunk_size) for eps in ("inf", "4")}
+    if ns.trl:
+        rows["TRL 0.11 PPOTrainer, non-private, full fine-tune"] = _child(ns.trl, ns, "trl", model_dir=model_dir)
+    ref = rows["ours, epsilon = inf"]["total"]
+    trl = next((r["total"] for k, r in rows.items() if k.startswith("TRL")), None)
+    print(f"PPO iteration: {ns.model} GPT-2 ({model_dir}), batch {ns.batch} prompts of 2-7 tokens, responses "
+          f"{ns.response} tokens, {ns.device}, {ns.threads} threads, median of {ns.rounds} iterations")
+    print("| loop | sampling | reference | reward | update | s / iteration | x eps=inf | x TRL | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        ph = [f"{r['phases'][p]:.3f}" if p in r["phases"] else "" for p in ("sampling", "reference", "reward",
+                                                                             "update")]
+        mem = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else ""
+        x_trl = f"{r['total'] / trl:.2f}" if trl else ""
+        print(f"| {name} | {' | '.join(ph)} | {r['total']:.3f} | {r['total'] / ref:.2f} | {x_trl} | {mem} |")
+
+
+def bench(ns):
+    """`--bench step|ppo`, or one `--variant` of it (a child: prints its JSON line)."""
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    ns.threads, ns.given = ns.threads or torch.get_num_threads(), {k for k in ("batch", "model") if getattr(ns, k)}
+    ns.model = ns.model or ("builtin" if ns.what == "ppo" and not ns.preset else "small")
+    ns.batch = ns.batch or (64 if ns.what == "ppo" else 8)
+    if ns.what == "step" and (ns.model == "builtin" or ns.preset or ns.trl):
+        raise d.UserError("--bench step with --model builtin, --preset or --trl is not allowed; use --model tiny, "
+                          "small, medium or large (or --bench ppo)")
+    if ns.variant:
+        return print(json.dumps({"ppo": _bench_ppo_child, "trl": _trl_child}.get(ns.variant, _step_memory)(ns)))
+    return (bench_ppo if ns.what == "ppo" else bench_step)(ns)
+
+
+@dataclasses.dataclass
+class ProbeArgs:
+    """`--probe`: the copy probe and the reward-feature probe of a base model (no private data)."""
+    model: str = d.arg("builtin", "'builtin', a Hub id or a local dir")
+    num_comparisons: int = d.arg(4000, "built-in comparisons to fit the linear probes on", limit=">=1")
+    seed: int = d.arg(0, "seed of the probe's comparisons", limit=">=0")
+    device: str | None = d.arg(None, "'cpu' or 'cuda'")
+    base: d.BaseModelArgs = dataclasses.field(default_factory=d.BaseModelArgs)
+
+
+def public_probe_posts(args, n: int = 500) -> list[dict]:
+    """Held-out *public* posts for the copy probe (their own seed: not in the corpus, not private)."""
+    rng = np.random.default_rng(args.seed + 2)
+    return [d._post(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def copy_probe(lm, tokenizer, posts: list[dict], device: str = "cpu", batch: int = 250) -> dict:
+    """Does the model read its prompt? Top-1 accuracy of the post's person among PEOPLE after "... tl;dr :
+    my", and of its feeling among FEELINGS after "... my <person> <event> and i feel": chance (1/16,
+    1/12) if it ignores the post, 1 if it copies. A candidate scores the log-probability of its tokens."""
+    model = d.CausalLM(lm)
+
+    def top1(prompts, candidates, answers):
+        words, scores = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates], []
+        for s in range(0, len(prompts), batch):
+            chunk = prompts[s:s + batch]
+            if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution
+                ids, mask, _ = d.encode(tokenizer, chunk, max_prompt=512)
+                logits = model(ids.to(device), mask.to(device))[:, -1].float()
+                scores.append(logits.log_softmax(-1)[:, [w[0] for w in words]].cpu())
+                continue
+            columns = []
+            for c in candidates:
+                ids, mask, targets = d.encode(tokenizer, chunk, [" " + c] * len(chunk), max_prompt=512,
+                                              max_completion=16)
+                targets[:, -1] = 0  # the word only, not the closing eos
+                columns.append((d.token_logprobs(model(ids.to(device), mask.to(device)).cpu(), ids) * targets).sum(-1))
+            scores.append(torch.stack(columns, 1))
+        best = torch.cat(scores).argmax(-1).tolist()
+        return float(np.mean([candidates[i] == a for i, a in zip(best, answers)]))
+
+    prompts = [d.TLDR_PROMPT.format(post=p["post"]) + " my" for p in posts]
+    feel = [d.TLDR_PROMPT.format(post=p["post"]) + f" my {p['person']} {p['event']} and i feel" for p in posts]
+    return {"person": top1(prompts, d.PEOPLE, [p["person"] for p in posts]),
+            "feeling": top1(feel, d.FEELINGS, [p["feeling"] for p in posts])}
+
+
+@torch.no_grad()
+def reward_features(lm, tokenizer, prompts, responses, *, batch: int = 256) -> dict:
+    """What a reward head could read from a frozen LM per (x, y): the last hidden state, the mean and
+    sum of y's hidden states, y's summed and mean log-likelihood, y's length."""
+    out, device = {k: [] for k in ("last", "mean_h", "sum_h", "loglik", "mean_loglik", "length")}, lm.device
+    for s in range(0, len(prompts), batch):
+        ids, mask, resp = (t.to(device) for t in d.encode(tokenizer, prompts[s:s + batch], responses[s:s + batch],
+                                                          max_prompt=96, max_completion=48))
+        h = d.hidden_states(lm, ids, mask)
+        lp, n = (d.token_logprobs(lm.lm_head(h), ids) * resp).sum(-1), resp.sum(-1)
+        pooled = (h[:, 1:] * resp[..., None]).sum(1)
+        for k, v in (("last", h[:, -1]), ("mean_h", pooled / n[:, None]), ("sum_h", pooled), ("loglik", lp[:, None]),
+                     ("mean_loglik", (lp / n)[:, None]), ("length", n[:, None])):
+            out[k].append(v.double().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def linear_probe_accuracy(train: tuple, test: tuple, keys: list[str]) -> float:
+    """Held-out accuracy of a Bradley-Terry logistic regression on (chosen - rejected) features."""
+    x, x_test = (torch.cat([pair[0][k] - pair[1][k] for k in keys], 1) for pair in (train, test))
+    scale = x.std(0) + 1e-6
+    x, x_test = x / scale, x_test / scale
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        (loss := torch.nn.functional.softplus(-x @ w).mean() + 1e-4 * w.pow(2).sum()).backward()
+        return loss
+    opt.step(closure)
+    return float((x_test @ w.detach() > 0).double().mean())
+
+
+def probe(args: ProbeArgs):
+    """Does the model copy from its prompt, and what can a reward head read from it?"""
+    device = args.device or "cpu"
+    lm, tok = d.load_lm(args.model, device, args.base)
+    print(f"copy probe ({args.model}, 500 public held-out posts): " + ", ".join(
+        f"{k} top-1 {v:.3f}" for k, v in copy_probe(lm, tok, public_probe_posts(args.base), device).items())
+        + f" (chance {1 / len(d.PEOPLE):.3f}, {1 / len(d.FEELINGS):.3f})")
+    cmps, n = d.make_tldr(0, args.num_comparisons + 1000, seed=50_000 + args.seed)[1], args.num_comparisons
+    feats = [tuple(reward_features(lm, tok, [c["prompt"] for c in part], [" " + c[w] for c in part])
+                   for w in ("chosen", "rejected")) for part in (cmps[:n], cmps[n:])]
+    tp = lambda c, w: d.true_preference(c["meta"], c[w])
+    ceiling = np.mean([(tp(c, "chosen") > tp(c, "rejected")) + 0.5 * (tp(c, "chosen") == tp(c, "rejected"))
+                       for c in cmps[n:]])
+    print(f"\nwhat a linear reward head can read from the frozen model: held-out accuracy on 1,000 built-in "
+          f"comparisons (trained on {n}; the hidden preference itself: {ceiling:.3f})\n")
+    print("| features | accuracy |\n|---|---|")
+    for keys in (["last"], ["mean_h"], ["sum_h", "length"], ["loglik"], ["loglik", "length"],
+                 ["mean_loglik", "length"], ["mean_loglik", "length", "mean_h"], ["loglik", "length", "mean_h"]):
+        print(f"| {' + '.join(keys)} | {linear_probe_accuracy(*feats, keys):.3f} |")
+
+
+def tools_main(argv: list[str]):
+    """`--bench step|ppo` and `--probe`, each with its own flags (BenchArgs', ProbeArgs'), checked as dp_rlhf's."""
+    is_probe = "--probe" in argv
+    config = ProbeArgs() if is_probe else BenchArgs()
+    parser = argparse.ArgumentParser(prog="test_dp_rlhf.py", description=config.__doc__)
+    if is_probe:
+        parser.add_argument("--probe", action="store_true", required=True, help="the probes")
+    else:
+        parser.add_argument("--bench", dest="what", choices=["step", "ppo"], required=True,
+                            help="'step': one DP-SGD step; 'ppo': one DPPPO iteration by phase, beside TRL with --trl")
+        parser.add_argument("--variant", choices=[*STEP_ROWS, "ppo", "trl"], help=argparse.SUPPRESS)  # a child
+        parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+        parser.add_argument("--epsilon", type=float, default=math.inf, help=argparse.SUPPRESS)
+    d._add_dataclass_args(parser, config)
+    ns = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        d.check_config(args := d._build_dataclass(config, ns))
+        if is_probe:
+            return probe(args)
+        return bench(argparse.Namespace(**{**vars(ns), **dataclasses.asdict(args)}))
+    except d.UserError as e:  # as dp_rlhf's main: a bad flag is one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def test_bench_step_prints_every_variant_with_its_spread():
+    """`--bench step` on a tiny GPT-2, one round: a row per variant in order, each column filled, HF's the base."""
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--bench", "step", "--model", "tiny", "--batch", "2",
+                        "--seq-len", "8", "--rounds", "1", "--warmup", "0", "--threads", "1"], cwd=HERE,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    num, spread = r"(-?[\d.]+)", r"([\d.]+) \(([\d.]+)-([\d.]+)\)"
+    rows = [re.fullmatch(rf"\| (.+) \| {spread} \| {spread} \| {num} \| {num} \|", line)
+            for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| step |")]
+    assert all(rows), r.stdout
+    rows = [m.groups() for m in rows]  # label, time (median, min, max), x HF (median, min, max), MiB, x HF
+    assert [g[0] for g in rows] == [label.format(attn="sdpa", chunk=1) for label in STEP_ROWS.values()], r.stdout
+    assert rows[0][4:] == ("1.00",) * 3 + rows[0][7:8] + ("1.00",), r.stdout  # the base: HF's own step
+    assert all(g[1] == g[2] == g[3] and float(g[1]) > 0 for g in rows), r.stdout  # one round: min = median = max
+    assert [line.split(":")[0] for line in r.stdout.splitlines()[-2:]] == list(d.ACCOUNTANTS), r.stdout
+
+
+def test_bench_and_probe_refuse_bad_flags_in_one_line(capsys):
+    for argv, words in ((["--bench", "step", "--model", "builtin"], "--bench step with --model builtin"),
+                        (["--bench", "ppo", "--rounds", "0"], "--rounds 0 is not allowed"),
+                        (["--probe", "--num-comparisons", "0"], "--num-comparisons 0 is not allowed")):
+        with pytest.raises(SystemExit) as e:
+            tools_main(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
 
 # ------------------------------------------------------------------------------------ exercises: handouts, check
 # A handout is a folder a student gets: dp_rlhf.py with the exercise's functions blanked (signature, docstring, a
@@ -2921,14 +3374,19 @@ def test_readme_lists_each_exercise_as_its_grader_runs():
 
 
 if __name__ == "__main__":
-    import argparse
+    if {a.split("=")[0] for a in sys.argv[1:]} & {"--bench", "--probe"}:  # tools with flags of their own
+        sys.exit(tools_main(sys.argv[1:]))
     parser = argparse.ArgumentParser(description="The exercises' handouts and their check (README, Exercises); "
-                                     "the unit probe (NOTES.md).")
+                                     "the unit probe (NOTES.md); the benchmark and the base model's probes.")
     parser.add_argument("--handout", metavar="N[,M]", help="write exercise N's handout (3: 3a, 3b and 3c) to --out")
     parser.add_argument("--out", metavar="DIR", help="the handout's folder: new, or empty")
     parser.add_argument("--check-exercises", nargs="?", const="all", metavar="N[,M]",
                         help="each grader as is (must pass), blanked and on each wrong body (must fail)")
     parser.add_argument("--probe-units", action="store_true", help="the unit-level probe runs (NOTES.md)")
+    parser.add_argument("--bench", choices=["step", "ppo"], help="a DP step against non-private ones, or a DPPPO "
+                        "iteration by phase (its flags: --bench step --help)")
+    parser.add_argument("--probe", action="store_true", help="the base model's copy and reward-feature probes "
+                        "(its flags: --probe --help)")
     ns = parser.parse_args()
     try:
         if ns.handout:
