@@ -40,6 +40,39 @@ TINY_BASE_ARGS = d.BaseModelArgs(n_layer=2, n_embd=64, n_head=2, vocab_size=400,
                                  batch_size=16, seq_len=64, copy_steps=0, copy_rows=0)  # language only: fast
 
 
+# ------------------------------------------------------------------------------------ docs
+def test_docs_name_only_what_the_code_has():
+    """Every identifier in backticks in README.md and NOTES.md (`name`, `name()`, `a.b`) occurs in dp_rlhf.py or
+    test_dp_rlhf.py (a JSON field counts where the code writes it as a string), and every flag of a span that starts
+    with one (`--flag`, `--flag VALUE`) is a flag `--help` lists or the code spells out (this file's own, such as
+    --handout). Commands (`python ...`), paths, numbers and formulas are not checked; fenced blocks neither."""
+    import contextlib
+    import io
+    import re
+    code = "".join(open(os.path.join(HERE, f), encoding="utf-8").read() for f in ("dp_rlhf.py", "test_dp_rlhf.py"))
+    words, spelled = set(re.findall(r"\w+", code)), set(re.findall(r"--[a-z][a-z0-9-]*", code))
+
+    def usage(*argv) -> str:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            d.main([*argv, "--help"])
+        return out.getvalue()
+    commands = re.search(r"\{([a-z,]+)\}", usage()).group(1).split(",")
+    flags = spelled | set(re.findall(r"--[a-z][a-z0-9-]*", "".join(usage(c) for c in commands)))
+    files = ("json", "jsonl", "md", "py", "csv", "png", "txt", "toml", "ini", "parquet", "safetensors")
+    missing = []
+    for doc in ("README.md", "NOTES.md"):
+        text = re.sub(r"^```.*?^```", "", open(os.path.join(HERE, doc), encoding="utf-8").read(), flags=re.S | re.M)
+        for span in (s.strip() for s in re.findall(r"`([^`]+)`", text)):
+            if span.startswith("--"):  # a flag, maybe with values: each --word must be one the code knows
+                missing += [(doc, f) for f in span.split() if re.fullmatch(r"--[a-z][a-z0-9-]*", f) and f not in flags]
+            elif re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(\(\))?", span):
+                parts = span.removesuffix("()").split(".")
+                if not (len(parts) > 1 and parts[-1] in files) and not all(p in words for p in parts):
+                    missing.append((doc, span))
+    assert not missing, f"names in backticks that neither dp_rlhf.py nor test_dp_rlhf.py has: {missing}"
+
+
 # ------------------------------------------------------------------------------------ exercises
 # README, "Exercises": each exercise blanks functions of dp_rlhf (7 breaks one instead) and names the tests that
 # grade it. `python test_dp_rlhf.py --handout N --out DIR` writes a student's folder (bottom of this file);
