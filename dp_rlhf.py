@@ -1518,43 +1518,6 @@ def public_tokenizer(corpus: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos)
 
 
-def public_probe_posts(args: BaseModelArgs, n: int = 500) -> list[dict]:
-    """Held-out *public* posts for the copy probe (their own seed: not in the corpus, not private)."""
-    rng = np.random.default_rng(args.seed + 2)
-    return [_post(rng) for _ in range(n)]
-
-
-@torch.no_grad()
-def copy_probe(lm: nn.Module, tokenizer, posts: list[dict], device: str = "cpu", batch: int = 250) -> dict:
-    """Does the model read its prompt? Top-1 accuracy of the post's person among PEOPLE after "... tl;dr :
-    my", and of its feeling among FEELINGS after "... my <person> <event> and i feel": chance (1/16,
-    1/12) if it ignores the post, 1 if it copies. A candidate scores the log-probability of its tokens."""
-    model = CausalLM(lm)
-
-    def top1(prompts, candidates, answers):
-        words, scores = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates], []
-        for s in range(0, len(prompts), batch):
-            chunk = prompts[s:s + batch]
-            if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution
-                ids, mask, _ = encode(tokenizer, chunk, max_prompt=512)
-                logits = model(ids.to(device), mask.to(device))[:, -1].float()
-                scores.append(logits.log_softmax(-1)[:, [w[0] for w in words]].cpu())
-                continue
-            columns = []
-            for c in candidates:
-                ids, mask, targets = encode(tokenizer, chunk, [" " + c] * len(chunk), max_prompt=512, max_completion=16)
-                targets[:, -1] = 0  # the word only, not the closing eos
-                columns.append((token_logprobs(model(ids.to(device), mask.to(device)).cpu(), ids) * targets).sum(-1))
-            scores.append(torch.stack(columns, 1))
-        best = torch.cat(scores).argmax(-1).tolist()
-        return float(np.mean([candidates[i] == a for i, a in zip(best, answers)]))
-
-    prompts = [TLDR_PROMPT.format(post=p["post"]) + " my" for p in posts]
-    feel = [TLDR_PROMPT.format(post=p["post"]) + f" my {p['person']} {p['event']} and i feel" for p in posts]
-    return {"person": top1(prompts, PEOPLE, [p["person"] for p in posts]),
-            "feeling": top1(feel, FEELINGS, [p["feeling"] for p in posts])}
-
-
 def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu") -> str:
     """Path of the built-in base model, pre-trained on the public corpus once (cached), from its own
     seed: the global RNG is left as it was, so a run that builds it draws what a cached run draws."""
@@ -1600,10 +1563,9 @@ def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(step + 1)
     bar.close()
-    probe = copy_probe(model.eval(), tokenizer, public_probe_posts(args), device=device)
     print(f"built-in base model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, final loss "
-          f"{loss.item():.3f}, copy probe: person {probe['person']:.2f}, feeling {probe['feeling']:.2f} (chance "
-          f"{1 / len(PEOPLE):.2f} / {1 / len(FEELINGS):.2f}), {time.time() - t0:.0f}s -> {path}", file=sys.stderr)
+          f"{loss.item():.3f}, {time.time() - t0:.0f}s -> {path} (does it copy? python test_dp_rlhf.py --probe)",
+          file=sys.stderr)
     with _atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -2532,8 +2532,9 @@ def _top_level_names(tree, lo, hi):
 
 
 def test_part_one_uses_nothing_defined_after_it():
-    """Part I, the method, reads and runs alone: no top-level definition in it uses a name that Parts
-    II and III define (UserError, the CLI's flags, run directories, checkpoints, progress bars)."""
+    """Part I, the method, reads and runs alone, in reading order: no top-level definition in it uses a
+    name defined after it, in Part I (a helper comes before its first use) or in Parts II and III
+    (UserError, the CLI's flags, run directories, checkpoints, progress bars)."""
     src = open(d.__file__).read()
     lines = src.splitlines()
     part1, part2 = (next(i for i, x in enumerate(lines, 1) if x.startswith(b)) for b in ("# PART I:", "# PART II:"))
@@ -2541,9 +2542,11 @@ def test_part_one_uses_nothing_defined_after_it():
     method, later = _top_level_names(tree, part1, part2), _top_level_names(tree, part2, len(lines) + 1)
     assert {"privatize", "dp_train", "dpppo", "Hooks", "StagePlan"} <= set(method)
     assert {"UserError", "RunHooks"} <= set(later)
-    for name, node in method.items():
+    for i, (name, node) in enumerate(method.items()):
         used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
         assert not used & set(later), f"Part I's {name} uses {sorted(used & set(later))}, defined after Part I"
+        ahead = used & set(list(method)[i + 1:]) - {name}
+        assert not ahead, f"Part I's {name} uses {sorted(ahead)}, defined after it: not in reading order"
 
 
 # ------------------------------------------------------------------------------------ built-in base model
@@ -2572,15 +2575,15 @@ class _InductionOracle(torch.nn.Module):
 def test_copy_probe_on_a_hand_made_model():
     base = d.BaseModelArgs()
     tok = d.public_tokenizer(d.public_corpus(base)[0], base.vocab_size)
-    posts = d.public_probe_posts(base, n=120)
+    posts = public_probe_posts(base, n=120)
     # By hand: the copier names whoever follows the first "my" of the post, which is the person
     # unless a filler sentence ("my family thinks ...") comes first; "feel" occurs once, before the feeling.
     words = [p["post"].split() for p in posts]
     expected = np.mean([w[w.index("my") + 1] == p["person"] for w, p in zip(words, posts)])
     assert 0.5 < expected < 1.0
-    got = d.copy_probe(_InductionOracle(len(tok)), tok, posts)
+    got = copy_probe(_InductionOracle(len(tok)), tok, posts)
     assert got["person"] == pytest.approx(expected) and got["feeling"] == 1.0
-    blind = d.copy_probe(_InductionOracle(len(tok), copy=False), tok, posts)  # ties: the first candidate wins
+    blind = copy_probe(_InductionOracle(len(tok), copy=False), tok, posts)  # ties: the first candidate wins
     assert blind["person"] == pytest.approx(np.mean([p["person"] == d.PEOPLE[0] for p in posts]))
 
 
@@ -2932,6 +2935,44 @@ class ProbeArgs:
     base: d.BaseModelArgs = dataclasses.field(default_factory=d.BaseModelArgs)
 
 
+def public_probe_posts(args: d.BaseModelArgs, n: int = 500) -> list[dict]:
+    """Held-out *public* posts for the copy probe (their own seed: not in the corpus, not private)."""
+    rng = np.random.default_rng(args.seed + 2)
+    return [d._post(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def copy_probe(lm, tokenizer, posts: list[dict], device: str = "cpu", batch: int = 250) -> dict:
+    """Does the model read its prompt? Top-1 accuracy of the post's person among PEOPLE after "... tl;dr :
+    my", and of its feeling among FEELINGS after "... my <person> <event> and i feel": chance (1/16,
+    1/12) if it ignores the post, 1 if it copies. A candidate scores the log-probability of its tokens."""
+    model = d.CausalLM(lm)
+
+    def top1(prompts, candidates, answers):
+        words, scores = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates], []
+        for s in range(0, len(prompts), batch):
+            chunk = prompts[s:s + batch]
+            if all(len(w) == 1 for w in words):  # one forward pass: the next-token distribution
+                ids, mask, _ = d.encode(tokenizer, chunk, max_prompt=512)
+                logits = model(ids.to(device), mask.to(device))[:, -1].float()
+                scores.append(logits.log_softmax(-1)[:, [w[0] for w in words]].cpu())
+                continue
+            columns = []
+            for c in candidates:
+                ids, mask, targets = d.encode(tokenizer, chunk, [" " + c] * len(chunk), max_prompt=512,
+                                              max_completion=16)
+                targets[:, -1] = 0  # the word only, not the closing eos
+                columns.append((d.token_logprobs(model(ids.to(device), mask.to(device)).cpu(), ids) * targets).sum(-1))
+            scores.append(torch.stack(columns, 1))
+        best = torch.cat(scores).argmax(-1).tolist()
+        return float(np.mean([candidates[i] == a for i, a in zip(best, answers)]))
+
+    prompts = [d.TLDR_PROMPT.format(post=p["post"]) + " my" for p in posts]
+    feel = [d.TLDR_PROMPT.format(post=p["post"]) + f" my {p['person']} {p['event']} and i feel" for p in posts]
+    return {"person": top1(prompts, d.PEOPLE, [p["person"] for p in posts]),
+            "feeling": top1(feel, d.FEELINGS, [p["feeling"] for p in posts])}
+
+
 @torch.no_grad()
 def reward_features(lm, tokenizer, prompts, responses, *, batch: int = 256) -> dict:
     """What a reward head could read from a frozen LM per (x, y): the last hidden state, the mean and
@@ -2970,7 +3011,7 @@ def probe(args: ProbeArgs):
     device = args.device or "cpu"
     lm, tok = d.load_lm(args.model, device, args.base)
     print(f"copy probe ({args.model}, 500 public held-out posts): " + ", ".join(
-        f"{k} top-1 {v:.3f}" for k, v in d.copy_probe(lm, tok, d.public_probe_posts(args.base), device=device).items())
+        f"{k} top-1 {v:.3f}" for k, v in copy_probe(lm, tok, public_probe_posts(args.base), device=device).items())
         + f" (chance {1 / len(d.PEOPLE):.3f}, {1 / len(d.FEELINGS):.3f})")
     cmps, n = d.make_tldr(0, args.num_comparisons + 1000, seed=50_000 + args.seed)[1], args.num_comparisons
     feats = [tuple(reward_features(lm, tok, [c["prompt"] for c in part], [" " + c[w] for c in part])
