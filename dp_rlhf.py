@@ -2179,12 +2179,14 @@ class Checkpoint:
 class RunHooks(Hooks):
     """A run in progress: where it writes (`work`, renamed to `out` at its end), its device, its secret generator;
     and how it watches its stages: progress on stderr, a row per logged step to `log` (default: appended to
-    `work`/metrics.jsonl, so a resumed run goes on), a checkpoint after each iteration, seconds per phase."""
+    `work`/metrics.jsonl, so a resumed run goes on; none without either), a checkpoint after each iteration,
+    seconds per phase."""
 
     def __init__(self, ckpt: Checkpoint | None = None, log=None, device: str = "cpu", work: str = "", out: str = "",
                  generator: torch.Generator | None = None):
-        self.ckpt, self.log, self.device, self.work, self.out = ckpt, log or self.write_metrics, device, work, out
-        self.generator, self.seconds, self.bar, self.file, self.t0 = generator, {}, None, None, time.time()
+        self.ckpt, self.device, self.work, self.out, self.generator = ckpt, device, work, out, generator
+        self.log = log or (work and self.write_metrics)
+        self.seconds, self.bar, self.file, self.t0 = {}, None, None, time.time()
         self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
     def write_metrics(self, row: dict):
@@ -2227,7 +2229,7 @@ class RunHooks(Hooks):
         if stage == "ppo" or step % 20 == 0 or state.step == plan.steps:
             row["privacy/epsilon"] = state.accountant.get_epsilon(plan.delta) if plan.private else math.inf
             self.bar.set_postfix(**postfix, eps=f"{row['privacy/epsilon']:.2f}")
-            if self.log is not None:
+            if self.log:
                 self.log({**row, **{f"time/{k}": v for k, v in self.seconds.items()}})
         self.seconds = {}
         if self.ckpt is not None:

@@ -1910,6 +1910,26 @@ def test_mean_ci_and_recovered_by_hand():
     assert d.recovered(d.sweep_rows(results, "sentiment"), 4.0, "m") == [0.5]
 
 
+@pytest.mark.unit
+def test_audit_sweep_table_by_hand():
+    """An audit sweep's table from two seeds' summaries: the claim (mean ± CI), each observer's bound per seed, the
+    run's real epsilon when the noise was scaled, TPRs as means over seeds; results.csv's rows carry all of it."""
+    def audit(seed, scale, spent, bounds, tprs):
+        return {"seed": seed, "epsilon_claimed": 1.0, "noise_scale": scale, "stages": {"sft": {"epsilon": spent}},
+                "epsilon_lower_bound": bounds[0], "fpr": [0.001, 0.01, 0.1], "mechanism_tpr_at_fpr": [0.0, 0.1, 0.2],
+                "every_step": {"epsilon_lower_bound": bounds[0], "tpr_at_fpr": tprs},
+                "final": {"epsilon_lower_bound": bounds[1], "tpr_at_fpr": [0.0, 0.0, 0.1]}}
+    rows = d.sweep_rows({1.0: [audit(0, 0.25, 6.0, (1.5, 0.5), [0.1, 0.2, 0.4]),
+                               audit(1, 0.25, 6.5, (2.0, 0.25), [0.3, 0.4, 0.6])]}, "audit")
+    assert ("epsilon_lower_bound", "final", 1.0, 1, 0.25) in rows and len(rows) == 2 * 15
+    assert d.sweep_table(rows, "audit").splitlines()[2:] == [
+        "| | eps=1 |", "|---|---|", "| claimed | +1.000 ± 0.000 |",
+        "| run with noise x, really | x0.25: 6.00 / x0.25: 6.50 |",
+        "| lower bound, every-step | 1.50 / 2.00 |", "| lower bound, final | 0.50 / 0.25 |",
+        "| TPR, claimed mechanism | 0.000 / 0.100 / 0.200 |", "| TPR, every-step attack | 0.200 / 0.300 / 0.500 |",
+        "| TPR, final-iterate attack | 0.000 / 0.000 / 0.100 |"]
+
+
 # ------------------------------------------------------------------------------------ privacy hardening
 
 
