@@ -1541,7 +1541,7 @@ def builtin_base_model(args: BaseModelArgs = BaseModelArgs(), device: str = "cpu
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed)
-    bar = Progress(args.steps, "pre-training the built-in base model (public data, once, about 2 min on 2 cores)")
+    bar = Progress(args.steps, "pre-training the built-in base model (public data, once, about a minute on 2 cores)")
     for step in range(args.steps):
         # The copy curriculum: rows [eos] s s of random tokens s, the loss on the second s; only such rows
         # at first, then a quarter of each batch. Without the first block a model this small never copies.
