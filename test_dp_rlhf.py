@@ -16,13 +16,6 @@ import resource
 import subprocess
 import sys
 import time
-from importlib.util import find_spec
-
-if find_spec("pytest") is None:  # the TRL peer's venv runs this file (--bench ppo --trl): pytest's decorators no-ops
-    class _NoPytest:
-        __getattr__ = lambda self, name: self
-        __call__ = lambda self, *a, **k: a[0] if len(a) == 1 and callable(a[0]) and not k else self
-    sys.modules["pytest"] = _NoPytest()
 
 import numpy as np
 import pytest
@@ -427,7 +420,7 @@ from scipy import optimize, stats  # noqa: E402 (dp-accounting's dependency)
 
 logging.getLogger().setLevel(logging.ERROR)  # dp-accounting warns about each optimistic PLD it builds
 
-NAMED = [  # (q, sigma, T, delta): issue 30's settings, and the Opacus README's example
+NAMED = [  # (q, sigma, T, delta): the demos' stages, a large q, and the Opacus README's example
     (0.0064, 0.537, 50, 6.06e-6), (0.0040, 0.514, 126, 1.04e-5), (0.0040, 0.486, 40, 1.04e-5),
     (0.328, 3.325, 100, 8e-5), (0.04, 1.5, 2250, 1e-5)]
 OPACUS = NAMED[4]
