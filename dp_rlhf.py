@@ -2588,9 +2588,9 @@ def sweep_table(rows: list, task: str) -> str:
         for o in ("every_step", "final"):
             out.append(row(f"lower bound, {o.replace('_', '-')}", cells("epsilon_lower_bound", o, lambda v: " / ".join(
                 f"{x:.2f}" for x in v))))
+        tprs = [m for m in metrics if m.startswith("tpr_at_fpr_")]
         for name, model, prefix in (("claimed mechanism", "sft", "mechanism_"), ("every-step attack", "every_step", ""),
                                     ("final-iterate attack", "final", "")):
-            tprs = [m for m in metrics if m.startswith("tpr_at_fpr_")]
             out.append(row(f"TPR, {name}", (" / ".join(f"{np.mean(_values(rows, prefix + m, model, e)):.3f}"
                                                        for m in tprs) for e in eps)))
         return ("claimed epsilon and the proved lower bounds (per seed; each must stay below the claim), and TPR at "
