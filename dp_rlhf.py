@@ -2177,10 +2177,10 @@ class Checkpoint:
 
 
 class RunHooks(Hooks):
-    """A run in progress: where it writes (`work`, renamed to `out` at its end), its device, its secret generator;
-    and how it watches its stages: progress on stderr, a row per logged step to `log` (default: appended to
-    `work`/metrics.jsonl, so a resumed run goes on; none without either), a checkpoint after each iteration,
-    seconds per phase."""
+    """A run in progress, with where it writes (`work`, renamed to `out` at its end), its device and its secret
+    generator, and how it watches its stages. It shows progress on stderr, logs a row per logged step to `log`
+    (by default appended to `work`/metrics.jsonl, so a resumed run goes on), checkpoints after each iteration and
+    times each phase."""
 
     def __init__(self, ckpt: Checkpoint | None = None, log=None, device: str = "cpu", work: str = "", out: str = "",
                  generator: torch.Generator | None = None):
@@ -2295,9 +2295,9 @@ def run_directory(args, task: str):
 
 
 def stage_inputs(task: str, data: dict, tok, args, rm_tok=None, tokens: bool = False) -> dict[str, list[dict]]:
-    """What each stage is given, a line per example: {"key": its unit's keyed hash, "input": the texts} and, with
-    `tokens`, "tokens": the exact token ids it encodes. The pipeline trains on these texts, --dry-run writes
-    these lines with their tokens, and the property tests compare them between neighbouring datasets."""
+    """What each stage is given, a line per example: its unit's keyed hash ("key") and its texts ("input"), with
+    `tokens` also the exact token ids it encodes ("tokens"). The pipeline trains on these texts, --dry-run writes
+    the lines with their tokens, and the neighbour tests compare them between datasets."""
     def lines(part, inputs, tokenizer, a, completion=None):
         out = [{"key": unit_key(r["_unit"], args.seed), "input": x} for r, x in zip(data[part], inputs)]
         if tokens:  # (the dry run's only: a run encodes its own batches)
