@@ -1100,7 +1100,6 @@ class Rollout:
     logprobs: torch.Tensor      # log pi_old(a_t | s_t), from the sampler
     values: torch.Tensor        # V_old(s_t), the value head on the sampler's hidden state
     prompt_len: int             # responses are predicted from column prompt_len - 1 on
-    ref_logprobs: torch.Tensor | None = None  # log LM_sft(a_t | s_t), from `reference_logprobs`
 
 
 @torch.no_grad()
@@ -1242,18 +1241,20 @@ def dpppo(policy: ActorCritic, tokenizer, prompts: list[str], reward_fn, plan: S
             ro = rollout(policy, x_ids, x_mask, lengths=lengths.to(device), generator=generator, eos_id=eos_id,
                          chunk_size=args.rollout_chunk_size)
         with hooks.phase("reference"):
-            ro.ref_logprobs = reference_logprobs(policy, ro, args.rollout_chunk_size)
+            ref_logprobs = reference_logprobs(policy, ro, args.rollout_chunk_size)  # log LM_sft(a_t | s_t)
         # 3. Score r(x, y) - b(x), spread Eq. 2 over the tokens, and estimate advantages (GAE).
         with hooks.phase("reward"):
             responses = decode_responses(tokenizer, ro.ids, ro.action_mask, eos_id)
             scores = reward_fn([prompts[i] for i in idx.tolist()], responses).to(device).float()
             centred = scores - baseline(idx, x_ids, x_mask)
-        rewards, kl = kl_rewards(centred, ro.logprobs, ro.ref_logprobs, ro.action_mask, args.kl_coef)
+        rewards, kl = kl_rewards(centred, ro.logprobs, ref_logprobs, ro.action_mask, args.kl_coef)
         advantages, returns = gae(rewards, ro.values, ro.action_mask, gamma=args.gamma, lam=args.lam)
         # 4. T_PPO = 1 epoch of DP-SGD on the clipped PPO loss, over k minibatches of the trajectories.
         with hooks.phase("update"):
-            pos = valid.flatten().cumsum(0).view_as(valid) - 1  # a unit's trajectories in `ro`, padded by its first
-            unit_rows = None if m == 1 else (torch.where(valid, pos, pos[:, :1]).to(device), valid.to(device))
+            unit_rows = None
+            if m > 1:  # a unit's trajectories in `ro`, padded by its first
+                pos = valid.flatten().cumsum(0).view_as(valid) - 1
+                unit_rows = torch.where(valid, pos, pos[:, :1]).to(device), valid.to(device)
             stats = ppo_update(state, loss_fn, ro, advantages, returns, plan, args, generator, unit_rows)
         state.account(plan)  # k disjoint minibatches of one Poisson sample: one subsampled Gaussian
         hooks.step("ppo", state, plan, batch_size=len(rows), reward=scores, kl=kl, aux=stats,
@@ -1692,9 +1693,9 @@ def load_records(spec: str, columns: tuple[str, ...], split: str = "train", user
     columns, names = tuple(columns) + tuple(user_columns), sorted({k for r in rows if isinstance(r, dict) for k in r})
     if missing := [c for c in columns if c not in names]:
         raise UserError(f"dataset '{spec}' lacks column(s) {missing}; it has {names}")
+    missing = lambda v: v is None or (isinstance(v, (float, Decimal)) and not math.isfinite(v)) or not normalise(v)
     for i, row in enumerate(r if isinstance(r, dict) else {} for r in rows):  # "None" or "5" is no text
         bad = [c for c in columns if c not in user_columns and not (isinstance(row.get(c), str) and row[c].strip())]
-        missing = lambda v: v is None or (isinstance(v, (float, Decimal)) and not math.isfinite(v)) or not normalise(v)
         if bad := bad + [c for c in user_columns if missing(row.get(c))]:  # blank ids would merge users into one
             why = "a user id must not be null, blank or NaN" if bad[0] in user_columns else "it must be non-empty text"
             raise UserError(f"dataset '{spec}' row {i}: column '{bad[0]}' is {row.get(bad[0])!r}; {why}")
@@ -2185,7 +2186,7 @@ class RunHooks(Hooks):
     def __init__(self, ckpt: Checkpoint | None = None, log=None, device: str = "cpu", work: str = "", out: str = "",
                  generator: torch.Generator | None = None):
         self.ckpt, self.device, self.work, self.out, self.generator = ckpt, device, work, out, generator
-        self.log = log or (work and self.write_metrics)
+        self.log = log if log is not None else self.write_metrics if work else None
         self.seconds, self.bar, self.file, self.t0 = {}, None, None, time.time()
         self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
@@ -2229,7 +2230,7 @@ class RunHooks(Hooks):
         if stage == "ppo" or step % 20 == 0 or state.step == plan.steps:
             row["privacy/epsilon"] = state.accountant.get_epsilon(plan.delta) if plan.private else math.inf
             self.bar.set_postfix(**postfix, eps=f"{row['privacy/epsilon']:.2f}")
-            if self.log:
+            if self.log is not None:
                 self.log({**row, **{f"time/{k}": v for k, v in self.seconds.items()}})
         self.seconds = {}
         if self.ckpt is not None:
