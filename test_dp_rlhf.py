@@ -1158,6 +1158,12 @@ def test_reference_equals_sft_model_at_ppo_init(tiny):
     torch.testing.assert_close(d.reference_logprobs(policy, ro), sft_lp)
     torch.testing.assert_close(ro.logprobs, sft_lp, atol=1e-5, rtol=1e-4)  # fresh LoRA: starts exactly at LM_sft
     assert ro.action_mask.sum(1).tolist() == [4.0, 6.0]
+    for p in lora_parameters(policy).values():  # the policy moves; the reference must stay LM_sft (LoRA off)
+        torch.nn.init.normal_(p, std=0.1)
+    ro = d.rollout(policy, ids, mask, lengths=torch.tensor([4, 6]), generator=gen, eos_id=None)
+    sft_lp = d.token_logprobs(d.CausalLM(sft)(ro.ids, ro.mask), ro.ids) * ro.action_mask
+    torch.testing.assert_close(d.reference_logprobs(policy, ro), sft_lp)
+    assert (ro.logprobs - sft_lp).abs().max() > 1e-3, "the moved policy's own log-probs differ from the reference's"
 
 
 def _ppo_batch(policy, tok, prompts, lengths, seed):
